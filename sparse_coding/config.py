@@ -1,0 +1,264 @@
+"""Typed run configuration (Hydra structured configs) and its validation.
+
+This module must stay cheap to import: it is on the path that rejects a bad config before any
+heavy import (torch, Lightning, transformers). Validation returns nothing and raises
+`ConfigError` with one line that says what to change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from sparse_coding.errors import ConfigError
+
+SYNTHETIC_DATA = ("sparse_linear", "gaussian", "heavy_tailed", "rademacher", "sparse_nonlinear")
+DATA_NAMES = SYNTHETIC_DATA + ("cache",)
+ACTIVATIONS = ("hidden_states", "token_embeddings")
+LOGGERS = ("wandb", "csv", "none")
+OPTIMIZERS = ("adam", "sgd")
+INITS = ("data", "random")
+
+
+@dataclass
+class DataConfig:
+    """Where activations come from: a synthetic generator (SPEC §5) or a cache on disk."""
+
+    name: str = "sparse_linear"
+    dim: int = 256
+    n: int = 16384  # training samples (synthetic)
+    n_val: int = 4096  # held-out samples drawn from the same generator (synthetic)
+    active: float = 10.0  # a: mean number of active ground-truth features (sparse data)
+    noise: float = 0.1  # sigma: noise variance per coordinate is active * sigma^2 / dim
+    seed: int = 0
+    scale: float = 1.0  # multiplies the data; S1 and L_norm must not depend on it
+    path: Optional[str] = None  # cache directory when name == "cache"
+    val_fraction: float = 0.1  # held-out share of cached rows
+    batch_size: int = 1024
+    shuffle_buffer: int = 65536  # rows held by the streaming shuffle buffer (cache)
+    skip_nonfinite: bool = False  # drop NaN/Inf rows from a cache instead of failing
+    num_workers: int = 0
+    center: bool = True  # subtract the stored cache mean from real activations (SPEC §6)
+
+
+@dataclass
+class DictionaryConfig:
+    """The learned dictionary Phi and the sparsity penalty lambda (SPEC §1, §3).
+
+    `mult` and `lam` may be lists: the run then trains one dictionary per combination on the
+    same batches (a bank).
+    """
+
+    mult: Any = 8  # dictionary size m = mult * d; int or list of ints
+    lam: Any = "auto"  # float > 0, "auto", or a list of those
+    lam_tol: float = 0.02  # auto-lambda stops moving once |dlam|/lam < lam_tol
+    lam_init_rounds: int = 3  # fixed-point rounds on the first batch to get the initial guess
+    optimizer: str = "adam"
+    lr: float = 1e-2
+    inner_steps: int = 1  # gradient steps on Phi per solved batch
+    init: str = "data"  # "data": random data points; "random": random unit vectors
+    dead_window: int = 16384  # a feature unused for this many training samples counts as dead
+
+
+@dataclass
+class SolverConfig:
+    """The batched greedy coefficient solver (SPEC §2)."""
+
+    max_steps: int = 256
+    eval_batch_size: int = 4096
+
+
+@dataclass
+class TrainerConfig:
+    """Forwarded to `pytorch_lightning.Trainer`."""
+
+    max_epochs: int = 10
+    max_steps: int = -1
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    deterministic: bool = True
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    check_val_every_n_epoch: int = 1
+    limit_train_batches: Optional[float] = None
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment logging: W&B offline by default (syncable later with `wandb sync`)."""
+
+    name: str = "wandb"
+    project: str = "sparse-coding"
+    mode: str = "offline"
+    group: Optional[str] = None
+    run_name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    """A Hugging Face model whose activations are measured (SPEC §6)."""
+
+    name: str = "???"
+    path: Optional[str] = None  # a local directory holding the weights; overrides the registry
+    dtype: str = "float32"
+
+
+@dataclass
+class CorpusConfig:
+    """The text the model reads to produce activations."""
+
+    name: str = "wiki"
+    files: List[str] = field(default_factory=list)  # for name == "text": local .txt/.jsonl
+    context_len: int = 128
+    max_tokens: int = 200_000
+    keep_special_tokens: bool = False
+    batch_size: int = 16
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    model: Optional[ModelConfig] = None
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    layer: Any = None  # int K (hidden_states[K]) or "all"
+    activation: str = "hidden_states"
+    cache_dir: str = "data/cache"
+    cache_dtype: str = "float32"
+    seed: int = 0
+    out_dir: Optional[str] = None  # defaults to Hydra's run directory
+    ckpt_path: Optional[str] = None  # "last" or a checkpoint file to resume from
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore so yaml files can extend them."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="dictionary", name="dictionary_schema", node=DictionaryConfig)
+    cs.store(group="solver", name="solver_schema", node=SolverConfig)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="corpus", name="corpus_schema", node=CorpusConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def as_list(value: Any) -> list:
+    """A scalar or a list/ListConfig as a plain list."""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return list(value)
+    return [value]
+
+
+def parse_lam(value: Any) -> "float | str":
+    """One lambda value: a finite float > 0 or the string 'auto'."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool):
+        raise ConfigError(f"dictionary.lam={value!r} is not valid: use a number > 0 or 'auto'")
+    try:
+        lam = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"dictionary.lam={value!r} is not valid: use a number > 0 or 'auto'") from None
+    if not math.isfinite(lam) or lam <= 0:
+        raise ConfigError(f"dictionary.lam={value!r} must be a finite number > 0 (or 'auto')")
+    return lam
+
+
+def parse_mult(value: Any) -> int:
+    """One dictionary multiple: an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ConfigError(f"dictionary.mult={value!r} must be an integer >= 1 (m = mult * d)")
+    if value < 1:
+        raise ConfigError(f"dictionary.mult={value!r} must be >= 1 (m = mult * d)")
+    return int(value)
+
+
+def dictionary_grid(cfg: DictionaryConfig) -> list[tuple[int, "float | str"]]:
+    """Every (mult, lam) combination the run trains, in a stable order."""
+    mults = [parse_mult(v) for v in as_list(cfg.mult)]
+    lams = [parse_lam(v) for v in as_list(cfg.lam)]
+    if not mults or not lams:
+        raise ConfigError("dictionary.mult and dictionary.lam must not be empty lists")
+    return [(m, lam) for m in mults for lam in lams]
+
+
+def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be a finite number")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name}={value!r} must be {bound}")
+
+
+def validate_data(cfg: DataConfig, *, uses_model: bool) -> None:
+    if not uses_model and cfg.name not in DATA_NAMES:
+        raise ConfigError(f"unknown data set data={cfg.name!r}: choose one of {', '.join(DATA_NAMES)}")
+    for key in ("dim", "n", "n_val", "batch_size"):
+        _positive(f"data.{key}", getattr(cfg, key))
+    _positive("data.noise", cfg.noise, allow_zero=True)
+    _positive("data.scale", cfg.scale)
+    _positive("data.shuffle_buffer", cfg.shuffle_buffer)
+    _positive("data.num_workers", cfg.num_workers, allow_zero=True)
+    if not 0 < cfg.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={cfg.val_fraction!r} must be between 0 and 1")
+    if cfg.name in ("sparse_linear", "sparse_nonlinear") and not uses_model:
+        _positive("data.active", cfg.active)
+        if cfg.active > 4 * cfg.dim:
+            raise ConfigError(
+                f"data.active={cfg.active} exceeds the {4 * cfg.dim} ground-truth features (4 * data.dim)"
+            )
+    if cfg.name == "cache" and not uses_model:
+        if not cfg.path:
+            raise ConfigError("data=cache needs data.path=DIR (a cache built by `python -m sparse_coding.cache`)")
+
+
+def validate(cfg: Any) -> None:
+    """Check a composed RunConfig (a DictConfig or the dataclass); raise ConfigError on the first problem."""
+    uses_model = cfg.model is not None
+    validate_data(cfg.data, uses_model=uses_model)
+    d = cfg.dictionary
+    dictionary_grid(d)
+    _positive("dictionary.lr", d.lr)
+    _positive("dictionary.lam_tol", d.lam_tol)
+    _positive("dictionary.inner_steps", d.inner_steps)
+    _positive("dictionary.lam_init_rounds", d.lam_init_rounds, allow_zero=True)
+    _positive("dictionary.dead_window", d.dead_window)
+    if d.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"dictionary.optimizer={d.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if d.init not in INITS:
+        raise ConfigError(f"dictionary.init={d.init!r}: choose one of {', '.join(INITS)}")
+    _positive("solver.max_steps", cfg.solver.max_steps)
+    _positive("solver.eval_batch_size", cfg.solver.eval_batch_size)
+    t = cfg.trainer
+    if t.max_epochs < 1 and t.max_steps < 1:
+        raise ConfigError("set trainer.max_epochs >= 1 or trainer.max_steps >= 1")
+    if cfg.logger.name not in LOGGERS:
+        raise ConfigError(f"logger={cfg.logger.name!r}: choose one of {', '.join(LOGGERS)}")
+    if cfg.activation not in ACTIVATIONS:
+        raise ConfigError(f"activation={cfg.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+    if uses_model:
+        validate_model(cfg)
+    elif cfg.layer is not None:
+        raise ConfigError(f"layer={cfg.layer!r} needs a model: add model=NAME (e.g. model=minilm)")
+
+
+def validate_model(cfg: Any) -> None:
+    """Model, layer and corpus checks; filled in by the real-model code (sparse_coding.models)."""
+    from sparse_coding import models  # light module: reads config.json files, imports no transformers
+
+    models.validate_model_config(cfg)
