@@ -1,0 +1,696 @@
+"""The activation cache: sharded memory-mappable `.npy` files per layer, checksummed, resumable.
+
+Layout of a cache folder::
+
+    manifest.json                 written last; format_version, model, corpus, d, dtype, rows,
+                                  rows_per_shard, layers, per-shard sha256, statistics
+    tokens.npy                    int32 token id of every row (rows are in corpus order)
+    layers/<key>/shard_00000.npy  float32 or float16, (rows, d); <key> is the hidden-state index
+                                  "0".."N", "embeddings" (token embedding rows) or "data" (import)
+    layers/<key>/shard_00000.npy.sha256   written before the shard is renamed into place
+    layers/<key>/mean.npy         float64 mean row (centring); mean squared norm in the manifest
+    verified.json                 record of the last full checksum pass
+
+Shards are written under a temporary name and renamed when complete, so an interrupted build
+resumes at the first missing shard and produces the same bytes (contexts are batched on a fixed
+grid). A finished cache is never rebuilt unless asked (`--force`).
+
+CLI::
+
+    python -m sparse_coding.cache build model=minilm layer=all corpus=wiki corpus.max_tokens=100000
+    python -m sparse_coding.cache import --input acts.npy --output DIR
+    python -m sparse_coding.cache verify DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+
+from sparse_coding.errors import ConfigError
+
+FORMAT_VERSION = 1
+DEFAULT_SHARD_ROWS = 32768
+DTYPES = ("float32", "float16")
+_HASH_CHUNK = 1 << 22
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def layer_key(layer: Any) -> str:
+    """The folder name of a layer: hidden-state index as a string, or 'embeddings' / 'data'."""
+    return str(layer)
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.npy"
+
+
+def write_shard(path: Path, arr: np.ndarray) -> str:
+    """Write one shard safely: checksum sidecar first, then the shard renamed into place."""
+    data = _npy_bytes(arr)
+    digest = hashlib.sha256(data).hexdigest()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
+    _atomic_write_bytes(path, data)
+    return digest
+
+
+def shard_done(path: Path) -> bool:
+    return path.is_file() and path.with_name(path.name + ".sha256").is_file()
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a cache folder; ConfigError when it is missing or not a manifest."""
+    path = Path(path)
+    mf = path / "manifest.json"
+    if not mf.is_file():
+        raise ConfigError(f"{mf}: no manifest (not a cache, or its build did not finish: rerun the build to resume)")
+    try:
+        m = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{mf}: not valid JSON ({e})") from None
+    for key in ("format_version", "d", "dtype", "n_rows", "layers", "shards", "rows_per_shard"):
+        if key not in m:
+            raise ConfigError(f"{mf}: missing field {key!r}")
+    if m["format_version"] != FORMAT_VERSION:
+        raise ConfigError(f"{mf}: format_version {m['format_version']} is not {FORMAT_VERSION}; rebuild the cache")
+    if m["dtype"] not in DTYPES:
+        raise ConfigError(f"{mf}: dtype {m['dtype']!r} is not one of {DTYPES}")
+    return m
+
+
+def select_layer(manifest: dict, layer: Any, path: Path) -> str:
+    """The layer key to read: `layer` if given, else the cache's only layer."""
+    layers = [str(k) for k in manifest["layers"]]
+    if layer is None:
+        if len(layers) != 1:
+            raise ConfigError(f"{path}: the cache holds layers {layers}; choose one with layer=K")
+        return layers[0]
+    key = layer_key(layer)
+    if key not in layers:
+        raise ConfigError(f"{path}: layer {key} is not in this cache (it holds {', '.join(layers)})")
+    return key
+
+
+def shard_paths(path: Path, manifest: dict, key: str) -> list[Path]:
+    return [Path(path) / "layers" / key / s["file"] for s in manifest["shards"][key]]
+
+
+def open_shard(file: Path, rows: int, d: int, dtype: str) -> np.ndarray:
+    """Memory-map one shard and check its shape and dtype against the manifest."""
+    if not file.is_file():
+        raise ConfigError(f"{file}: shard is missing")
+    try:
+        arr = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ConfigError(f"{file}: cannot be read as .npy, truncated or altered ({e})") from None
+    if arr.shape != (rows, d) or arr.dtype != np.dtype(dtype):
+        raise ConfigError(
+            f"{file}: shape {arr.shape} {arr.dtype} does not match the manifest's ({rows}, {d}) {dtype}"
+        )
+    return arr
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics and manifest
+
+
+def layer_stats(files: list[Path], rows: list[int], d: int, dtype: str, chunk: int = 65536) -> dict:
+    """Mean row and mean squared norm over the finite rows of one layer, in float64."""
+    total = np.zeros(d, np.float64)
+    sq = 0.0
+    n_finite = 0
+    n_bad = 0
+    first_bad = None
+    for f, r in zip(files, rows):
+        arr = open_shard(f, r, d, dtype)
+        for s in range(0, r, chunk):
+            x = np.asarray(arr[s : s + chunk], dtype=np.float64)
+            ok = np.isfinite(x).all(axis=1)
+            if not ok.all():
+                if first_bad is None:
+                    first_bad = {"file": f.name, "row": int(s + np.flatnonzero(~ok)[0])}
+                n_bad += int((~ok).sum())
+                x = x[ok]
+            total += x.sum(axis=0)
+            sq += float(np.einsum("ij,ij->", x, x))
+            n_finite += x.shape[0]
+    mean = total / max(n_finite, 1)
+    msn = sq / max(n_finite, 1)
+    return {
+        "mean": mean,
+        "n_finite": n_finite,
+        "n_nonfinite": n_bad,
+        "first_nonfinite": first_bad,
+        "mean_sq_norm": msn,
+        "centered_mean_sq_norm": msn - float(mean @ mean),
+    }
+
+
+def finish_layer(out: Path, key: str, n_rows: int, rows_per_shard: int, d: int, dtype: str) -> dict:
+    """Manifest entries (shards with checksums, statistics) for a layer whose shards are all written."""
+    n_shards = -(-n_rows // rows_per_shard)
+    rows = [min(rows_per_shard, n_rows - i * rows_per_shard) for i in range(n_shards)]
+    files = [out / "layers" / key / shard_name(i) for i in range(n_shards)]
+    shards = []
+    for f, r in zip(files, rows):
+        digest = f.with_name(f.name + ".sha256").read_text().strip()
+        shards.append({"file": f.name, "rows": r, "sha256": digest})
+    st = layer_stats(files, rows, d, dtype)
+    mean_file = out / "layers" / key / "mean.npy"
+    _atomic_write_bytes(mean_file, _npy_bytes(st.pop("mean")))
+    st["mean_file"] = f"layers/{key}/mean.npy"
+    st["mean_sha256"] = sha256_file(mean_file)
+    return {"shards": shards, "stats": st}
+
+
+def write_manifest(out: Path, base: dict, layer_entries: dict[str, dict], old: Optional[dict] = None) -> dict:
+    """Merge new layers into the (old) manifest and write it atomically, last."""
+    m = dict(old) if old else {}
+    m.update(base)
+    m.setdefault("shards", {})
+    m.setdefault("stats", {})
+    m["shards"] = dict(m["shards"])
+    m["stats"] = dict(m["stats"])
+    for key, entry in layer_entries.items():
+        m["shards"][key] = entry["shards"]
+        m["stats"][key] = entry["stats"]
+    m["layers"] = sorted(m["shards"], key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+    m["format_version"] = FORMAT_VERSION
+    _atomic_write_json(out / "manifest.json", m)
+    return m
+
+
+def check_disk(out: Path, need: int) -> None:
+    """Print the space a build needs and refuse when the disk does not have it."""
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    print(f"[cache] {out}: needs {human_bytes(need)} on disk (free: {human_bytes(free)})", file=sys.stderr)
+    if need > free:
+        raise ConfigError(
+            f"cache {out} needs {human_bytes(need)} but only {human_bytes(free)} is free: lower corpus.max_tokens, "
+            "use cache_dtype=float16, fewer layers, or another cache_dir"
+        )
+
+
+def _progress(total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc=desc, file=sys.stderr,
+                dynamic_ncols=True, mininterval=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Building from a model
+
+
+def build_hidden_states(
+    out: Path,
+    model: Any,
+    tokenizer: Any,
+    model_info: dict,
+    corpus_cfg: Any,
+    layers: list[int],
+    *,
+    dtype: str = "float32",
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    corpus_fingerprint: Optional[str] = None,
+    fail_after_shards: Optional[int] = None,
+) -> Path:
+    """Run the model over the corpus once and store `hidden_states[K]` for every K in `layers`.
+
+    Resumes an interrupted build; adds layers to an existing cache of the same tokens.
+    `fail_after_shards` raises after that many new shards (fault injection for tests).
+    """
+    import torch
+
+    from sparse_coding import corpus as corpus_mod
+
+    out = Path(out)
+    if dtype not in DTYPES:
+        raise ConfigError(f"cache_dtype={dtype!r}: choose one of {DTYPES}")
+    old = read_manifest(out) if (out / "manifest.json").is_file() else None
+    keys = [layer_key(k) for k in layers]
+    if old and all(k in old["layers"] for k in keys):
+        return out
+    cfp = corpus_fingerprint or corpus_mod.corpus_fingerprint(corpus_cfg)
+    if old and (old["model"]["fingerprint"] != model_info["fingerprint"] or old["corpus"]["fingerprint"] != cfp):
+        raise ConfigError(f"{out}/manifest.json: built from another model or corpus; use another cache_dir or --force")
+
+    t0 = time.time()
+    ctx = corpus_mod.build_contexts(corpus_cfg, tokenizer)
+    k = ctx.rows_per_context
+    B = int(corpus_cfg.batch_size)
+    ctx_per_shard = max(1, shard_rows // (B * k)) * B  # shards hold whole batches: a fixed forward grid
+    rows_per_shard = ctx_per_shard * k
+    n_rows = ctx.n_rows
+    n_ctx = -(-n_rows // k)
+    n_shards = -(-n_rows // rows_per_shard)
+    d = int(model_info["hidden_size"])
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokens_file = out / "tokens.npy"
+    token_ids = ctx.row_token_ids().astype(np.int32)
+    if tokens_file.is_file():
+        prev = np.load(tokens_file, allow_pickle=False)
+        if not np.array_equal(prev, token_ids):
+            raise ConfigError(f"{tokens_file}: holds other tokens than this corpus gives; rebuild with --force")
+    else:
+        _atomic_write_bytes(tokens_file, _npy_bytes(token_ids))
+
+    def path_of(key: str, s: int) -> Path:
+        return out / "layers" / key / shard_name(s)
+
+    todo = [(s, [key for key in keys if not shard_done(path_of(key, s))]) for s in range(n_shards)]
+    todo = [(s, miss) for s, miss in todo if miss]
+    itemsize = np.dtype(dtype).itemsize
+    need = sum(min(rows_per_shard, n_rows - s * rows_per_shard) * d * itemsize * len(miss) for s, miss in todo)
+    check_disk(out, need)
+    rows_done = n_rows - sum(min(rows_per_shard, n_rows - s * rows_per_shard) for s, _ in todo)
+    keep = torch.as_tensor(ctx.keep)
+    written = 0
+    bar = _progress(n_rows, rows_done, f"{model_info['name']} layers {','.join(keys)}")
+    try:
+        with torch.inference_mode():
+            for s, missing in todo:
+                parts: dict[str, list] = {key: [] for key in missing}
+                for b0 in range(s * ctx_per_shard, min((s + 1) * ctx_per_shard, n_ctx), B):
+                    ids = torch.as_tensor(ctx.input_ids[b0 : min(b0 + B, len(ctx.input_ids))])
+                    outputs = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+                    hs = outputs.hidden_states
+                    for key in missing:
+                        parts[key].append(hs[int(key)][:, keep, :].reshape(-1, d).float().numpy())
+                    bar.update(min(ids.shape[0] * k, n_rows - b0 * k))
+                lo = s * rows_per_shard
+                n = min(rows_per_shard, n_rows - lo)
+                for key in missing:
+                    arr = np.concatenate(parts[key])[:n].astype(dtype)
+                    write_shard(path_of(key, s), arr)
+                written += 1
+                if fail_after_shards is not None and written >= fail_after_shards:
+                    raise RuntimeError(f"fault injection: stopped after {written} shards")
+    finally:
+        bar.close()
+
+    entries = {key: finish_layer(out, key, n_rows, rows_per_shard, d, dtype) for key in keys}
+    base = {
+        "kind": "hidden_states",
+        "model": {key: model_info[key] for key in ("name", "hub_id", "fingerprint", "num_layers", "hidden_size")},
+        "corpus": {
+            "name": corpus_cfg.name,
+            "fingerprint": cfp,
+            "files": [str(f) for f in (corpus_cfg.files or [])] if corpus_cfg.name == "text" else [],
+            "context_len": int(corpus_cfg.context_len),
+            "max_tokens": int(corpus_cfg.max_tokens),
+            "keep_special_tokens": bool(corpus_cfg.keep_special_tokens),
+            "rows_per_context": k,
+            "keep_positions": [int(i) for i in np.flatnonzero(ctx.keep)],
+            "corpus_tokens_read": ctx.corpus_tokens,
+        },
+        "d": d,
+        "dtype": dtype,
+        "n_rows": n_rows,
+        "n_tokens": n_rows,
+        "rows_per_shard": rows_per_shard,
+        "tokens": {"file": "tokens.npy", "sha256": sha256_file(tokens_file), "dtype": "int32"},
+        "build_seconds": round(time.time() - t0, 2),
+    }
+    write_manifest(out, base, entries, old)
+    return out
+
+
+def write_array_cache(
+    out: Path,
+    rows: Callable[[int, int], np.ndarray],
+    n_rows: int,
+    d: int,
+    key: str,
+    base: dict,
+    *,
+    dtype: str = "float32",
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    token_ids: Optional[np.ndarray] = None,
+) -> Path:
+    """A one-layer cache from a row source `rows(lo, hi) -> (hi-lo, d)` (import, token embeddings)."""
+    out = Path(out)
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r}: choose one of {DTYPES}")
+    if (out / "manifest.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    n_shards = -(-n_rows // shard_rows)
+    todo = [s for s in range(n_shards) if not shard_done(out / "layers" / key / shard_name(s))]
+    itemsize = np.dtype(dtype).itemsize
+    check_disk(out, sum(min(shard_rows, n_rows - s * shard_rows) for s in todo) * d * itemsize)
+    t0 = time.time()
+    for s in todo:
+        lo, hi = s * shard_rows, min((s + 1) * shard_rows, n_rows)
+        write_shard(out / "layers" / key / shard_name(s), np.asarray(rows(lo, hi)).astype(dtype))
+    extra: dict = {}
+    if token_ids is not None:
+        _atomic_write_bytes(out / "tokens.npy", _npy_bytes(token_ids.astype(np.int32)))
+        extra["tokens"] = {"file": "tokens.npy", "sha256": sha256_file(out / "tokens.npy"), "dtype": "int32"}
+    entry = finish_layer(out, key, n_rows, shard_rows, d, dtype)
+    full = {**base, **extra, "d": d, "dtype": dtype, "n_rows": n_rows, "rows_per_shard": shard_rows,
+            "build_seconds": round(time.time() - t0, 2)}
+    write_manifest(out, full, {key: entry})
+    return out
+
+
+def build_token_embeddings(out: Path, model: Any, model_info: dict, *, dtype: str = "float32",
+                           shard_rows: int = DEFAULT_SHARD_ROWS) -> Path:
+    """The rows of the input embedding matrix (vocab × d) as a cache with layer key 'embeddings'."""
+    import torch
+
+    with torch.no_grad():
+        weight = model.get_input_embeddings().weight.detach().float().cpu().numpy()
+    base = {
+        "kind": "token_embeddings",
+        "model": {key: model_info[key] for key in ("name", "hub_id", "fingerprint", "num_layers", "hidden_size")},
+        "corpus": None,
+        "n_tokens": 0,
+    }
+    return write_array_cache(out, lambda lo, hi: weight[lo:hi], weight.shape[0], weight.shape[1], "embeddings", base,
+                             dtype=dtype, shard_rows=shard_rows, token_ids=np.arange(weight.shape[0]))
+
+
+# --------------------------------------------------------------------------------------------
+# Importing a user's array
+
+
+def load_user_array(path: Path, key: Optional[str] = None) -> np.ndarray:
+    """An (n × d) float array from .npy (memory-mapped), .pt (weights_only) or .safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--input {path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise ConfigError(f"{path}: cannot be read without pickles ({e})") from None
+    elif suffix in (".pt", ".pth"):
+        import torch
+
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+            raise ConfigError(f"{path}: cannot be loaded with torch.load(weights_only=True) ({e})") from None
+        arr = _pick_tensor(obj, key, path)
+    elif suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        arr = _pick_tensor(load_file(str(path)), key, path)
+    else:
+        raise ConfigError(f"{path}: use a .npy, .pt or .safetensors file")
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ConfigError(f"{path}: expected a 2-D (n × d) array, got shape {tuple(arr.shape)}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ConfigError(f"{path}: expected floating-point values, got {arr.dtype}")
+    return arr
+
+
+def _pick_tensor(obj: Any, key: Optional[str], path: Path) -> np.ndarray:
+    import torch
+
+    if isinstance(obj, dict):
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if key is not None:
+            if key not in tensors:
+                raise ConfigError(f"{path}: no tensor named {key!r} (has {', '.join(tensors)})")
+            obj = tensors[key]
+        elif len(tensors) == 1:
+            obj = next(iter(tensors.values()))
+        else:
+            raise ConfigError(f"{path}: holds tensors {', '.join(tensors)}; choose one with --key")
+    if not isinstance(obj, torch.Tensor):
+        raise ConfigError(f"{path}: holds a {type(obj).__name__}, not a tensor")
+    t = obj.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def import_array(input: Path, output: Path, *, dtype: str = "float32", key: Optional[str] = None,
+                 shard_rows: int = DEFAULT_SHARD_ROWS) -> Path:
+    """Turn a user's own (n × d) activations into a cache (layer key 'data')."""
+    input = Path(input)
+    arr = load_user_array(input, key)
+    base = {
+        "kind": "imported",
+        "model": None,
+        "corpus": None,
+        "source": {"file": str(input.resolve()), "sha256": sha256_file(input), "key": key},
+        "n_tokens": int(arr.shape[0]),
+    }
+    return write_array_cache(output, lambda lo, hi: np.asarray(arr[lo:hi]), int(arr.shape[0]), int(arr.shape[1]),
+                             "data", base, dtype=dtype, shard_rows=shard_rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Verification
+
+
+def verify(path: Path, layers: Optional[Iterable[str]] = None) -> dict:
+    """Check every listed file: present, right shape and dtype, sha256 as in the manifest.
+
+    Returns {"files": n, "bytes": n, "seconds": t}; raises ConfigError naming the first bad file.
+    """
+    path = Path(path)
+    t0 = time.time()
+    m = read_manifest(path)
+    keys = [str(k) for k in (layers if layers is not None else m["layers"])]
+    n_files = n_bytes = 0
+    for key in keys:
+        if key not in m["shards"]:
+            raise ConfigError(f"{path}/manifest.json: lists no shards for layer {key}")
+        entries = m["shards"][key]
+        if sum(e["rows"] for e in entries) != m["n_rows"]:
+            raise ConfigError(f"{path}/manifest.json: shards of layer {key} hold {sum(e['rows'] for e in entries)} "
+                              f"rows, the manifest says {m['n_rows']}")
+        for e in entries:
+            f = path / "layers" / key / e["file"]
+            open_shard(f, e["rows"], m["d"], m["dtype"])
+            if sha256_file(f) != e["sha256"]:
+                raise ConfigError(f"{f}: sha256 does not match the manifest (the shard was altered or corrupted)")
+            n_files += 1
+            n_bytes += f.stat().st_size
+        st = m.get("stats", {}).get(key)
+        if st is None:
+            raise ConfigError(f"{path}/manifest.json: no statistics for layer {key}")
+        mf = path / st["mean_file"]
+        if not mf.is_file() or sha256_file(mf) != st["mean_sha256"]:
+            raise ConfigError(f"{mf}: missing or its sha256 does not match the manifest")
+    tok = m.get("tokens")
+    if tok:
+        tf = path / tok["file"]
+        if not tf.is_file() or sha256_file(tf) != tok["sha256"]:
+            raise ConfigError(f"{tf}: missing or its sha256 does not match the manifest")
+        n_files += 1
+    return {"files": n_files, "bytes": n_bytes, "seconds": round(time.time() - t0, 3)}
+
+
+def _file_state(path: Path, m: dict, keys: list[str]) -> dict:
+    state = {}
+    for key in keys:
+        for f in shard_paths(path, m, key):
+            st = f.stat() if f.is_file() else None
+            state[f"layers/{key}/{f.name}"] = [st.st_size, st.st_mtime_ns] if st else None
+    return state
+
+
+def ensure_verified(path: Path, layer: Optional[str] = None) -> dict:
+    """Verify checksums the first time a cache (layer) is opened for training; record it in verified.json.
+
+    Later opens skip the hashing while the manifest and the shards' sizes and mtimes are unchanged.
+    """
+    path = Path(path)
+    m = read_manifest(path)
+    keys = [layer] if layer is not None else [str(k) for k in m["layers"]]
+    record_file = path / "verified.json"
+    manifest_sha = sha256_file(path / "manifest.json")
+    record = {}
+    if record_file.is_file():
+        try:
+            record = json.loads(record_file.read_text())
+        except json.JSONDecodeError:
+            record = {}
+    if record.get("manifest_sha256") != manifest_sha:
+        record = {"manifest_sha256": manifest_sha, "layers": {}}
+    state = _file_state(path, m, keys)
+    done = record["layers"]
+    if all(key in done and all(done[key].get(f) == s for f, s in state.items() if f.startswith(f"layers/{key}/"))
+           for key in keys):
+        return {"verified": True, "skipped": True}
+    result = verify(path, keys)
+    for key in keys:
+        done[key] = {f: s for f, s in state.items() if f.startswith(f"layers/{key}/")}
+    record["verified_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    record["last_result"] = result
+    try:
+        _atomic_write_json(record_file, record)
+    except OSError:
+        pass  # a read-only cache is verified on every open
+    return {"verified": True, "skipped": False, **result}
+
+
+# --------------------------------------------------------------------------------------------
+# From a run config
+
+
+def cache_dir_for(cfg: Any, model_fingerprint: str, corpus_fingerprint: Optional[str]) -> Path:
+    """The cache folder of a run: model, activation kind, corpus, context, size, specials, dtype."""
+    root = Path(str(cfg.cache_dir)).expanduser() / f"{cfg.model.name}-{model_fingerprint[:10]}"
+    if cfg.activation == "token_embeddings":
+        return root / f"token_embeddings-{cfg.cache_dtype}"
+    c = cfg.corpus
+    special = "special" if c.keep_special_tokens else "nospecial"
+    return root / "hidden_states" / (
+        f"{c.name}-{corpus_fingerprint[:10]}-ctx{c.context_len}-{c.max_tokens}tok-{special}-{cfg.cache_dtype}"
+    )
+
+
+def ensure_cache(cfg: Any, *, shard_rows: int = DEFAULT_SHARD_ROWS, force: bool = False,
+                 fail_after_shards: Optional[int] = None) -> Path:
+    """The cache folder for a run config, building whatever is missing (requested layers or embeddings).
+
+    When the cache is complete, neither the model nor the corpus text is loaded.
+    """
+    from sparse_coding import corpus as corpus_mod
+    from sparse_coding import models
+
+    models.validate_model_config(cfg)
+    model_dir = models.prepare_model_dir(cfg.model)
+    mfp = models.fingerprint_files(model_dir)
+    token_emb = cfg.activation == "token_embeddings"
+    cfp = None if token_emb else corpus_mod.corpus_fingerprint(cfg.corpus)
+    out = cache_dir_for(cfg, mfp, cfp)
+    if force and out.exists():
+        shutil.rmtree(out)
+    if token_emb:
+        keys = ["embeddings"]
+    else:
+        num_layers, _ = models.read_model_shape(model_dir, cfg.model.name)
+        keys = [layer_key(k) for k in models.parse_layers(cfg.layer, num_layers, cfg.model.name)]
+    if (out / "manifest.json").is_file() and all(k in read_manifest(out)["layers"] for k in keys):
+        return out
+    model, tokenizer, info = models.load_model(cfg.model)
+    if token_emb:
+        return build_token_embeddings(out, model, info, dtype=cfg.cache_dtype, shard_rows=shard_rows)
+    return build_hidden_states(out, model, tokenizer, info, cfg.corpus, [int(k) for k in keys],
+                               dtype=cfg.cache_dtype, shard_rows=shard_rows, corpus_fingerprint=cfp,
+                               fail_after_shards=fail_after_shards)
+
+
+def compose_config(overrides: list[str], config_dir: Optional[Path] = None, config_name: str = "train"):
+    """The project's run config (conf/train.yaml) with Hydra-style overrides, via the compose API."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sparse_coding.config import register_configs
+
+    register_configs()
+    config_dir = Path(config_dir or Path(__file__).resolve().parent.parent / "conf")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparse_coding.cache", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build the cache of a run config (Hydra overrides)")
+    b.add_argument("--force", action="store_true", help="delete and rebuild an existing cache")
+    b.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS)
+    b.add_argument("overrides", nargs="*", help="e.g. model=minilm layer=all corpus=wiki corpus.max_tokens=100000")
+    i = sub.add_parser("import", help="turn an (n x d) array (.npy, .pt, .safetensors) into a cache")
+    i.add_argument("--input", required=True)
+    i.add_argument("--output", required=True)
+    i.add_argument("--dtype", default="float32", choices=DTYPES)
+    i.add_argument("--key", default=None, help="tensor name inside a .pt dict or .safetensors file")
+    i.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS)
+    v = sub.add_parser("verify", help="check every shard's shape and sha256")
+    v.add_argument("path")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build":
+            from sparse_coding.config import validate
+
+            cfg = compose_config(args.overrides)
+            if cfg.model is None:
+                raise ConfigError("build needs a model: add model=NAME (e.g. model=minilm layer=all)")
+            validate(cfg)
+            t0 = time.time()
+            out = ensure_cache(cfg, shard_rows=args.shard_rows, force=args.force)
+            m = read_manifest(out)
+            size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+            print(f"{out}\n  layers {', '.join(m['layers'])}; {m['n_rows']} rows × d={m['d']} {m['dtype']}; "
+                  f"{human_bytes(size)}; {time.time() - t0:.1f} s")
+        elif args.command == "import":
+            out = import_array(Path(args.input), Path(args.output), dtype=args.dtype, key=args.key,
+                               shard_rows=args.shard_rows)
+            m = read_manifest(out)
+            print(f"{out}\n  {m['n_rows']} rows × d={m['d']} {m['dtype']} (layer 'data')")
+        else:
+            r = verify(Path(args.path))
+            print(f"{args.path}: OK ({r['files']} files, {human_bytes(r['bytes'])}, {r['seconds']} s)")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
