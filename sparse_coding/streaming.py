@@ -1,0 +1,342 @@
+"""Stream rows of an activation cache into training: memory-mapped, shuffled, split, DDP-aware.
+
+`CacheDataModule` reads one layer of a cache built by `sparse_coding.cache`:
+
+- rows are cut into blocks (at most 1024 rows, never across shards); an evenly spaced, fixed
+  set of blocks (`val_fraction` of them) is the validation split, the rest is training, so the
+  two never share a row;
+- training order: the training blocks are permuted with (seed, epoch), read by memory map one
+  block at a time and passed through a seeded shuffle buffer of `shuffle_buffer` rows; memory
+  stays bounded by the buffer whatever the cache size. Validation is read in order;
+- under DDP the (permuted) row stream is cut into `world_size` contiguous parts of equal size
+  (±1 row), one per rank: disjoint, together complete, and every rank yields the same number of
+  batches (a rank never waits on another). DataLoader workers split a rank's part the same way;
+- rows are centred with the cache's stored mean when `center` is true;
+- checksums are verified the first time a cache is opened (recorded in verified.json); a bad
+  shard, a manifest that does not match, a width that does not match the model or NaN/Inf rows
+  stop with a ConfigError naming the file (NaN/Inf rows are skipped and counted instead with
+  `skip_nonfinite=True`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from sparse_coding import cache as cache_mod
+from sparse_coding.errors import ConfigError
+
+BLOCK_ROWS = 1024
+
+
+def split_counts(total: int, parts: int) -> list[int]:
+    """`total` cut into `parts` contiguous counts differing by at most one (larger first)."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def batch_plan(n: int, n_batches: int, batch_size: int) -> list[int]:
+    """Sizes of `n_batches` batches holding `n` rows: full batches first, none empty when possible."""
+    if n_batches <= 0:
+        return []
+    sizes = [batch_size] * (n_batches - 1) + [n - batch_size * (n_batches - 1)]
+    i = n_batches - 2
+    while sizes[-1] < 1 and i >= 0:  # a shorter rank: borrow rows from the previous batches
+        give = min(sizes[i] - 1, 1 - sizes[-1])
+        sizes[i] -= give
+        sizes[-1] += give
+        i -= 1
+    return [s for s in sizes if s > 0]
+
+
+def stream_plan(total: int, world: int, workers: int, batch_size: int) -> list[list[tuple[int, int, list[int]]]]:
+    """For every rank, for every worker: (start, stop) in the row stream and its batch sizes.
+
+    Every rank gets the same number of batches per worker, so DDP ranks stay in step.
+    """
+    per_rank = split_counts(total, world)
+    starts = np.concatenate([[0], np.cumsum(per_rank)]).tolist()
+    segs = [split_counts(n, workers) for n in per_rank]
+    n_batches = [max(math.ceil(max(segs[r][w] for r in range(world)) / batch_size), 0) for w in range(workers)]
+    plan = []
+    for r in range(world):
+        pos = starts[r]
+        row = []
+        for w in range(workers):
+            n = segs[r][w]
+            row.append((pos, pos + n, batch_plan(n, n_batches[w], batch_size)))
+            pos += n
+        plan.append(row)
+    return plan
+
+
+class RowStream(IterableDataset):
+    """Batches (float32 tensors, B × d) of one layer's rows for one rank; see the module docstring."""
+
+    def __init__(self, files: list[Path], shard_rows: list[int], d: int, dtype: str, blocks: list[tuple[int, int, int]],
+                 bad_rows: dict[int, np.ndarray], batch_size: int, shuffle: bool, shuffle_buffer: int, seed: int,
+                 rank: int, world_size: int, mean: Optional[np.ndarray], skip_nonfinite: bool):
+        self.files, self.shard_rows, self.d, self.dtype = files, shard_rows, d, dtype
+        self.blocks, self.bad_rows = blocks, bad_rows
+        self.batch_size, self.shuffle, self.shuffle_buffer, self.seed = batch_size, shuffle, shuffle_buffer, seed
+        self.rank, self.world_size, self.mean, self.skip_nonfinite = rank, world_size, mean, skip_nonfinite
+        self.epoch = 0
+        self.skipped = 0
+        self._maps: Optional[list[np.ndarray]] = None
+
+    def block_len(self, b: int) -> int:
+        s, lo, hi = self.blocks[b]
+        return hi - lo - (len(self.bad_rows[b]) if b in self.bad_rows else 0)
+
+    def _map(self, shard: int) -> np.ndarray:
+        if self._maps is None:
+            self._maps = [None] * len(self.files)  # type: ignore[list-item]
+        if self._maps[shard] is None:
+            self._maps[shard] = cache_mod.open_shard(self.files[shard], self.shard_rows[shard], self.d, self.dtype)
+        return self._maps[shard]
+
+    def _read_block(self, b: int) -> np.ndarray:
+        s, lo, hi = self.blocks[b]
+        x = np.array(self._map(s)[lo:hi], dtype=np.float32)  # a copy: the map is read-only
+        ok = np.isfinite(x).all(axis=1)
+        if b in self.bad_rows:
+            ok[self.bad_rows[b]] = False
+            self.skipped += int((~ok).sum())
+            x = x[ok]
+        elif not ok.all():
+            row = lo + int(np.flatnonzero(~ok)[0])
+            raise ConfigError(f"{self.files[s]}: row {row} holds NaN/Inf (use data.skip_nonfinite=true to skip such rows)")
+        if self.mean is not None:
+            x -= self.mean
+        return x
+
+    def order(self) -> list[int]:
+        idx = np.arange(len(self.blocks))
+        if self.shuffle:
+            idx = np.random.default_rng([self.seed, self.epoch]).permutation(idx)
+        return idx.tolist()
+
+    def _rows(self, order: list[int], start: int, stop: int) -> Iterator[np.ndarray]:
+        """Rows [start, stop) of the stream that reads the blocks in `order`."""
+        pos = 0
+        for b in order:
+            n = self.block_len(b)
+            if pos + n > start and pos < stop:
+                x = self._read_block(b)
+                yield x[max(start - pos, 0) : min(stop - pos, n)]
+            pos += n
+            if pos >= stop:
+                return
+
+    def _shuffled(self, chunks: Iterator[np.ndarray], n: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        cap = max(1, min(self.shuffle_buffer, n))
+        buf = np.empty((cap, self.d), np.float32)
+        fill = 0
+        for chunk in chunks:
+            take = min(cap - fill, len(chunk))
+            buf[fill : fill + take] = chunk[:take]
+            fill += take
+            chunk = chunk[take:]
+            for p in range(0, len(chunk), cap):
+                piece = chunk[p : p + cap]
+                slots = rng.choice(cap, size=len(piece), replace=False)
+                out = buf[slots].copy()
+                buf[slots] = piece
+                yield out
+        yield buf[:fill][rng.permutation(fill)]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        order = self.order()
+        total = sum(self.block_len(b) for b in order)
+        start, stop, sizes = stream_plan(total, self.world_size, nw, self.batch_size)[self.rank][wid]
+        chunks = self._rows(order, start, stop)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch, self.rank, wid, 1])
+            chunks = self._shuffled(chunks, stop - start, rng)
+        pending: list[np.ndarray] = []
+        have = 0
+        it = iter(sizes)
+        want = next(it, None)
+        for chunk in chunks:
+            pending.append(chunk)
+            have += len(chunk)
+            while want is not None and have >= want:
+                cat = np.concatenate(pending) if len(pending) > 1 else pending[0]
+                yield torch.from_numpy(np.ascontiguousarray(cat[:want]))
+                pending, have = [cat[want:]], have - want
+                want = next(it, None)
+        if want is not None and have > 0:
+            yield torch.from_numpy(np.ascontiguousarray(np.concatenate(pending)))
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader that stamps the current epoch on its stream before each pass (workers included)."""
+
+    def __init__(self, dataset: RowStream, epoch_fn, **kwargs):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._epoch_fn = epoch_fn
+
+    def __iter__(self):
+        self.dataset.epoch = self._epoch_fn()
+        return super().__iter__()
+
+
+class CacheDataModule(pl.LightningDataModule):
+    """Rows of one cached layer as (B × d) float32 batches; `.dim`, `.truth` (None), `.describe()`."""
+
+    def __init__(self, path: Any, layer: Any = None, batch_size: int = 1024, val_fraction: float = 0.1,
+                 shuffle_buffer: int = 65536, seed: int = 0, center: bool = True, skip_nonfinite: bool = False,
+                 num_workers: int = 0, *, rank: Optional[int] = None, world_size: Optional[int] = None,
+                 expected_dim: Optional[int] = None, verify: bool = True):
+        super().__init__()
+        self.path = Path(path)
+        m = cache_mod.read_manifest(self.path)
+        self.manifest = m
+        self.layer = cache_mod.select_layer(m, layer, self.path)
+        self.dim = int(m["d"])
+        if expected_dim is not None and int(expected_dim) != self.dim:
+            raise ConfigError(f"{self.path}/manifest.json: the cache holds width d={self.dim}, the model has "
+                              f"d={expected_dim}: this cache was not made by this model")
+        if not 0 < val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={val_fraction!r} must be between 0 and 1")
+        self.batch_size, self.val_fraction, self.shuffle_buffer = int(batch_size), float(val_fraction), int(shuffle_buffer)
+        self.seed, self.center, self.skip_nonfinite, self.num_workers = int(seed), bool(center), bool(skip_nonfinite), int(num_workers)
+        self._rank, self._world = rank, world_size
+        self.truth = None
+        self._epoch: Optional[int] = None
+        self._passes = 0
+        entries = m["shards"][self.layer]
+        self.files = cache_mod.shard_paths(self.path, m, self.layer)
+        self.shard_rows = [int(e["rows"]) for e in entries]
+        if sum(self.shard_rows) != int(m["n_rows"]):
+            raise ConfigError(f"{self.path}/manifest.json: shards of layer {self.layer} hold {sum(self.shard_rows)} rows, "
+                              f"the manifest says {m['n_rows']}")
+        for f, r in zip(self.files, self.shard_rows):  # shape/dtype of every shard against the manifest, cheaply
+            cache_mod.open_shard(f, r, self.dim, m["dtype"])
+        self.verification = cache_mod.ensure_verified(self.path, self.layer) if verify else {"verified": False}
+        st = m["stats"][self.layer]
+        self.n_nonfinite = int(st.get("n_nonfinite", 0))
+        if self.n_nonfinite and not self.skip_nonfinite:
+            bad = st.get("first_nonfinite") or {}
+            raise ConfigError(f"{self.path / 'layers' / self.layer / str(bad.get('file'))}: {self.n_nonfinite} rows "
+                              f"hold NaN/Inf (first: row {bad.get('row')}); set data.skip_nonfinite=true to skip them")
+        self.mean = np.load(self.path / st["mean_file"], allow_pickle=False).astype(np.float32) if self.center else None
+        n = int(m["n_rows"])
+        block = max(1, min(BLOCK_ROWS, n // 20))
+        self.blocks = [(s, lo, min(lo + block, r)) for s, r in enumerate(self.shard_rows) for lo in range(0, r, block)]
+        nb = len(self.blocks)
+        is_val = [math.floor((i + 1) * self.val_fraction) > math.floor(i * self.val_fraction) for i in range(nb)]
+        if nb >= 2 and not any(is_val):
+            is_val[nb // 2] = True
+        if all(is_val):
+            raise ConfigError(f"{self.path}: {n} rows are too few to split into training and validation")
+        self.val_blocks = [b for b, v in zip(self.blocks, is_val) if v]
+        self.train_blocks = [b for b, v in zip(self.blocks, is_val) if not v]
+        self._bad = self._scan_nonfinite() if self.n_nonfinite else ({}, {})
+        self.train_rows = sum(hi - lo for _, lo, hi in self.train_blocks) - sum(len(v) for v in self._bad[0].values())
+        self.val_rows = sum(hi - lo for _, lo, hi in self.val_blocks) - sum(len(v) for v in self._bad[1].values())
+
+    def _scan_nonfinite(self) -> tuple[dict, dict]:
+        """Row indices holding NaN/Inf per block (train, val): read once, only when the manifest counts some."""
+        out = []
+        for blocks in (self.train_blocks, self.val_blocks):
+            bad = {}
+            for i, (s, lo, hi) in enumerate(blocks):
+                x = cache_mod.open_shard(self.files[s], self.shard_rows[s], self.dim, self.manifest["dtype"])[lo:hi]
+                ok = np.isfinite(x).all(axis=1)
+                if not ok.all():
+                    bad[i] = np.flatnonzero(~ok)
+            out.append(bad)
+        return out[0], out[1]
+
+    @classmethod
+    def from_config(cls, cfg: Any, path: Any) -> "CacheDataModule":
+        """From a composed run config: cfg.data holds the loader settings, cfg.layer the layer."""
+        d = cfg.data
+        layer = None
+        expected = None
+        if cfg.model is not None:
+            from sparse_coding import models
+
+            m = cache_mod.read_manifest(Path(path))
+            if m.get("model") and m["model"].get("name") != cfg.model.name:
+                raise ConfigError(f"{path}/manifest.json: cache of model {m['model'].get('name')}, the run asks for "
+                                  f"model={cfg.model.name}")
+            mdir = models.resolve_model_path(cfg.model)
+            expected = models.read_model_shape(mdir, cfg.model.name)[1]
+            if cfg.activation == "hidden_states":
+                if isinstance(cfg.layer, str) and cfg.layer.strip().lower() == "all":
+                    raise ConfigError("layer=all builds every layer's cache; train one layer per run: layer=K")
+                layer = cfg.layer
+        elif cfg.layer is not None:
+            layer = cfg.layer
+        return cls(path, layer, batch_size=d.batch_size, val_fraction=d.val_fraction, shuffle_buffer=d.shuffle_buffer,
+                   seed=d.seed, center=d.center, skip_nonfinite=d.skip_nonfinite, num_workers=d.num_workers,
+                   expected_dim=expected)
+
+    # -- distributed and epochs
+
+    def rank_world(self) -> tuple[int, int]:
+        if self._rank is not None or self._world is not None:
+            rank, world = int(self._rank or 0), int(self._world or 1)
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world = 0, 1
+        if not 0 <= rank < world:
+            raise ConfigError(f"rank {rank} is outside world size {world}")
+        return rank, world
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fix the epoch used for the next training pass (otherwise: the trainer's epoch, or a pass counter)."""
+        self._epoch = int(epoch)
+
+    def _current_epoch(self) -> int:
+        if self._epoch is not None:
+            return self._epoch
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.current_epoch)
+        e = self._passes
+        self._passes += 1
+        return e
+
+    def _stream(self, blocks, bad, shuffle: bool) -> RowStream:
+        rank, world = self.rank_world()
+        return RowStream(self.files, self.shard_rows, self.dim, self.manifest["dtype"], blocks, bad, self.batch_size,
+                         shuffle, self.shuffle_buffer, self.seed, rank, world, self.mean, self.skip_nonfinite)
+
+    def train_dataloader(self) -> DataLoader:
+        return _EpochLoader(self._stream(self.train_blocks, self._bad[0], True), self._current_epoch,
+                            num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return _EpochLoader(self._stream(self.val_blocks, self._bad[1], False), lambda: 0, num_workers=self.num_workers)
+
+    def describe(self) -> dict:
+        m = self.manifest
+        return {
+            "source": "cache",
+            "cache_path": str(self.path),
+            "kind": m.get("kind"),
+            "model": (m.get("model") or {}).get("name"),
+            "model_fingerprint": (m.get("model") or {}).get("fingerprint"),
+            "corpus": (m.get("corpus") or {}).get("name"),
+            "layer": self.layer,
+            "d": self.dim,
+            "dtype": m["dtype"],
+            "rows": int(m["n_rows"]),
+            "tokens": int(m.get("n_tokens", m["n_rows"])),
+            "train_rows": self.train_rows,
+            "val_rows": self.val_rows,
+            "nonfinite_rows_skipped": self.n_nonfinite,
+            "centered": self.center,
+            "checksums_verified": bool(self.verification.get("verified")),
+        }
