@@ -1,0 +1,117 @@
+"""LightningDataModule for in-memory data (the synthetic sets), with an exact DDP batch split.
+
+Every rank draws the same seeded permutation of the training rows each epoch and cuts the same
+global batches; rank r takes its own contiguous share of each global batch. So a run on W
+processes sees exactly the batches a 1-process run sees, and the averaged gradient is the same.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from sparse_coding.synthetic import generate
+
+
+def _rank_and_world(trainer: "pl.Trainer | None") -> tuple[int, int]:
+    if trainer is None:
+        return 0, 1
+    return trainer.global_rank, trainer.world_size
+
+
+class RowBatches(Dataset):
+    """Indexed by a tensor of row indices, returns those rows as one (B, d) batch."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, rows: Tensor) -> Tensor:
+        return self.x[rows]
+
+
+class GlobalBatchSampler(Sampler):
+    """Yields this rank's share of each global batch; shuffled per epoch from (seed, epoch)."""
+
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(self.n)
+        for start in range(0, self.n, self.batch_size):
+            batch = order[start : start + self.batch_size]
+            yield batch.tensor_split(self.world_size)[self.rank]
+
+
+class SyntheticDataModule(pl.LightningDataModule):
+    """A synthetic data set (SPEC §5), generated once; `n` training and `n_val` held-out rows."""
+
+    def __init__(
+        self,
+        name: str,
+        dim: int,
+        n: int,
+        n_val: int,
+        seed: int = 0,
+        active: float = 10.0,
+        noise: float = 0.1,
+        scale: float = 1.0,
+        batch_size: int = 1024,
+        eval_batch_size: int = 4096,
+    ) -> None:
+        super().__init__()
+        data = generate(name, dim, n + n_val, seed, active=active, noise=noise)
+        x = data.x * scale
+        self.train_x, self.val_x = x[:n].contiguous(), x[n:].contiguous()
+        self.dim = dim
+        self.truth = data.truth or None
+        self.seed, self.batch_size, self.eval_batch_size = seed, batch_size, eval_batch_size
+        self.info = {"data": name, "n_train": n, "n_val": n_val, "seed": seed}
+        if name in ("sparse_linear", "sparse_nonlinear"):
+            self.info.update(active=active)
+        if name == "sparse_linear":
+            self.info.update(noise=noise)
+
+    @classmethod
+    def from_config(cls, cfg) -> "SyntheticDataModule":
+        d = cfg.data
+        return cls(
+            d.name, d.dim, d.n, d.n_val, seed=d.seed, active=d.active, noise=d.noise, scale=d.scale,
+            batch_size=d.batch_size, eval_batch_size=cfg.solver.eval_batch_size,
+        )
+
+    def describe(self) -> dict:
+        return dict(self.info)
+
+    def init_rows(self, k: int, seed: int) -> Tensor:
+        """k training rows chosen by `seed` (with replacement only when k exceeds the data)."""
+        gen = torch.Generator().manual_seed(seed)
+        n = self.train_x.shape[0]
+        rows = torch.randperm(n, generator=gen)[:k] if k <= n else torch.randint(0, n, (k,), generator=gen)
+        return self.train_x[rows]
+
+    def _loader(self, x: Tensor, batch_size: int, shuffle: bool) -> DataLoader:
+        rank, world = _rank_and_world(self.trainer)
+        sampler = GlobalBatchSampler(x.shape[0], batch_size, shuffle=shuffle, seed=self.seed, rank=rank, world_size=world)
+        return DataLoader(RowBatches(x), sampler=sampler, batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_x, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_x, self.eval_batch_size, shuffle=False)

@@ -1,0 +1,209 @@
+"""The LightningModule that learns unit-norm dictionaries Phi by alternating minimisation (SPEC §3).
+
+Each training step: (i) solve for alpha with Phi fixed (no gradient through the solver); (ii) take
+`inner_steps` gradient steps on ||x - Phi alpha||^2 over Phi with alpha fixed, removing the part of
+each column's gradient parallel to the column and renormalising the columns after every step.
+
+One module can hold a bank of dictionaries (one per (mult, lam) pair) that share every batch;
+Adam's update is per element, so training them together equals training them one by one.
+Under DDP the gradients are averaged by the strategy before the (identical) update on every rank;
+the statistics that steer lambda and dead-feature tracking are summed across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from sparse_coding.metrics import SparsityMetrics
+from sparse_coding.solver import solve
+
+
+def dictionary_label(mult: int, lam: "float | str") -> str:
+    return f"mult{mult}_lam{lam}"
+
+
+class SparseCodingModule(pl.LightningModule):
+    def __init__(
+        self,
+        dim: int,
+        grid: list,
+        *,
+        lr: float = 1e-2,
+        optimizer: str = "adam",
+        inner_steps: int = 1,
+        lam_tol: float = 0.02,
+        lam_init_rounds: int = 3,
+        max_steps: int = 256,
+        dead_window: int = 16384,
+        init: str = "data",
+        seed: int = 0,
+        init_rows: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["init_rows"])
+        self.automatic_optimization = False
+        self.grid = [(int(m), lam) for m, lam in grid]
+        self.labels = [dictionary_label(m, lam) for m, lam in self.grid]
+        self.auto = [lam == "auto" for _, lam in self.grid]
+        gen = torch.Generator().manual_seed(seed)
+        phis = []
+        for mult, _ in self.grid:
+            m = mult * dim
+            if init == "data" and init_rows is not None:
+                phi = init_rows[torch.randperm(init_rows.shape[0], generator=gen)[:m]].T.clone().float()
+                phi += 1e-3 * phi.std() * torch.randn(phi.shape, generator=gen)  # separate duplicate rows
+            else:
+                phi = torch.randn(dim, m, generator=gen)
+            phis.append(nn.Parameter(phi / phi.norm(dim=0, keepdim=True).clamp_min(1e-12)))
+        self.phis = nn.ParameterList(phis)
+        initial = [math.nan if lam == "auto" else float(lam) for _, lam in self.grid]
+        self.register_buffer("lams", torch.tensor(initial, dtype=torch.float64))
+        self.register_buffer("lam_converged", torch.tensor([not a for a in self.auto]))
+        self.register_buffer("epoch_sum_max", torch.zeros(len(self.grid), dtype=torch.float64))
+        self.register_buffer("epoch_count", torch.zeros((), dtype=torch.float64))
+        for k, (mult, _) in enumerate(self.grid):
+            self.register_buffer(f"since_active_{k}", torch.zeros(mult * dim, dtype=torch.float64))
+        self.lam_history: list[list[float]] = [[] for _ in self.grid]
+        self.val_metrics = nn.ModuleList(SparsityMetrics(dim, m * dim) for m, _ in self.grid)
+        self.final_metrics: list[dict] = []
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _sum_across_ranks(self, t: Tensor) -> Tensor:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            return self.trainer.strategy.reduce(t, reduce_op="sum")
+        return t
+
+    def lam(self, k: int) -> float:
+        return float(self.lams[k])
+
+    def name(self, k: int, metric: str) -> str:
+        """Log key: plain for a single dictionary, suffixed with the dictionary label in a bank."""
+        return metric if len(self.grid) == 1 else f"{metric}/{self.labels[k]}"
+
+    @torch.no_grad()
+    def _initial_lams(self, x: Tensor) -> None:
+        """Auto lambda starts at 0.1 * mean max score and iterates lam <- 0.1 mean_max(alpha) a few rounds."""
+        count = self._sum_across_ranks(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
+        for k, phi in enumerate(self.phis):
+            if not self.auto[k] or not math.isnan(self.lam(k)):
+                continue
+            top = (x @ phi).amax(dim=1).clamp_min(0).sum(dtype=torch.float64)
+            lam = 0.1 * float(self._sum_across_ranks(top) / count)
+            for _ in range(self.hparams.lam_init_rounds):
+                alpha = solve(x, phi, lam, self.hparams.max_steps).alpha
+                lam = 0.1 * float(self._sum_across_ranks(alpha.amax(dim=1).sum(dtype=torch.float64)) / count)
+            if not lam > 0:
+                raise ValueError("auto lambda found no positive coefficients: are the data all zero?")
+            self.lams[k] = lam
+            self.lam_history[k].append(lam)
+
+    # ---- training --------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        params = list(self.phis.parameters())
+        if self.hparams.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.hparams.lr)
+        return torch.optim.Adam(params, lr=self.hparams.lr)
+
+    def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
+        if torch.isnan(self.lams).any():
+            self._initial_lams(x)
+        alphas = []
+        with torch.no_grad():
+            for k, phi in enumerate(self.phis):
+                result = solve(x, phi.detach(), self.lam(k), self.hparams.max_steps)
+                alphas.append(result.alpha)
+                self.epoch_sum_max[k] += result.alpha.amax(dim=1).sum(dtype=torch.float64)
+                self._track_dead(k, result.alpha)
+                self.log(self.name(k, "train/l0"), (result.alpha > 0).sum(1).float().mean(), on_step=True)
+                self.log(self.name(k, "train/capped_fraction"), result.capped.float().mean(), on_step=True)
+        self.epoch_count += x.shape[0]
+
+        opt = self.optimizers()
+        for _ in range(self.hparams.inner_steps):
+            opt.zero_grad()
+            errors = [(x - alpha @ phi.T).pow(2).sum(dim=1).mean() for phi, alpha in zip(self.phis, alphas)]
+            self.manual_backward(torch.stack(errors).sum())
+            self._remove_parallel_gradient()
+            opt.step()
+            self._renormalise()
+        for k, err in enumerate(errors):
+            loss = err.detach() + self.lam(k) * alphas[k].sum(dim=1).mean()
+            self.log(self.name(k, "train/loss"), loss, on_step=True, prog_bar=len(self.grid) == 1)
+            self.log(self.name(k, "train/lam"), self.lam(k), on_step=True)
+        return loss
+
+    @torch.no_grad()
+    def _track_dead(self, k: int, alpha: Tensor) -> None:
+        since = getattr(self, f"since_active_{k}")
+        used = self._sum_across_ranks((alpha > 0).sum(dim=0, dtype=torch.float64))
+        batch = self._sum_across_ranks(torch.tensor(float(alpha.shape[0]), dtype=torch.float64, device=alpha.device))
+        since += batch
+        since[used > 0] = 0
+        dead = (since >= self.hparams.dead_window).double().mean()
+        self.log(self.name(k, "train/dead_fraction"), dead.float(), on_step=True)
+
+    @torch.no_grad()
+    def _remove_parallel_gradient(self) -> None:
+        for phi in self.phis:
+            if phi.grad is not None:
+                phi.grad -= phi * (phi.grad * phi).sum(dim=0, keepdim=True)
+
+    @torch.no_grad()
+    def _renormalise(self) -> None:
+        for phi in self.phis:
+            phi.div_(phi.norm(dim=0, keepdim=True).clamp_min(1e-12))
+
+    def on_train_epoch_end(self) -> None:
+        """One round of the auto-lambda fixed point: lam <- 0.1 * mean_max over the epoch's samples."""
+        sum_max = self._sum_across_ranks(self.epoch_sum_max.clone())
+        count = self._sum_across_ranks(self.epoch_count.clone())
+        for k in range(len(self.grid)):
+            if self.auto[k] and not bool(self.lam_converged[k]) and count > 0:
+                new = 0.1 * float(sum_max[k] / count)
+                if new > 0:
+                    old = self.lam(k)
+                    self.lams[k] = new
+                    self.lam_history[k].append(new)
+                    self.lam_converged[k] = abs(new - old) / old < self.hparams.lam_tol
+        self.epoch_sum_max.zero_()
+        self.epoch_count.zero_()
+
+    # ---- evaluation ------------------------------------------------------------------------
+
+    def validation_step(self, x: Tensor, batch_idx: int) -> None:
+        if torch.isnan(self.lams).any():  # validating before any training step
+            self._initial_lams(x)
+        for k, phi in enumerate(self.phis):
+            result = solve(x, phi, self.lam(k), self.hparams.max_steps)
+            reconstruction = result.alpha @ phi.T
+            self.val_metrics[k].update(x, result.alpha, reconstruction, result.steps, result.capped)
+
+    def on_validation_epoch_end(self) -> None:
+        self.final_metrics = []
+        for k, metric in enumerate(self.val_metrics):
+            metric.lam = self.lam(k)
+            values = {key: float(v) for key, v in metric.compute().items()}
+            metric.reset()
+            for key, value in values.items():
+                self.log(self.name(k, f"val/{key}"), value, prog_bar=key == "normalized_loss" and len(self.grid) == 1)
+            mult, lam = self.grid[k]
+            values.update(
+                lam=self.lam(k), lam_mode="auto" if self.auto[k] else "fixed", lam_history=list(self.lam_history[k]),
+                lam_converged=bool(self.lam_converged[k]), dict_mult=mult, dict_size=mult * self.hparams.dim,
+                label=self.labels[k],
+            )
+            self.final_metrics.append(values)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lam_history"] = self.lam_history
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.lam_history = checkpoint.get("lam_history", self.lam_history)

