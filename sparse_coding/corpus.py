@@ -34,9 +34,10 @@ WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz
 def source_files(corpus: Any) -> list[Path]:
     """The local files a corpus is read from."""
     if corpus.name == "wiki":
-        from gensim.test.utils import datapath
-
-        return [Path(datapath(WIKI_FILE))]
+        pkg = package_dir("gensim")  # found without importing gensim (slow to import)
+        if pkg is None or not (pkg / "test" / "test_data" / WIKI_FILE).is_file():
+            raise ConfigError("corpus=wiki needs the PyPI package gensim (pip install gensim)")
+        return [pkg / "test" / "test_data" / WIKI_FILE]
     if corpus.name == "kjv":
         pkg = package_dir("bible")
         if pkg is None or not (pkg / "data" / "kjv.jsonl").is_file():
