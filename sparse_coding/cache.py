@@ -25,10 +25,14 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -67,11 +71,16 @@ def sha256_file(path: Path) -> str:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # never leave a partial file behind (disk full, interrupt)
+        raise
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
@@ -98,9 +107,50 @@ def write_shard(path: Path, arr: np.ndarray) -> str:
     data = _npy_bytes(arr)
     digest = hashlib.sha256(data).hexdigest()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
-    _atomic_write_bytes(path, data)
+    try:
+        _atomic_write_bytes(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
+        _atomic_write_bytes(path, data)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise ConfigError(f"{path}: no space left on device ({human_bytes(len(data))} shard); the shards written so "
+                          "far are complete: free space and rerun the same command to resume") from None
     return digest
+
+
+# --------------------------------------------------------------------------------------------
+# One builder at a time, and no leftovers from a killed one
+
+
+_STALE_TEMP = re.compile(r"\.(shard_\d+\.npy(\.sha256)?|mean\.npy|tokens\.npy|manifest\.json)\.tmp-\d+\Z")
+
+
+@contextlib.contextmanager
+def build_lock(out: Path):
+    """Hold an exclusive lock on building the cache `out` (a lock file beside it; released on exit or kill).
+
+    A second build of the same cache waits, then finds the finished manifest and does nothing.
+    Under the lock, temporary files left by a killed build are removed.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = out.parent / f".{out.name}.lock"
+    with open(lock_file, "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[cache] {out}: another process is building this cache; waiting for it (lock {lock_file})",
+                  file=sys.stderr)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            if out.is_dir():
+                for tmp in [out, *out.glob("layers/*")]:
+                    for p in tmp.iterdir():
+                        if _STALE_TEMP.match(p.name) and p.is_file():
+                            p.unlink()
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def shard_done(path: Path) -> bool:
@@ -124,7 +174,64 @@ def read_manifest(path: Path) -> dict:
         raise ConfigError(f"{mf}: format_version {m['format_version']} is not {FORMAT_VERSION}; rebuild the cache")
     if m["dtype"] not in DTYPES:
         raise ConfigError(f"{mf}: dtype {m['dtype']!r} is not one of {DTYPES}")
+    _check_manifest(m, mf)
     return m
+
+
+_LAYER_KEY = re.compile(r"[A-Za-z0-9_]{1,64}\Z")
+_SHARD_FILE = re.compile(r"shard_\d{5,9}\.npy\Z")
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+MAX_D = 1 << 20
+MAX_ROWS = 1 << 40
+
+
+def _check_manifest(m: dict, mf: Path) -> None:
+    """Every name a manifest gives is a plain file name inside the cache, every size is sane.
+
+    A crafted manifest (`..`, absolute paths, odd layer keys, negative or huge sizes) is refused
+    before any file it names is opened or written.
+    """
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{mf}: {what}; the manifest is damaged or crafted: rebuild the cache")
+
+    def count(v: Any, lo: int, hi: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    if not count(m["d"], 1, MAX_D) or not count(m["n_rows"], 0, MAX_ROWS) or not count(m["rows_per_shard"], 1, MAX_ROWS):
+        raise bad(f"d={m['d']!r}, n_rows={m['n_rows']!r}, rows_per_shard={m['rows_per_shard']!r} are not valid sizes")
+    if not isinstance(m["shards"], dict) or not isinstance(m["layers"], list):
+        raise bad("'shards' must map layer keys to lists and 'layers' must be a list")
+    for key in m["layers"]:
+        if not isinstance(key, str) or key not in m["shards"]:
+            raise bad(f"layer {key!r} has no shard list")
+    for key, entries in m["shards"].items():
+        if not _LAYER_KEY.match(str(key)):
+            raise bad(f"layer key {key!r} is not a plain name")
+        if not isinstance(entries, list):
+            raise bad(f"shards of layer {key} are not a list")
+        for e in entries:
+            if not isinstance(e, dict) or not isinstance(e.get("file"), str) or not _SHARD_FILE.match(e["file"]):
+                raise bad(f"shard entry {e!r} of layer {key} does not name a file shard_NNNNN.npy")
+            if not count(e.get("rows"), 0, m["rows_per_shard"]):
+                raise bad(f"shard {e['file']} of layer {key} has rows={e.get('rows')!r}")
+            if not isinstance(e.get("sha256"), str) or not _SHA256.match(e["sha256"]):
+                raise bad(f"shard {e['file']} of layer {key} has no valid sha256")
+    for key, st in (m.get("stats") or {}).items():
+        if not isinstance(st, dict) or st.get("mean_file") != f"layers/{key}/mean.npy":
+            raise bad(f"statistics of layer {key!r} name mean file {(st or {}).get('mean_file')!r}")
+    tok = m.get("tokens")
+    if tok is not None and (not isinstance(tok, dict) or tok.get("file") != "tokens.npy"):
+        raise bad(f"tokens entry {tok!r} must name tokens.npy")
+
+
+def cache_file(root: Path, rel: str) -> Path:
+    """`root/rel`, refused when it resolves outside the cache folder (a symlink pointing elsewhere)."""
+    root = Path(root)
+    p = root / rel
+    real_root = root.resolve()
+    if not p.resolve().is_relative_to(real_root):
+        raise ConfigError(f"{p}: resolves outside the cache folder {real_root}; refusing to read it")
+    return p
 
 
 def select_layer(manifest: dict, layer: Any, path: Path) -> str:
@@ -141,7 +248,7 @@ def select_layer(manifest: dict, layer: Any, path: Path) -> str:
 
 
 def shard_paths(path: Path, manifest: dict, key: str) -> list[Path]:
-    return [Path(path) / "layers" / key / s["file"] for s in manifest["shards"][key]]
+    return [cache_file(path, f"layers/{key}/{s['file']}") for s in manifest["shards"][key]]
 
 
 def open_shard(file: Path, rows: int, d: int, dtype: str) -> np.ndarray:
@@ -254,7 +361,16 @@ def _progress(total: int, initial: int, desc: str):
 # Building from a model
 
 
-def build_hidden_states(
+def build_hidden_states(out: Path, *args: Any, **kwargs: Any) -> Path:
+    """Run the model over the corpus once and store `hidden_states[K]` for every K in `layers`.
+
+    Holds the build lock (`build_lock`); see `_build_hidden_states` for the arguments.
+    """
+    with build_lock(Path(out)):
+        return _build_hidden_states(Path(out), *args, **kwargs)
+
+
+def _build_hidden_states(
     out: Path,
     model: Any,
     tokenizer: Any,
@@ -369,7 +485,13 @@ def build_hidden_states(
     return out
 
 
-def write_array_cache(
+def write_array_cache(out: Path, *args: Any, **kwargs: Any) -> Path:
+    """A one-layer cache from a row source, under the build lock; see `_write_array_cache`."""
+    with build_lock(Path(out)):
+        return _write_array_cache(Path(out), *args, **kwargs)
+
+
+def _write_array_cache(
     out: Path,
     rows: Callable[[int, int], np.ndarray],
     n_rows: int,
@@ -517,7 +639,7 @@ def verify(path: Path, layers: Optional[Iterable[str]] = None) -> dict:
             raise ConfigError(f"{path}/manifest.json: shards of layer {key} hold {sum(e['rows'] for e in entries)} "
                               f"rows, the manifest says {m['n_rows']}")
         for e in entries:
-            f = path / "layers" / key / e["file"]
+            f = cache_file(path, f"layers/{key}/{e['file']}")
             open_shard(f, e["rows"], m["d"], m["dtype"])
             if sha256_file(f) != e["sha256"]:
                 raise ConfigError(f"{f}: sha256 does not match the manifest (the shard was altered or corrupted)")
@@ -526,12 +648,12 @@ def verify(path: Path, layers: Optional[Iterable[str]] = None) -> dict:
         st = m.get("stats", {}).get(key)
         if st is None:
             raise ConfigError(f"{path}/manifest.json: no statistics for layer {key}")
-        mf = path / st["mean_file"]
+        mf = cache_file(path, st["mean_file"])
         if not mf.is_file() or sha256_file(mf) != st["mean_sha256"]:
             raise ConfigError(f"{mf}: missing or its sha256 does not match the manifest")
     tok = m.get("tokens")
     if tok:
-        tf = path / tok["file"]
+        tf = cache_file(path, tok["file"])
         if not tf.is_file() or sha256_file(tf) != tok["sha256"]:
             raise ConfigError(f"{tf}: missing or its sha256 does not match the manifest")
         n_files += 1

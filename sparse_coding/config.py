@@ -7,7 +7,9 @@ heavy import (torch, Lightning, transformers). Validation returns nothing and ra
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -181,7 +183,8 @@ def parse_lam(value: Any) -> "float | str":
 
 def parse_mult(value: Any) -> int:
     """One dictionary multiple: an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value != int(value)):
         raise ConfigError(f"dictionary.mult={value!r} must be an integer >= 1 (m = mult * d)")
     if value < 1:
         raise ConfigError(f"dictionary.mult={value!r} must be >= 1 (m = mult * d)")
@@ -205,16 +208,67 @@ def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name}={value!r} must be {bound}")
 
 
+def _integer(name: str, value: Any, minimum: int, maximum: Optional[int] = None) -> None:
+    """An int (not a bool, not a float) within [minimum, maximum]."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    if not ok or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise ConfigError(f"{name}={value!r} must be an integer {bound}")
+
+
+SEED_MAX = 2**32 - 1  # numpy and Lightning seed range
+SCALE_RANGE = (1e-6, 1e6)  # data.scale: float32 training is tested within this range
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_cache_path(path: Any) -> dict:
+    """A readable cache folder with a manifest (cheap: stat calls and one small JSON file); its manifest."""
+    hint = "give the folder of a cache built by `python -m sparse_coding.cache build|import`"
+    if not isinstance(path, str) or not path.strip():
+        raise ConfigError(f"data=cache needs data.path=DIR ({hint})")
+    try:
+        folder = os.path.expanduser(path)
+        if not os.path.exists(folder):
+            raise ConfigError(f"data.path={path!r} does not exist: {hint}")
+        if not os.path.isdir(folder):
+            raise ConfigError(f"data.path={path!r} is a file, not a cache folder: {hint}")
+        if not os.access(folder, os.R_OK | os.X_OK):
+            raise ConfigError(f"data.path={path!r} is not readable by this user: fix its permissions or copy the cache")
+        manifest = os.path.join(folder, "manifest.json")
+        if not os.path.isfile(manifest):
+            raise ConfigError(f"data.path={path!r} has no manifest.json: not a cache, or its build did not finish "
+                              "(rerun the build command to resume it)")
+        if not os.access(manifest, os.R_OK):
+            raise ConfigError(f"{manifest} is not readable by this user: fix its permissions")
+        with open(manifest, "rb") as f:
+            m = json.loads(f.read())
+    except (OSError, ValueError) as e:  # ValueError: NUL in the path, or a manifest that is not JSON
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"data.path={path!r}: cannot read its manifest.json ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); rebuild the cache") from None
+    width = m.get("d") if isinstance(m, dict) else None
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        raise ConfigError(f"data.path={path!r}: manifest.json has no valid width d; rebuild the cache")
+    return m
+
+
 def validate_data(cfg: DataConfig, *, uses_model: bool) -> None:
     if not uses_model and cfg.name not in DATA_NAMES:
         raise ConfigError(f"unknown data set data={cfg.name!r}: choose one of {', '.join(DATA_NAMES)}")
-    for key in ("dim", "n", "n_val", "batch_size"):
-        _positive(f"data.{key}", getattr(cfg, key))
+    for key in ("dim", "n", "n_val", "batch_size", "shuffle_buffer"):
+        _integer(f"data.{key}", getattr(cfg, key), 1)
+    _integer("data.num_workers", cfg.num_workers, 0)
+    _integer("data.seed", cfg.seed, 0, SEED_MAX)
     _positive("data.noise", cfg.noise, allow_zero=True)
     _positive("data.scale", cfg.scale)
-    _positive("data.shuffle_buffer", cfg.shuffle_buffer)
-    _positive("data.num_workers", cfg.num_workers, allow_zero=True)
-    if not 0 < cfg.val_fraction < 1:
+    if not SCALE_RANGE[0] <= cfg.scale <= SCALE_RANGE[1]:
+        raise ConfigError(f"data.scale={cfg.scale!r} must be between {SCALE_RANGE[0]:g} and {SCALE_RANGE[1]:g} "
+                          "(float32 training; S1 and L_norm do not depend on the scale)")
+    if not _number(cfg.val_fraction) or not 0 < cfg.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.val_fraction!r} must be between 0 and 1")
     if cfg.name in ("sparse_linear", "sparse_nonlinear") and not uses_model:
         _positive("data.active", cfg.active)
@@ -222,9 +276,8 @@ def validate_data(cfg: DataConfig, *, uses_model: bool) -> None:
             raise ConfigError(
                 f"data.active={cfg.active} exceeds the {4 * cfg.dim} ground-truth features (4 * data.dim)"
             )
-    if cfg.name == "cache" and not uses_model:
-        if not cfg.path:
-            raise ConfigError("data=cache needs data.path=DIR (a cache built by `python -m sparse_coding.cache`)")
+    if cfg.name == "cache" and (not uses_model or cfg.path is not None):
+        validate_cache_path(cfg.path)
 
 
 def validate(cfg: Any) -> None:
@@ -235,16 +288,19 @@ def validate(cfg: Any) -> None:
     dictionary_grid(d)
     _positive("dictionary.lr", d.lr)
     _positive("dictionary.lam_tol", d.lam_tol)
-    _positive("dictionary.inner_steps", d.inner_steps)
-    _positive("dictionary.lam_init_rounds", d.lam_init_rounds, allow_zero=True)
-    _positive("dictionary.dead_window", d.dead_window)
+    _integer("dictionary.inner_steps", d.inner_steps, 1)
+    _integer("dictionary.lam_init_rounds", d.lam_init_rounds, 0)
+    _integer("dictionary.dead_window", d.dead_window, 1)
     if d.optimizer not in OPTIMIZERS:
         raise ConfigError(f"dictionary.optimizer={d.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     if d.init not in INITS:
         raise ConfigError(f"dictionary.init={d.init!r}: choose one of {', '.join(INITS)}")
-    _positive("solver.max_steps", cfg.solver.max_steps)
-    _positive("solver.eval_batch_size", cfg.solver.eval_batch_size)
+    _integer("solver.max_steps", cfg.solver.max_steps, 1)
+    _integer("solver.eval_batch_size", cfg.solver.eval_batch_size, 1)
+    _integer("seed", cfg.seed, 0, SEED_MAX)
     t = cfg.trainer
+    _integer("trainer.max_epochs", t.max_epochs, -1)
+    _integer("trainer.max_steps", t.max_steps, -1)
     if t.max_epochs < 1 and t.max_steps < 1:
         raise ConfigError("set trainer.max_epochs >= 1 or trainer.max_steps >= 1")
     if cfg.logger.name not in LOGGERS:
@@ -253,8 +309,24 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"activation={cfg.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
     if uses_model:
         validate_model(cfg)
+        if cfg.data.name == "cache" and cfg.data.path is not None:
+            validate_cache_width(cfg)
     elif cfg.layer is not None:
         raise ConfigError(f"layer={cfg.layer!r} needs a model: add model=NAME (e.g. model=minilm)")
+
+
+def validate_cache_width(cfg: Any) -> None:
+    """`model=NAME data=cache data.path=DIR`: the cache must come from that model (name and width d)."""
+    from sparse_coding import models
+
+    m = validate_cache_path(cfg.data.path)
+    _, width = models.read_model_shape(models.resolve_model_path(cfg.model), cfg.model.name)
+    if m["d"] != width:
+        raise ConfigError(f"data.path={cfg.data.path!r} holds activations of width d={m['d']}, but model="
+                          f"{cfg.model.name} has d={width}: use a cache built from this model")
+    cached = (m.get("model") or {}).get("name") if isinstance(m.get("model"), dict) else None
+    if cached is not None and cached != cfg.model.name:
+        raise ConfigError(f"data.path={cfg.data.path!r} is a cache of model={cached}, not model={cfg.model.name}")
 
 
 def validate_model(cfg: Any) -> None:

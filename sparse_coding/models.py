@@ -126,11 +126,15 @@ def resolve_model_path(model_cfg: Any) -> Path:
     Raises ConfigError with the one-line message when no weights are found.
     """
     name = model_cfg.name
-    if name not in REGISTRY:
+    if not isinstance(name, str) or name not in REGISTRY:
         raise ConfigError(f"unknown model={name!r}: choose one of {', '.join(REGISTRY)}")
     if getattr(model_cfg, "path", None):
-        p = Path(str(model_cfg.path)).expanduser()
-        if not _has_weights(p):
+        try:
+            p = Path(str(model_cfg.path)).expanduser()
+            found = _has_weights(p)
+        except (OSError, ValueError):  # NUL bytes, over-long names
+            found = False
+        if not found:
             raise ConfigError(
                 f"model.path={str(model_cfg.path)!r} for model={name} has no config.json and weights "
                 f"({' or '.join(WEIGHT_FILES[::2])}): point it at a saved Hugging Face model folder"
@@ -195,14 +199,21 @@ def parse_layers(layer: Any, num_layers: int, model_name: str) -> list[int]:
 
 
 def validate_corpus(corpus: Any) -> None:
-    if corpus.name not in CORPORA:
+    if not isinstance(corpus.name, str) or corpus.name not in CORPORA:
         raise ConfigError(f"unknown corpus={corpus.name!r}: choose one of {', '.join(CORPORA)}")
     if corpus.name == "text":
-        files = list(corpus.files or [])
+        files = corpus.files or []
+        if isinstance(files, (str, bytes)) or not hasattr(files, "__iter__"):
+            raise ConfigError(f"corpus.files={files!r} must be a list of files: corpus.files=[a.txt,b.jsonl]")
+        files = list(files)
         if not files:
             raise ConfigError("corpus=text needs corpus.files=[a.txt,b.jsonl] (local .txt or .jsonl files)")
         for f in files:
-            if not Path(str(f)).expanduser().is_file():
+            try:
+                exists = Path(str(f)).expanduser().is_file()
+            except (OSError, ValueError):
+                exists = False
+            if not exists:
                 raise ConfigError(f"corpus.files: {f} does not exist")
             if not str(f).endswith((".txt", ".jsonl")):
                 raise ConfigError(f"corpus.files: {f} is neither .txt nor .jsonl")
@@ -210,7 +221,7 @@ def validate_corpus(corpus: Any) -> None:
         raise ConfigError(f"corpus.context_len={corpus.context_len!r} must be an integer >= 2")
     if isinstance(corpus.max_tokens, bool) or not isinstance(corpus.max_tokens, int) or corpus.max_tokens < 1:
         raise ConfigError(f"corpus.max_tokens={corpus.max_tokens!r} must be an integer >= 1")
-    if corpus.batch_size < 1:
+    if isinstance(corpus.batch_size, bool) or not isinstance(corpus.batch_size, int) or corpus.batch_size < 1:
         raise ConfigError(f"corpus.batch_size={corpus.batch_size!r} must be >= 1")
 
 
@@ -218,9 +229,9 @@ def validate_model_config(cfg: Any) -> None:
     """Fast checks for a run with a model (no torch/transformers import); raise ConfigError."""
     path = resolve_model_path(cfg.model)
     num_layers, _ = read_model_shape(path, cfg.model.name)
-    if cfg.model.dtype not in ("float32", "float16", "bfloat16"):
+    if not isinstance(cfg.model.dtype, str) or cfg.model.dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError(f"model.dtype={cfg.model.dtype!r}: choose float32, float16 or bfloat16")
-    if cfg.cache_dtype not in ("float32", "float16"):
+    if not isinstance(cfg.cache_dtype, str) or cfg.cache_dtype not in ("float32", "float16"):
         raise ConfigError(f"cache_dtype={cfg.cache_dtype!r}: choose float32 or float16")
     if cfg.activation == "token_embeddings":
         return  # the embedding matrix needs neither a layer nor a corpus

@@ -18,8 +18,13 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from sparse_coding.errors import ConfigError
 from sparse_coding.metrics import SparsityMetrics
 from sparse_coding.solver import solve
+
+
+class NonFiniteError(ConfigError):
+    """Training met NaN/Inf (data, loss, gradient or Phi): the run stops before Phi is updated with it."""
 
 
 def dictionary_label(mult: int, lam: "float | str") -> str:
@@ -110,7 +115,18 @@ class SparseCodingModule(pl.LightningModule):
             return torch.optim.SGD(params, lr=self.hparams.lr)
         return torch.optim.Adam(params, lr=self.hparams.lr)
 
+    def _stop_if_nonfinite(self, what: str, ok: bool, batch_idx: int) -> None:
+        """Raise NonFiniteError on every rank when any rank found a non-finite `what` (no DDP rank is left waiting)."""
+        bad = torch.tensor(0.0 if ok else 1.0, dtype=torch.float64, device=self.device)
+        if float(self._sum_across_ranks(bad)) > 0:
+            raise NonFiniteError(
+                f"non-finite {what} at global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}): "
+                "training stopped and saved nothing from this step, so checkpoints/last.ckpt (if any) holds the last "
+                "good Phi; fix the cause (data, dictionary.lr, data.scale) and resume with ckpt_path=last"
+            )
+
     def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
+        self._stop_if_nonfinite("input batch (NaN/Inf in the data)", bool(torch.isfinite(x).all()), batch_idx)
         if torch.isnan(self.lams).any():
             self._initial_lams(x)
         alphas = []
@@ -128,10 +144,16 @@ class SparseCodingModule(pl.LightningModule):
         for _ in range(self.hparams.inner_steps):
             opt.zero_grad()
             errors = [(x - alpha @ phi.T).pow(2).sum(dim=1).mean() for phi, alpha in zip(self.phis, alphas)]
+            self._stop_if_nonfinite("loss", all(bool(torch.isfinite(e)) for e in errors)
+                                    and all(bool(torch.isfinite(a).all()) for a in alphas), batch_idx)
             self.manual_backward(torch.stack(errors).sum())
             self._remove_parallel_gradient()
+            self._stop_if_nonfinite("gradient", all(p.grad is None or bool(torch.isfinite(p.grad).all())
+                                                    for p in self.phis), batch_idx)
             opt.step()
             self._renormalise()
+            self._stop_if_nonfinite("Phi after the optimizer step (lower dictionary.lr)",
+                                    all(bool(torch.isfinite(p).all()) for p in self.phis), batch_idx)
         for k, err in enumerate(errors):
             loss = err.detach() + self.lam(k) * alphas[k].sum(dim=1).mean()
             self.log(self.name(k, "train/loss"), loss, on_step=True, prog_bar=len(self.grid) == 1)

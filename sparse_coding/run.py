@@ -27,8 +27,8 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
         return SyntheticDataModule.from_config(cfg)
     from sparse_coding.streaming import CacheDataModule
 
-    if cfg.model is None:
-        path = Path(cfg.data.path)
+    if cfg.model is None or (cfg.data.name == "cache" and cfg.data.path is not None):
+        path = Path(cfg.data.path)  # with a model: a given cache of that model (checked by validate)
     else:
         from sparse_coding.cache import ensure_cache
 

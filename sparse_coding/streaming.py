@@ -227,7 +227,13 @@ class CacheDataModule(pl.LightningDataModule):
             bad = st.get("first_nonfinite") or {}
             raise ConfigError(f"{self.path / 'layers' / self.layer / str(bad.get('file'))}: {self.n_nonfinite} rows "
                               f"hold NaN/Inf (first: row {bad.get('row')}); set data.skip_nonfinite=true to skip them")
-        self.mean = np.load(self.path / st["mean_file"], allow_pickle=False).astype(np.float32) if self.center else None
+        msn = float(st.get("mean_sq_norm", 1.0))
+        if msn == 0 or (self.center and float(st.get("centered_mean_sq_norm", 1.0)) <= 1e-10 * msn):
+            what = "zero" if msn == 0 else "the same (zero after centring with data.center=true)"
+            raise ConfigError(f"{self.path}: every row of layer {self.layer} is {what}: there is nothing to code; "
+                              "check how the cache was made")
+        mean_file = cache_mod.cache_file(self.path, st["mean_file"])
+        self.mean = np.load(mean_file, allow_pickle=False).astype(np.float32) if self.center else None
         n = int(m["n_rows"])
         block = max(1, min(BLOCK_ROWS, n // 20))
         self.blocks = [(s, lo, min(lo + block, r)) for s, r in enumerate(self.shard_rows) for lo in range(0, r, block)]
