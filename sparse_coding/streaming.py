@@ -241,8 +241,9 @@ class CacheDataModule(pl.LightningDataModule):
         is_val = [math.floor((i + 1) * self.val_fraction) > math.floor(i * self.val_fraction) for i in range(nb)]
         if nb >= 2 and not any(is_val):
             is_val[nb // 2] = True
-        if all(is_val):
-            raise ConfigError(f"{self.path}: {n} rows are too few to split into training and validation")
+        if all(is_val) or not any(is_val):
+            raise ConfigError(f"{self.path}: {n} rows are too few to split into training and validation "
+                              f"(data.val_fraction={self.val_fraction}); a cache needs at least 2 rows")
         self.val_blocks = [b for b, v in zip(self.blocks, is_val) if v]
         self.train_blocks = [b for b, v in zip(self.blocks, is_val) if not v]
         self._bad = self._scan_nonfinite() if self.n_nonfinite else ({}, {})

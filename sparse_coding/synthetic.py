@@ -56,11 +56,26 @@ def sparse_truth(alpha: Tensor, active: float) -> dict:
 
 
 def _scale_to_unit_variance(x: Tensor) -> Tensor:
-    return x / x.pow(2).sum(dim=1).mean().div(x.shape[1]).sqrt()
+    power = x.pow(2).sum(dim=1).mean().div(x.shape[1]).sqrt()
+    return x / power if power > 0 else x  # all-zero data stay zero (and are refused by `generate`)
 
 
 def generate(name: str, dim: int, n: int, seed: int, active: float = 10.0, noise: float = 0.1) -> SyntheticData:
-    """n samples of the named data set (see module docstring)."""
+    """n samples of the named data set (see module docstring).
+
+    Raises ConfigError when the samples would all be zero (e.g. one sample, which centring removes,
+    or too few active features to draw any): there would be nothing to code.
+    """
+    data = _generate(name, dim, n, seed, active, noise)
+    if not torch.isfinite(data.x).all():
+        raise ConfigError(f"data={name}: the generator produced NaN/Inf (dim={dim}, n={n}, seed={seed})")
+    if not data.x.any():
+        raise ConfigError(f"data={name}: all {n} generated samples are zero (dim={dim}, active={active}, n={n}, "
+                          "centred): raise data.n/data.n_val (centring a single sample leaves zero) or data.active")
+    return data
+
+
+def _generate(name: str, dim: int, n: int, seed: int, active: float, noise: float) -> SyntheticData:
     if name not in GENERATORS:
         raise ConfigError(f"unknown synthetic data set {name!r}: choose one of {', '.join(GENERATORS)}")
     gen = torch.Generator().manual_seed(int(seed))
