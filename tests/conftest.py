@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # Tests never touch a network or wait on a login prompt.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -10,6 +11,11 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# One intra-op thread per test process: the suite's problems are small, and on a shared 2-core
+# machine OpenMP threads spin against each other (measured: a 512 x 512 solve 17x slower under load).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 
