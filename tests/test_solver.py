@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparse_coding.solver import objective, solve, solve_reference
+from sparse_coding.solver import _kernel_available, objective, solve, solve_reference
 from sparse_coding.synthetic import sparse_coefficients
 
 
@@ -18,28 +18,34 @@ def random_problem(n, d, m, seed, dtype=torch.float64):
     return x, phi
 
 
+BACKENDS = ["torch"] + (["numba"] if _kernel_available() else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,d,m,lam,seed", [(50, 8, 24, 0.5, 0), (80, 16, 64, 1.0, 1), (40, 32, 256, 2.0, 2), (1, 5, 3, 0.1, 3)])
-def test_fast_equals_reference_float64(n, d, m, lam, seed):
+def test_fast_equals_reference_float64(n, d, m, lam, seed, backend):
     x, phi = random_problem(n, d, m, seed)
-    fast = solve(x, phi, lam, max_steps=64)
+    fast = solve(x, phi, lam, max_steps=64, backend=backend)
     ref = solve_reference(x, phi, lam, max_steps=64)
     torch.testing.assert_close(fast.alpha, ref.alpha, atol=1e-9, rtol=1e-9)
     assert torch.equal(fast.steps, ref.steps)
     assert torch.equal(fast.capped, ref.capped)
 
 
-def test_fast_close_to_reference_float32():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fast_close_to_reference_float32(backend):
     x, phi = random_problem(200, 16, 64, 5, dtype=torch.float32)
-    fast = solve(x, phi, 1.0, max_steps=64)
+    fast = solve(x, phi, 1.0, max_steps=64, backend=backend)
     ref = solve_reference(x, phi, 1.0, max_steps=64)
     # float32 Gram updates round differently from recomputing Phi^T r; the objectives must agree.
     torch.testing.assert_close(objective(x, phi, fast.alpha, 1.0), objective(x, phi, ref.alpha, 1.0), atol=1e-4, rtol=1e-4)
     assert (fast.alpha - ref.alpha).abs().max() < 1e-3
 
 
-def test_max_steps_caps_and_reports():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_steps_caps_and_reports(backend):
     x, phi = random_problem(30, 16, 64, 7)
-    result = solve(x, phi, 0.01, max_steps=3)
+    result = solve(x, phi, 0.01, max_steps=3, backend=backend)
     assert result.steps.max() <= 3
     assert result.capped.all()  # with a tiny lambda every sample wants more than 3 steps
     assert torch.equal(result.capped, solve_reference(x, phi, 0.01, max_steps=3).capped)
@@ -89,6 +95,26 @@ def test_rejects_bad_input():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="finite"):
         solve(bad, phi, 0.5)
+    with pytest.raises(ValueError, match="backend"):
+        solve(x, phi, 0.5, backend="fortran")
+
+
+@pytest.mark.skipif(not _kernel_available(), reason="numba not installed")
+def test_backends_agree_on_a_larger_float32_problem():
+    """The compiled kernel and the tensor path take the same steps up to float32 rounding."""
+    x, phi = random_problem(300, 32, 256, 4, dtype=torch.float32)
+    lam = 0.1 * float((x @ phi).amax(dim=1).mean())
+    kernel, tensor = solve(x, phi, lam, backend="numba"), solve(x, phi, lam, backend="torch")
+    torch.testing.assert_close(objective(x, phi, kernel.alpha, lam), objective(x, phi, tensor.alpha, lam), atol=1e-4, rtol=1e-4)
+    assert (kernel.steps != tensor.steps).float().mean() < 0.05
+    assert torch.equal(kernel.capped, tensor.capped)
+
+
+def test_no_gradient_through_the_solver():
+    x, phi = random_problem(5, 8, 16, 0, dtype=torch.float32)
+    phi.requires_grad_(True)
+    for backend in BACKENDS:
+        assert not solve(x, phi, 0.5, backend=backend).alpha.requires_grad
 
 
 def test_greedy_objective_near_exact_nonnegative_lasso():
