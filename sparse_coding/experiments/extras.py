@@ -1,0 +1,244 @@
+"""Checks beyond the paper, on dictionaries the experiments trained.
+
+- `solver_gap`: the greedy objective divided by the exact non-negative lasso optimum
+  (scikit-learn `sparse_encode(algorithm="lasso_cd", positive=True, alpha=lam/2)`, SPEC §2) on a
+  subset of held-out samples, with the lasso solution's KKT violation as a numeric check of the
+  scaling.
+- `functional_check`: SmolLM2's next-token loss when one hidden state is replaced by its dictionary
+  reconstruction Phi alpha (+ the cache mean that centring removed), against the clean model and
+  zero-ablation of the same hidden state, on held-out wiki text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from sparse_coding.experiments.grid import LAYER_MODELS, SEEDS, Point
+from sparse_coding.experiments.runner import DEFAULT_ROOT, compose, points_of, run_dir
+from sparse_coding.solver import objective, solve
+
+GAP_SAMPLES = {"quick": 64, "full": 256}
+GAP_LAYERS = {"minilm": (0, 3, 6), "smollm2": (0, 10, 20, 30)}
+FUNCTIONAL_CONTEXTS = {"quick": 4, "full": 64}
+# quick: a subset of SmolLM2's hidden states (a forward pass is slow on a shared CPU); full: all
+FUNCTIONAL_LAYERS = {"quick": (0, 5, 10, 15, 20, 25, 29, 30), "full": None}
+
+
+def load_dictionaries(out: Path) -> tuple[dict, list[tuple[str, torch.Tensor, float, int]]]:
+    """The run's resolved config and [(label, phi, lam, dict_mult)] from its dictionary files."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((out / "dictionary.json").read_text())
+    tensors = load_file(str(out / "dictionary.safetensors"))
+    return meta["config"], [(d["tensor"], tensors[d["tensor"]], float(d["lam"]), int(d["dict_mult"]))
+                            for d in meta["dictionaries"]]
+
+
+def held_out_rows(config: dict, n: int) -> torch.Tensor:
+    """The first n held-out rows the run evaluated on (same generator or cache split, centred)."""
+    from sparse_coding.run import build_datamodule
+
+    dm = build_datamodule(OmegaConf.create(config))
+    if hasattr(dm, "setup"):
+        dm.setup("validate")
+    rows = []
+    for batch in dm.val_dataloader():
+        rows.append(batch)
+        if sum(r.shape[0] for r in rows) >= n:
+            break
+    return torch.cat(rows)[:n].float()
+
+
+def lasso_gap(x: torch.Tensor, phi: torch.Tensor, lam: float, max_steps: int) -> dict:
+    """Greedy vs exact non-negative lasso on the same rows, same objective ||x - Phi a||^2 + lam |a|_1."""
+    from sklearn.decomposition import sparse_encode
+
+    greedy = solve(x, phi, lam, max_steps)
+    f_greedy = objective(x, phi, greedy.alpha, lam).double()
+    x64, phi64 = x.double(), phi.double()
+    exact = sparse_encode(x64.numpy(), phi64.T.numpy(), algorithm="lasso_cd", alpha=lam / 2, positive=True,
+                          max_iter=5000)
+    a = torch.from_numpy(exact)
+    f_exact = objective(x64, phi64, a, lam)
+    # KKT of min ||x - Phi a||^2 + lam |a|_1, a >= 0: 2 f_i.r <= lam, with equality where a_i > 0
+    grad = 2 * (x64 - a @ phi64.T) @ phi64  # (n, m)
+    viol = torch.where(a > 0, (grad - lam).abs(), (grad - lam).clamp_min(0))
+    return {
+        "greedy_objective": float(f_greedy.mean()),
+        "lasso_objective": float(f_exact.mean()),
+        "gap_ratio": float(f_greedy.mean() / f_exact.mean()),
+        "greedy_l0": float((greedy.alpha > 0).sum(1).double().mean()),
+        "lasso_l0": float((a > 1e-9).sum(1).double().mean()),
+        "kkt_violation_over_lam": float(viol.max() / lam),
+        "greedy_capped_fraction": float(greedy.capped.double().mean()),
+    }
+
+
+def gap_points(scale: str, extra: list[str] | None = None) -> list[Point]:
+    """Seed-0 points of every experiment (layers: a few per model)."""
+    pts = []
+    for name in ("sparsity", "controls", "dict_size", "embeddings", "layers"):
+        for p in points_of(name, scale, extra):
+            if p.seed != SEEDS[0]:
+                continue
+            if name == "layers" and p.x["layer"] not in GAP_LAYERS[p.x["model"]]:
+                continue
+            pts.append(p)
+    return pts
+
+
+def solver_gap(scale: str, root: Path = DEFAULT_ROOT, log=print, extra: list[str] | None = None) -> list[dict]:
+    rows = []
+    seen = set()
+    for p in gap_points(scale, extra):
+        out = run_dir(root, scale, p)
+        if not (out / "dictionary.json").is_file() or (p.experiment, out) in seen:
+            continue
+        seen.add((p.experiment, out))
+        config, dictionaries = load_dictionaries(out)
+        x = held_out_rows(config, GAP_SAMPLES[scale])
+        for label, phi, lam, mult in dictionaries:
+            r = lasso_gap(x, phi.float(), lam, int(config["solver"]["max_steps"]))
+            row = {"experiment": p.experiment, "scale": scale, **p.x, "dict_mult": mult, "lam": lam,
+                   "samples": x.shape[0], **r, "run": out.name}
+            log(f"[solver_gap] {p.experiment} {p.x} mult={mult}: greedy/exact = {r['gap_ratio']:.4f}")
+            rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Functional check (SmolLM2)
+
+
+def _hook_target(model, k: int, num_layers: int):
+    """Candidate modules whose output is hidden_states[k] (checked against the model's own output)."""
+    if k == 0:
+        return [model.embed_tokens]
+    if k < num_layers:
+        return [model.layers[k - 1]]
+    return [model.norm, model.layers[k - 1]]
+
+
+def _output_tensor(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _with_output(out, new):
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+def next_token_loss(model, ids: torch.Tensor) -> float:
+    """Mean next-token cross-entropy; the LM head is tied to the input embedding (SmolLM2)."""
+    with torch.inference_mode():
+        h = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        logits = h[:, :-1] @ model.embed_tokens.weight.T
+        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                       ids[:, 1:].reshape(-1)))
+
+
+def held_out_contexts(cfg, tokenizer, n_ctx: int) -> tuple[torch.Tensor, np.ndarray]:
+    """n_ctx wiki contexts that come after the ones in the activation cache (never trained on)."""
+    from sparse_coding import corpus as corpus_mod
+
+    corpus = OmegaConf.to_container(cfg.corpus, resolve=True)
+    base = corpus_mod.build_contexts(OmegaConf.create(corpus), tokenizer)
+    cached = base.input_ids.shape[0]
+    corpus["max_tokens"] = int(corpus["max_tokens"]) + (n_ctx + 1) * int(corpus["context_len"])
+    more = corpus_mod.build_contexts(OmegaConf.create(corpus), tokenizer)
+    ids = more.input_ids[cached : cached + n_ctx]
+    if ids.shape[0] < n_ctx:
+        raise RuntimeError(f"the corpus has only {ids.shape[0]} held-out contexts")
+    return torch.as_tensor(ids), more.keep
+
+
+def functional_check(scale: str, root: Path = DEFAULT_ROOT, log=print, model_name: str = "smollm2",
+                     layers: list[int] | None = None, extra: list[str] | None = None) -> list[dict]:
+    from sparse_coding import cache as cache_mod
+    from sparse_coding import models
+
+    num_layers = LAYER_MODELS.get(model_name)
+    layers = layers if layers is not None else FUNCTIONAL_LAYERS[scale] if model_name == "smollm2" else None
+    layers = list(range(num_layers + 1)) if layers is None else list(layers)
+    extra = list(extra or [])
+    base_point = Point("layers", "layers", [f"model={model_name}", "layer=0", *extra], SEEDS[0])
+    cfg = compose(base_point.all_overrides(scale))
+    model, tokenizer, info = models.load_model(cfg.model)
+    num_layers = info["num_layers"]
+    ids, keep = held_out_contexts(cfg, tokenizer, FUNCTIONAL_CONTEXTS[scale])
+    keep_t = torch.as_tensor(keep)
+    cache_path = cache_mod.ensure_cache(cfg)
+    manifest = cache_mod.read_manifest(cache_path)
+    clean = next_token_loss(model, ids)
+    with torch.inference_mode():
+        hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
+    log(f"[functional] {model_name}: clean next-token loss {clean:.4f} on {ids.numel()} held-out tokens")
+    rows = []
+    for k in layers:
+        point = Point("layers", "layers", [f"model={model_name}", f"layer={k}", *extra], SEEDS[0],
+                      {"model": model_name, "layer": k})
+        out = run_dir(root, scale, point)
+        if not (out / "dictionary.json").is_file():
+            log(f"[functional] layer {k}: no trained dictionary at {out}; skipped")
+            continue
+        config, dictionaries = load_dictionaries(out)
+        _, phi, lam, mult = dictionaries[0]
+        max_steps = int(config["solver"]["max_steps"])
+        center = bool(config["data"]["center"])
+        mean = torch.as_tensor(np.load(cache_path / "layers" / str(k) / "mean.npy")).float() if center else None
+        # which module's output is hidden_states[k]: the first candidate that reproduces it
+        target, captured = None, {}
+        for cand in _hook_target(model, k, num_layers):
+            handle = cand.register_forward_hook(lambda mod, inp, o: captured.__setitem__("h", _output_tensor(o)))
+            with torch.inference_mode():
+                model(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]))
+            handle.remove()
+            if torch.allclose(captured["h"], hidden[k][:1], atol=1e-4, rtol=1e-4):
+                target = cand
+                break
+        if target is None:
+            raise RuntimeError(f"no module output matches hidden_states[{k}] of {model_name}")
+        stats = {}
+
+        def replace(mod, inp, o, how):
+            h = _output_tensor(o)
+            x = h[:, keep_t].reshape(-1, h.shape[-1]).float()
+            if how == "zero":
+                new_x = torch.zeros_like(x)
+            else:
+                xc = x - mean if mean is not None else x
+                alpha = solve(xc, phi, lam, max_steps).alpha
+                rec = alpha @ phi.T
+                stats["fvu"] = float((xc - rec).pow(2).sum() / (xc - xc.mean(0)).pow(2).sum())
+                stats["l0"] = float((alpha > 0).sum(1).double().mean())
+                new_x = rec + mean if mean is not None else rec
+            h2 = h.clone()
+            h2[:, keep_t] = new_x.reshape(h.shape[0], -1, h.shape[-1]).to(h.dtype)
+            return _with_output(o, h2)
+
+        losses = {}
+        for how in ("reconstruction", "zero"):
+            handle = target.register_forward_hook(lambda mod, inp, o, how=how: replace(mod, inp, o, how))
+            try:
+                losses[how] = next_token_loss(model, ids)
+            finally:
+                handle.remove()
+        metrics = json.loads((out / "metrics.json").read_text())
+        gap = losses["zero"] - clean
+        row = {
+            "experiment": "functional", "scale": scale, "model": model_name, "layer": k, "dict_mult": mult, "lam": lam,
+            "tokens": int(ids.numel()), "clean_loss": clean, "reconstruction_loss": losses["reconstruction"],
+            "zero_ablation_loss": losses["zero"], "loss_increase": losses["reconstruction"] - clean,
+            "fraction_recovered": (losses["zero"] - losses["reconstruction"]) / gap if gap > 0 else math.nan,
+            "heldout_fvu": stats.get("fvu"), "heldout_l0": stats.get("l0"),
+            "normalized_loss": metrics["normalized_loss"], "avg_coef_norm": metrics["avg_coef_norm"],
+            "hook": type(target).__name__, "run": out.name,
+        }
+        log(f"[functional] layer {k}: +{row['loss_increase']:.4f} nats, recovered {row['fraction_recovered']:.3f}")
+        rows.append(row)
+    return rows

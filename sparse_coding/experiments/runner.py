@@ -1,0 +1,185 @@
+"""Run an experiment's points (skipping finished ones) and gather them into one tidy table.
+
+Run directories live under `<root>/<scale>/runs/<point key>/` (git-ignored `outputs/`); a point
+whose `metrics.json` exists is not rerun, so an interrupted experiment resumes where it stopped.
+`point.json` beside it records the overrides and the wall time of the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+from sparse_coding.experiments.grid import EXPERIMENTS, SENSITIVITY_FACTORS, Point
+
+DEFAULT_ROOT = Path("outputs/experiments")
+QUIET = ["logger=none"]
+
+# Columns of every tidy table, in order; point-specific columns (a, data, model, ...) come first.
+METRIC_COLUMNS = ("normalized_loss", "avg_coef_norm", "l0", "loss", "fvu", "explained_variance", "lam", "lam_mode",
+                  "lam_converged", "dict_mult", "dict_size", "dead_fraction", "capped_fraction", "mean_steps",
+                  "mean_max")
+TRUTH_COLUMNS = ("ground_truth", "true_l0", "true_avg_coef_norm")
+
+
+def compose(overrides: list[str]):
+    from sparse_coding.cache import compose_config
+
+    return compose_config(overrides)
+
+
+def run_dir(root: Path, scale: str, point: Point) -> Path:
+    return root / scale / "runs" / point.key(scale)
+
+
+def points_of(name: str, scale: str, extra: list[str] | None = None, limit: int | None = None) -> list[Point]:
+    """The experiment's points; `extra` overrides are appended to each (tests shrink runs this way)."""
+    points = EXPERIMENTS[name](scale)[:limit]
+    for p in points:
+        p.overrides += list(extra or [])
+    return points
+
+
+def resolve(point: Point, scale: str, root: Path) -> Point:
+    """Fill in run-time overrides: the sensitivity bank needs its base point's auto lambda."""
+    if point.experiment != "sensitivity":
+        return point
+    base_point = Point("base", point.family, list(point.overrides), point.seed)
+    base_dir = run_dir(root, scale, base_point)
+    if not (base_dir / "metrics.json").is_file():
+        run_point(base_point, scale, root)
+    lam = json.loads((base_dir / "metrics.json").read_text())["lam"]
+    lams = [float(f"{lam * f:.6g}") for f in SENSITIVITY_FACTORS]
+    out = Point(point.experiment, point.family, point.overrides + ["dictionary.lam=[" + ",".join(map(str, lams)) + "]"],
+                point.seed, {**point.x, "auto_lam": lam})
+    return out
+
+
+def run_point(point: Point, scale: str, root: Path = DEFAULT_ROOT) -> Path:
+    """Train one point unless its metrics.json exists; returns the run directory."""
+    out = run_dir(root, scale, point)
+    if (out / "metrics.json").is_file():
+        return out
+    from sparse_coding.config import validate
+    from sparse_coding.run import run
+
+    overrides = point.all_overrides(scale) + QUIET + [f"out_dir={out}"]
+    cfg = compose(overrides)
+    validate(cfg)
+    t0 = time.time()
+    run(cfg, out)
+    seconds = time.time() - t0
+    (out / "point.json").write_text(json.dumps({"overrides": overrides, "x": point.x, "seconds": seconds}, indent=2))
+    return out
+
+
+def rows_of(point: Point, scale: str, out: Path) -> list[dict]:
+    """One tidy row per dictionary of a finished run."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    info = json.loads((out / "point.json").read_text()) if (out / "point.json").is_file() else {}
+    entries = metrics.get("dictionaries", [metrics])
+    truth = metrics.get("truth") or {}
+    rows = []
+    for e in entries:
+        row = {"experiment": point.experiment, "scale": scale, "seed": point.seed, **point.x, "dim": metrics["dim"]}
+        row.update({k: e.get(k) for k in METRIC_COLUMNS})
+        row.update({k: truth.get(k) for k in TRUTH_COLUMNS})
+        data = metrics.get("data", {})
+        row["n_train"] = data.get("n_train", data.get("train_rows"))
+        row["seconds"] = info.get("seconds")
+        row["run"] = out.name
+        rows.append(row)
+    return rows
+
+
+def run_experiment(name: str, scale: str, root: Path = DEFAULT_ROOT, log=print, extra: list[str] | None = None,
+                   limit: int | None = None) -> list[dict]:
+    """Run (or skip) every point of an experiment; returns the tidy rows."""
+    points = points_of(name, scale, extra, limit)
+    rows = []
+    for i, point in enumerate(points):
+        point = resolve(point, scale, root)
+        t0 = time.time()
+        cached = (run_dir(root, scale, point) / "metrics.json").is_file()
+        out = run_point(point, scale, root)
+        log(f"[{name} {i + 1}/{len(points)}] {point.x} seed={point.seed}: "
+            f"{'cached' if cached else f'{time.time() - t0:.0f} s'} -> {out}")
+        rows += rows_of(point, scale, out)
+    return rows
+
+
+def collect(name: str, scale: str, root: Path = DEFAULT_ROOT, extra: list[str] | None = None) -> list[dict]:
+    """The tidy rows of the points that have finished (without running anything)."""
+    rows = []
+    for point in points_of(name, scale, extra):
+        if point.experiment == "sensitivity":
+            if not (run_dir(root, scale, Point("base", point.family, list(point.overrides), point.seed))
+                    / "metrics.json").is_file():
+                continue
+            point = resolve(point, scale, root)
+        out = run_dir(root, scale, point)
+        if (out / "metrics.json").is_file():
+            rows += rows_of(point, scale, out)
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: _fmt(row.get(k)) for k in columns})
+    return path
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else v
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _parse(v: str):
+    if v == "":
+        return None
+    if v in ("True", "False"):
+        return v == "True"
+    try:
+        return int(v)
+    except ValueError:
+        pass
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def scale_settings(scale: str) -> dict:
+    """The composed settings of each family at this scale, for labelling tables."""
+    out = {}
+    for family in ("synthetic", "embeddings", "layers"):
+        cfg = compose([f"+experiment={family}_{scale}", "model=minilm"] if family != "synthetic"
+                      else [f"+experiment={family}_{scale}"])
+        out[family] = {
+            "dim": cfg.data.dim if family == "synthetic" else None,
+            "n_train": cfg.data.n if family == "synthetic" else None,
+            "n_val": cfg.data.n_val if family == "synthetic" else None,
+            "batch_size": cfg.data.batch_size,
+            "dict_mult": cfg.dictionary.mult,
+            "max_epochs": cfg.trainer.max_epochs,
+            "limit_train_batches": cfg.trainer.limit_train_batches,
+            "corpus_tokens": cfg.corpus.max_tokens if family == "layers" else None,
+            "solver_max_steps": cfg.solver.max_steps,
+            "lr": cfg.dictionary.lr,
+        }
+    return out
