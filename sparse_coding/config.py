@@ -87,6 +87,7 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     check_val_every_n_epoch: int = 1
     limit_train_batches: Optional[float] = None
+    checkpoint_every_n_steps: int = 0  # also write last.ckpt every N optimizer steps (mid-epoch resume); 0: epoch ends only
 
 
 @dataclass
@@ -299,6 +300,7 @@ def validate(cfg: Any) -> None:
     _integer("solver.eval_batch_size", cfg.solver.eval_batch_size, 1)
     _integer("seed", cfg.seed, 0, SEED_MAX)
     t = cfg.trainer
+    _positive("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, allow_zero=True)
     _integer("trainer.max_epochs", t.max_epochs, -1)
     _integer("trainer.max_steps", t.max_steps, -1)
     if t.max_epochs < 1 and t.max_steps < 1:

@@ -3,6 +3,9 @@
 Every rank draws the same seeded permutation of the training rows each epoch and cuts the same
 global batches; rank r takes its own contiguous share of each global batch. So a run on W
 processes sees exactly the batches a 1-process run sees, and the averaged gradient is the same.
+
+The training loader is resumable: a checkpoint stores (epoch, batches done in that epoch), and a
+run restored from it skips exactly those batches of the same seeded order (`ckpt_path=last`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,29 @@ class RowBatches(Dataset):
         return self.x[rows]
 
 
+def trainer_position(trainer: "pl.Trainer | None") -> dict:
+    """The training position a checkpoint saved now resumes from: epoch and batches done in it."""
+    if trainer is None:
+        return {"epoch": 0, "batches_done": 0}
+    return {"epoch": int(trainer.current_epoch),
+            "batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)}
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning treats as stateful: `state_dict()` is the trainer's position in the
+    epoch, `load_state_dict()` makes the dataset (or sampler) skip the batches already trained on."""
+
+    def __init__(self, dataset, position_fn, skipper, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self._position_fn, self._skipper = position_fn, skipper
+
+    def state_dict(self) -> dict:
+        return self._position_fn()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._skipper.resume_from(int(state["epoch"]), int(state["batches_done"]))
+
+
 class GlobalBatchSampler(Sampler):
     """Yields this rank's share of each global batch; shuffled per epoch from (seed, epoch)."""
 
@@ -41,9 +67,14 @@ class GlobalBatchSampler(Sampler):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_from(self, epoch: int, batches_done: int) -> None:
+        """The next pass over `epoch` starts after its first `batches_done` global batches."""
+        self._resume = (epoch, batches_done)
 
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)
@@ -53,7 +84,12 @@ class GlobalBatchSampler(Sampler):
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         else:
             order = torch.arange(self.n)
-        for start in range(0, self.n, self.batch_size):
+        skip = 0
+        if self._resume is not None:
+            if self._resume[0] == self.epoch:
+                skip = self._resume[1]
+            self._resume = None
+        for start in range(skip * self.batch_size, self.n, self.batch_size):
             batch = order[start : start + self.batch_size]
             yield batch.tensor_split(self.world_size)[self.rank]
 
@@ -105,13 +141,15 @@ class SyntheticDataModule(pl.LightningDataModule):
         rows = torch.randperm(n, generator=gen)[:k] if k <= n else torch.randint(0, n, (k,), generator=gen)
         return self.train_x[rows]
 
-    def _loader(self, x: Tensor, batch_size: int, shuffle: bool) -> DataLoader:
+    def _sampler(self, x: Tensor, batch_size: int, shuffle: bool) -> GlobalBatchSampler:
         rank, world = _rank_and_world(self.trainer)
-        sampler = GlobalBatchSampler(x.shape[0], batch_size, shuffle=shuffle, seed=self.seed, rank=rank, world_size=world)
-        return DataLoader(RowBatches(x), sampler=sampler, batch_size=None)
+        return GlobalBatchSampler(x.shape[0], batch_size, shuffle=shuffle, seed=self.seed, rank=rank, world_size=world)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_x, self.batch_size, shuffle=True)
+        sampler = self._sampler(self.train_x, self.batch_size, shuffle=True)
+        return ResumableLoader(RowBatches(self.train_x), lambda: trainer_position(self.trainer), sampler,
+                               sampler=sampler, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_x, self.eval_batch_size, shuffle=False)
+        return DataLoader(RowBatches(self.val_x), sampler=self._sampler(self.val_x, self.eval_batch_size, False),
+                          batch_size=None)

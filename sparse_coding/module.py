@@ -54,12 +54,15 @@ class SparseCodingModule(pl.LightningModule):
         self.grid = [(int(m), lam) for m, lam in grid]
         self.labels = [dictionary_label(m, lam) for m, lam in self.grid]
         self.auto = [lam == "auto" for _, lam in self.grid]
-        gen = torch.Generator().manual_seed(seed)
         phis = []
         for mult, _ in self.grid:
+            # The start depends on (seed, mult) only, not on the rest of the bank: a dictionary in a bank
+            # starts (and so ends) where the same dictionary trained alone does. `init_rows` is a seeded
+            # sample of data points whose first m rows are the same whatever its length.
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + mult)
             m = mult * dim
-            if init == "data" and init_rows is not None:
-                phi = init_rows[torch.randperm(init_rows.shape[0], generator=gen)[:m]].T.clone().float()
+            if init == "data" and init_rows is not None and init_rows.shape[0] >= m:
+                phi = init_rows[:m].T.clone().float()
                 phi += 1e-3 * phi.std() * torch.randn(phi.shape, generator=gen)  # separate duplicate rows
             else:
                 phi = torch.randn(dim, m, generator=gen)

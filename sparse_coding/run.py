@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -60,9 +61,12 @@ def build_logger(cfg: DictConfig, out_dir: Path):
     return logger
 
 
-def build_trainer(cfg: DictConfig, out_dir: Path, logger) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, out_dir: Path, logger, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     t = cfg.trainer
-    checkpoint = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=0)
+    # last.ckpt at every epoch end and, with trainer.checkpoint_every_n_steps=N, every N optimizer steps
+    # (mid-epoch: the data loaders store their position, so `ckpt_path=last` resumes at the next batch).
+    checkpoint = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=0,
+                                 every_n_train_steps=t.checkpoint_every_n_steps or None)
     return pl.Trainer(
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
@@ -80,7 +84,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, logger) -> pl.Trainer:
         use_distributed_sampler=False,  # the data modules split batches across ranks themselves
         default_root_dir=str(out_dir),
         logger=logger,
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, *callbacks],
     )
 
 
@@ -106,23 +110,34 @@ def build_module(cfg: DictConfig, datamodule) -> SparseCodingModule:
     )
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
+def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> dict:
     """Train and evaluate; returns the metrics dict that is written to metrics.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     logger = build_logger(cfg, out_dir)
-    trainer = build_trainer(cfg, out_dir, logger)
+    trainer = build_trainer(cfg, out_dir, logger, callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     result = collect_results(cfg, datamodule, module)
+    if trainer.world_size > 1:
+        result["ddp"] = {"world_size": trainer.world_size, "phi_max_rank_difference": phi_rank_difference(trainer, module)}
     if trainer.is_global_zero:
         write_outputs(out_dir, cfg, module, result)
         if cfg.logger.name == "wandb":
             logger.experiment.summary.update(flatten_for_summary(result))
         print_table(result)
     return result
+
+
+def phi_rank_difference(trainer: pl.Trainer, module: SparseCodingModule) -> float:
+    """Largest |Phi_rank - Phi_rank0| over every rank and dictionary (0.0: all ranks hold the same Phi)."""
+    worst = 0.0
+    for phi in module.phis:
+        gathered = trainer.strategy.all_gather(phi.detach())  # (world, d, m)
+        worst = max(worst, float((gathered - gathered[0]).abs().max()))
+    return worst
 
 
 def collect_results(cfg: DictConfig, datamodule, module: SparseCodingModule) -> dict:

@@ -12,6 +12,10 @@
   (±1 row), one per rank: disjoint, together complete, and every rank yields the same number of
   batches (a rank never waits on another). DataLoader workers split a rank's part the same way;
 - rows are centred with the cache's stored mean when `center` is true;
+- the training loader is resumable: a checkpoint stores (epoch, batches done), and a restored run
+  regenerates that epoch's seeded stream and drops the batches already trained on, so a run resumed
+  mid-epoch (`ckpt_path=last`) sees exactly the batches an uninterrupted run sees;
+- `init_rows(k, seed)`: k seeded, centred training rows, the same on every rank (Phi's data init);
 - checksums are verified the first time a cache is opened (recorded in verified.json); a bad
   shard, a manifest that does not match, a width that does not match the model or NaN/Inf rows
   stop with a ConfigError naming the file (NaN/Inf rows are skipped and counted instead with
@@ -88,6 +92,33 @@ class RowStream(IterableDataset):
         self.epoch = 0
         self.skipped = 0
         self._maps: Optional[list[np.ndarray]] = None
+        self._resume: Optional[tuple[int, int]] = None
+
+    def resume_from(self, epoch: int, batches_done: int) -> None:
+        """The next pass over `epoch` drops the first `batches_done` batches this rank's loader would yield."""
+        self._resume = (epoch, batches_done)
+
+    def resume_plan(self, workers: int) -> tuple[list[int], int]:
+        """(batches each worker skips, batches the DataLoader then drops) to resume after `batches_done`.
+
+        The DataLoader reads workers round-robin (one that runs out leaves the rotation), so workers
+        skip whole rounds and the loader drops the rest of the last, partial round.
+        """
+        nw = max(1, workers)
+        if self._resume is None or self._resume[0] != self.epoch:
+            return [0] * nw, 0
+        total = sum(self.block_len(b) for b in self.order())
+        counts = [len(p[2]) for p in stream_plan(total, self.world_size, nw, self.batch_size)[self.rank]]
+        left, skips, r = self._resume[1], [0] * nw, 0
+        while r < max(counts, default=0):
+            active = [w for w, c in enumerate(counts) if c > r]
+            if left < len(active):
+                break
+            for w in active:
+                skips[w] += 1
+            left -= len(active)
+            r += 1
+        return skips, left
 
     def block_len(self, b: int) -> int:
         s, lo, hi = self.blocks[b]
@@ -156,6 +187,8 @@ class RowStream(IterableDataset):
         order = self.order()
         total = sum(self.block_len(b) for b in order)
         start, stop, sizes = stream_plan(total, self.world_size, nw, self.batch_size)[self.rank][wid]
+        skip = self.resume_plan(nw)[0][wid]
+        self._resume = None
         chunks = self._rows(order, start, stop)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, wid, 1])
@@ -169,23 +202,48 @@ class RowStream(IterableDataset):
             have += len(chunk)
             while want is not None and have >= want:
                 cat = np.concatenate(pending) if len(pending) > 1 else pending[0]
-                yield torch.from_numpy(np.ascontiguousarray(cat[:want]))
+                if skip > 0:  # resuming: this batch was trained on before the checkpoint
+                    skip -= 1
+                else:
+                    yield torch.from_numpy(np.ascontiguousarray(cat[:want]))
                 pending, have = [cat[want:]], have - want
                 want = next(it, None)
-        if want is not None and have > 0:
+        if want is not None and have > 0 and skip <= 0:
             yield torch.from_numpy(np.ascontiguousarray(np.concatenate(pending)))
 
 
 class _EpochLoader(DataLoader):
-    """A DataLoader that stamps the current epoch on its stream before each pass (workers included)."""
+    """A DataLoader that stamps the current epoch on its stream before each pass (workers included).
 
-    def __init__(self, dataset: RowStream, epoch_fn, **kwargs):
+    With `position_fn` it is stateful for Lightning (`state_dict`/`load_state_dict`): see `RowStream.resume_from`.
+    """
+
+    def __init__(self, dataset: RowStream, epoch_fn, position_fn=None, **kwargs):
         super().__init__(dataset, batch_size=None, **kwargs)
         self._epoch_fn = epoch_fn
+        self._position_fn = position_fn
 
     def __iter__(self):
         self.dataset.epoch = self._epoch_fn()
         return super().__iter__()
+
+
+class _ResumableEpochLoader(_EpochLoader):
+    def __iter__(self):
+        self.dataset.epoch = self._epoch_fn()
+        drop = self.dataset.resume_plan(self.num_workers)[1]
+        it = DataLoader.__iter__(self)  # worker processes start here with their copy of the resume point
+        if self.num_workers > 0:
+            self.dataset._resume = None
+        for _ in range(drop):
+            next(it, None)
+        return it
+
+    def state_dict(self) -> dict:
+        return self._position_fn()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.resume_from(int(state["epoch"]), int(state["batches_done"]))
 
 
 class CacheDataModule(pl.LightningDataModule):
@@ -321,8 +379,34 @@ class CacheDataModule(pl.LightningDataModule):
                          shuffle, self.shuffle_buffer, self.seed, rank, world, self.mean, self.skip_nonfinite)
 
     def train_dataloader(self) -> DataLoader:
-        return _EpochLoader(self._stream(self.train_blocks, self._bad[0], True), self._current_epoch,
-                            num_workers=self.num_workers)
+        from sparse_coding.datamodule import trainer_position
+
+        return _ResumableEpochLoader(self._stream(self.train_blocks, self._bad[0], True), self._current_epoch,
+                                     lambda: trainer_position(getattr(self, "trainer", None)),
+                                     num_workers=self.num_workers)
+
+    def init_rows(self, k: int, seed: int) -> torch.Tensor:
+        """k training rows (centred like training batches) chosen by `seed`, the same on every rank.
+
+        Row positions are a seeded permutation of the training rows, so the first j rows do not depend
+        on k; with replacement only when k exceeds the training rows.
+        """
+        n = self.train_rows
+        rng = np.random.default_rng([int(seed), 7])
+        pos = rng.permutation(n)[:k] if k <= n else rng.integers(0, n, size=k)
+        stream = RowStream(self.files, self.shard_rows, self.dim, self.manifest["dtype"], self.train_blocks, self._bad[0],
+                           self.batch_size, False, self.shuffle_buffer, self.seed, 0, 1, self.mean, self.skip_nonfinite)
+        out = np.empty((len(pos), self.dim), np.float32)
+        order = np.argsort(pos, kind="stable")
+        sorted_pos = pos[order]
+        first = 0
+        for b in range(len(self.train_blocks)):
+            n_b = stream.block_len(b)
+            lo, hi = np.searchsorted(sorted_pos, [first, first + n_b])
+            if hi > lo:
+                out[order[lo:hi]] = stream._read_block(b)[sorted_pos[lo:hi] - first]
+            first += n_b
+        return torch.from_numpy(out)
 
     def val_dataloader(self) -> DataLoader:
         return _EpochLoader(self._stream(self.val_blocks, self._bad[1], False), lambda: 0, num_workers=self.num_workers)
