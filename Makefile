@@ -26,4 +26,4 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m benchmarks.solver_bench
+	$(PY) -m benchmarks.run
