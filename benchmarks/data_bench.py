@@ -214,8 +214,12 @@ def rss_while_streaming(budget_mb: int, multiples: list[int], d: int = 512, pass
             rec.update(cache_bytes=n * d * 4, multiple_of_budget=mult)
             out.append(rec)
     peaks = [r["peak"]["VmRSS"] for r in out]
+    for r in out:  # memory the streaming itself holds: peak minus the process after its imports
+        r["anon_over_baseline"] = r["peak"]["RssAnon"] - r["baseline"]["RssAnon"]
+        r["rss_over_baseline"] = r["peak"]["VmRSS"] - r["baseline"]["VmRSS"]
     return dict(budget_bytes=budget_mb * 2**20, runs=out, peak_rss_growth=peaks[-1] / peaks[0],
-                within_budget=all(p <= budget_mb * 2**20 for p in peaks))
+                anon_within_budget=all(r["anon_over_baseline"] <= budget_mb * 2**20 for r in out),
+                rss_within_budget=all(r["rss_over_baseline"] <= budget_mb * 2**20 for r in out))
 
 
 def markdown(rec: dict) -> str:
@@ -249,13 +253,17 @@ def markdown(rec: dict) -> str:
                   f"the corpus): overhead {e['overhead']:.1%} ({e['overhead_without_context_building']:.1%} without tokenising); target ≤ 15%.", ""]
     if "rss" in rec:
         r = rec["rss"]
-        lines += ["## Peak memory while streaming", "", f"Budget {r['budget_bytes'] / 2**20:.0f} MiB.", "",
-                  "| cache size | × budget | peak RSS | peak anon | peak file-backed |", "|---|---|---|---|---|"]
+        lines += ["## Peak memory while streaming", "", f"Memory cap for the streaming (over the process after its imports): "
+                  f"{r['budget_bytes'] / 2**20:.0f} MiB. Two passes, batch 1024, default shuffle buffer.", "",
+                  "| cache size | × cap | peak RSS | peak anon | peak file-backed (mmap) | anon over baseline | RSS over baseline |",
+                  "|---|---|---|---|---|---|---|"]
         for run in r["runs"]:
             p = run["peak"]
             lines.append(f"| {run['cache_bytes'] / 2**20:.0f} MiB | {run['multiple_of_budget']} | {p['VmRSS'] / 2**20:.0f} MiB | "
-                         f"{p['RssAnon'] / 2**20:.0f} MiB | {p['RssFile'] / 2**20:.0f} MiB |")
-        lines += ["", f"Peak RSS growth from the smallest to the largest cache: {r['peak_rss_growth']:.2f}×; within budget: {r['within_budget']}.", ""]
+                         f"{p['RssAnon'] / 2**20:.0f} MiB | {p['RssFile'] / 2**20:.0f} MiB | {run['anon_over_baseline'] / 2**20:.0f} MiB | "
+                         f"{run['rss_over_baseline'] / 2**20:.0f} MiB |")
+        lines += ["", f"Peak RSS growth from the smallest to the largest cache: {r['peak_rss_growth']:.2f}×; anonymous memory within "
+                  f"the cap: {r['anon_within_budget']}; all RSS (file-backed pages included) within the cap: {r['rss_within_budget']}.", ""]
     return "\n".join(lines) + "\n"
 
 
