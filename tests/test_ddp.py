@@ -7,9 +7,14 @@ command for rank 1, so it must not be the pytest process).
 import json
 
 import pytest
+from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from conftest import run_train
+from conftest import ROOT, run_train
+from sparse_coding.config import register_configs
+from sparse_coding.run import run
+
+register_configs()
 
 TINY = ["logger=none", "trainer.enable_progress_bar=false", "data=sparse_linear", "data.dim=16", "data.active=4",
         "data.n=2048", "data.n_val=1024", "data.batch_size=256", "trainer.max_epochs=3", "dictionary.mult=4"]
@@ -26,7 +31,9 @@ def finished(proc, out):
 def one_and_two(tmp_path_factory):
     one = tmp_path_factory.mktemp("one") / "run"
     work = tmp_path_factory.mktemp("two")  # default hydra.run.dir (outputs/DATE/TIME) under this cwd
-    single = finished(run_train(TINY + [f"hydra.run.dir={one}"], timeout=300), one)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        run(compose(config_name="train", overrides=TINY), one)  # 1 process, in this one
+    single = json.loads((one / "metrics.json").read_text()), load_file(str(one / "dictionary.safetensors"))
     proc = run_train(TINY + ["trainer=ddp_cpu"], cwd=work, timeout=300)
     dirs = [p.parent for p in work.glob("outputs/*/*/.hydra")]
     assert proc.returncode == 0, proc.stderr[-3000:]
