@@ -59,7 +59,7 @@ def test_sweep_file_is_valid_and_every_run_composes(path):
     [({"command": ["${env}", "${interpreter}", "${program}", "${args}"]}, "args_no_hyphens"),
      ({"metric": {"name": "val/loss", "goal": "minimize"}}, "val/normalized_loss"),
      ({"program": "other.py"}, "train.py"),
-     ({"method": "sideways"}, "")],
+     ({"method": "sideways"}, "sideways")],
 )
 def test_bad_sweep_files_are_rejected(change, message):
     config = yaml.safe_load((ROOT / "sweeps" / "synthetic_active.yaml").read_text())
