@@ -65,7 +65,9 @@ def build_trainer(cfg: DictConfig, out_dir: Path, logger, callbacks: Sequence[pl
     t = cfg.trainer
     # last.ckpt at every epoch end and, with trainer.checkpoint_every_n_steps=N, every N optimizer steps
     # (mid-epoch: the data loaders store their position, so `ckpt_path=last` resumes at the next batch).
-    checkpoint = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=0,
+    # save_top_k=1 with no monitor keeps only the newest checkpoint; it is needed because Lightning
+    # writes last.ckpt only when it saves some checkpoint (save_top_k=0 never writes one mid-run).
+    checkpoint = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=1,
                                  every_n_train_steps=t.checkpoint_every_n_steps or None)
     return pl.Trainer(
         max_epochs=t.max_epochs,
@@ -196,6 +198,12 @@ def print_table(result: dict) -> None:
         table.add_row(row, *[f"{e[row]:.4g}" if isinstance(e[row], float) else str(e[row]) for e in entries])
     console = Console()
     console.print(table)
+    for e in entries:
+        if e["capped_fraction"] > 0.01:
+            console.print(
+                f"warning: {e['capped_fraction']:.0%} of samples ({e['label']}) stopped at solver.max_steps; "
+                "their coefficients are truncated — raise solver.max_steps for an uncapped measurement"
+            )
     if "truth" in result:
         t = result["truth"]
         console.print(
