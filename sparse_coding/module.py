@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from sparse_coding.errors import ConfigError
 from sparse_coding.metrics import SparsityMetrics
-from sparse_coding.solver import solve
+from sparse_coding.solver import all_finite, solve
 
 
 class NonFiniteError(ConfigError):
@@ -129,7 +129,7 @@ class SparseCodingModule(pl.LightningModule):
             )
 
     def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
-        self._stop_if_nonfinite("input batch (NaN/Inf in the data)", bool(torch.isfinite(x).all()), batch_idx)
+        self._stop_if_nonfinite("input batch (NaN/Inf in the data)", all_finite(x), batch_idx)
         if torch.isnan(self.lams).any():
             self._initial_lams(x)
         alphas = []
@@ -137,9 +137,10 @@ class SparseCodingModule(pl.LightningModule):
             for k, phi in enumerate(self.phis):
                 result = solve(x, phi.detach(), self.lam(k), self.hparams.max_steps)
                 alphas.append(result.alpha)
+                active = result.alpha > 0
                 self.epoch_sum_max[k] += result.alpha.amax(dim=1).sum(dtype=torch.float64)
-                self._track_dead(k, result.alpha)
-                self.log(self.name(k, "train/l0"), (result.alpha > 0).sum(1).float().mean(), on_step=True)
+                self._track_dead(k, active)
+                self.log(self.name(k, "train/l0"), active.sum(dtype=torch.float32) / x.shape[0], on_step=True)
                 self.log(self.name(k, "train/capped_fraction"), result.capped.float().mean(), on_step=True)
         self.epoch_count += x.shape[0]
 
@@ -147,27 +148,27 @@ class SparseCodingModule(pl.LightningModule):
         for _ in range(self.hparams.inner_steps):
             opt.zero_grad()
             errors = [(x - alpha @ phi.T).pow(2).sum(dim=1).mean() for phi, alpha in zip(self.phis, alphas)]
-            self._stop_if_nonfinite("loss", all(bool(torch.isfinite(e)) for e in errors)
-                                    and all(bool(torch.isfinite(a).all()) for a in alphas), batch_idx)
+            # non-finite alpha would show in the loss, so the loss alone is checked
+            self._stop_if_nonfinite("loss", all(bool(torch.isfinite(e)) for e in errors), batch_idx)
             self.manual_backward(torch.stack(errors).sum())
             self._remove_parallel_gradient()
-            self._stop_if_nonfinite("gradient", all(p.grad is None or bool(torch.isfinite(p.grad).all())
-                                                    for p in self.phis), batch_idx)
+            self._stop_if_nonfinite("gradient", all(p.grad is None or all_finite(p.grad) for p in self.phis), batch_idx)
             opt.step()
             self._renormalise()
             self._stop_if_nonfinite("Phi after the optimizer step (lower dictionary.lr)",
-                                    all(bool(torch.isfinite(p).all()) for p in self.phis), batch_idx)
+                                    all(all_finite(p) for p in self.phis), batch_idx)
         for k, err in enumerate(errors):
-            loss = err.detach() + self.lam(k) * alphas[k].sum(dim=1).mean()
+            loss = err.detach() + self.lam(k) * alphas[k].sum() / x.shape[0]
             self.log(self.name(k, "train/loss"), loss, on_step=True, prog_bar=len(self.grid) == 1)
             self.log(self.name(k, "train/lam"), self.lam(k), on_step=True)
         return loss
 
     @torch.no_grad()
-    def _track_dead(self, k: int, alpha: Tensor) -> None:
+    def _track_dead(self, k: int, active: Tensor) -> None:
+        """`active` is the (batch, m) mask alpha > 0; a feature unused for dead_window samples is dead."""
         since = getattr(self, f"since_active_{k}")
-        used = self._sum_across_ranks((alpha > 0).sum(dim=0, dtype=torch.float64))
-        batch = self._sum_across_ranks(torch.tensor(float(alpha.shape[0]), dtype=torch.float64, device=alpha.device))
+        used = self._sum_across_ranks(active.sum(dim=0, dtype=torch.float64))
+        batch = self._sum_across_ranks(torch.tensor(float(active.shape[0]), dtype=torch.float64, device=active.device))
         since += batch
         since[used > 0] = 0
         dead = (since >= self.hparams.dead_window).double().mean()

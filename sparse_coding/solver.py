@@ -43,7 +43,7 @@ class SolveResult:
     capped: Tensor  # (n,) True where a sample stopped only because it hit max_steps
 
 
-def _all_finite(t: Tensor) -> bool:
+def all_finite(t: Tensor) -> bool:
     """One float64 sum instead of isfinite's several passes: NaN/Inf propagate into it, and a float64 sum
     of float32/float16 values cannot overflow; only a non-finite sum (possible for huge float64 values)
     needs the element-wise check."""
@@ -64,7 +64,7 @@ def _check_inputs(x: Tensor, phi: Tensor, lam: float, max_steps: int) -> float:
         raise ValueError(f"lam must be a finite number > 0, got {lam}")
     if int(max_steps) != max_steps or max_steps < 1:
         raise ValueError(f"max_steps must be an integer >= 1, got {max_steps}")
-    if not (_all_finite(x) and _all_finite(phi)):
+    if not (all_finite(x) and all_finite(phi)):
         raise ValueError("x and phi must be finite (found NaN or Inf)")
     return lam
 
