@@ -300,7 +300,7 @@ def validate(cfg: Any) -> None:
     _integer("solver.eval_batch_size", cfg.solver.eval_batch_size, 1)
     _integer("seed", cfg.seed, 0, SEED_MAX)
     t = cfg.trainer
-    _positive("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, allow_zero=True)
+    _integer("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, 0)
     _integer("trainer.max_epochs", t.max_epochs, -1)
     _integer("trainer.max_steps", t.max_steps, -1)
     if t.max_epochs < 1 and t.max_steps < 1:
