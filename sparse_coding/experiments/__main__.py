@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra Hydra override for every point (e.g. --set=trainer.max_epochs=1); changes run keys")
     r.add_argument("--limit", type=int, default=None, help="only the first N points of each experiment")
+    r.add_argument("--collect-only", action="store_true",
+                   help="train nothing: tabulate the points that have finished (a run cut short by its budget)")
     p = sub.add_parser("report", help="redraw the figures and write docs/RESULTS.md from docs/results/")
     p.add_argument("--results", type=Path, default=Path("docs/results"))
     p.add_argument("--output", type=Path, default=Path("docs/RESULTS.md"))
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = extras.solver_gap(args.scale, args.root, extra=args.set)
         elif name == "functional":
             rows = extras.functional_check(args.scale, args.root, extra=args.set)
+        elif args.collect_only:
+            rows = runner.collect(name, args.scale, args.root, extra=args.set)
         else:
             rows = runner.run_experiment(name, args.scale, args.root, log=lambda s: print(s, flush=True),
                                          extra=args.set, limit=args.limit)

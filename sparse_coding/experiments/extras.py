@@ -24,10 +24,10 @@ from sparse_coding.experiments.runner import DEFAULT_ROOT, compose, points_of, r
 from sparse_coding.solver import objective, solve
 
 GAP_SAMPLES = {"quick": 64, "full": 256}
-GAP_LAYERS = {"minilm": (0, 3, 6), "smollm2": (0, 10, 20, 30)}
+GAP_LAYERS = {"minilm": (0, 3, 6), "smollm2": (0, 15, 30)}
 FUNCTIONAL_CONTEXTS = {"quick": 4, "full": 64}
 # quick: a subset of SmolLM2's hidden states (a forward pass is slow on a shared CPU); full: all
-FUNCTIONAL_LAYERS = {"quick": (0, 5, 10, 15, 20, 25, 29, 30), "full": None}
+FUNCTIONAL_LAYERS = {"quick": (0, 6, 12, 18, 24, 30), "full": None}
 
 
 def load_dictionaries(out: Path) -> tuple[dict, list[tuple[str, torch.Tensor, float, int]]]:
@@ -210,6 +210,8 @@ def functional_check(scale: str, root: Path = DEFAULT_ROOT, log=print, model_nam
             x = h[:, keep_t].reshape(-1, h.shape[-1]).float()
             if how == "zero":
                 new_x = torch.zeros_like(x)
+            elif how == "mean":  # the cache mean (or this batch's mean when the cache is not centred)
+                new_x = (mean if mean is not None else x.mean(0)).expand_as(x)
             else:
                 xc = x - mean if mean is not None else x
                 alpha = solve(xc, phi, lam, max_steps).alpha
@@ -222,7 +224,7 @@ def functional_check(scale: str, root: Path = DEFAULT_ROOT, log=print, model_nam
             return _with_output(o, h2)
 
         losses = {}
-        for how in ("reconstruction", "zero"):
+        for how in ("reconstruction", "zero", "mean"):
             handle = target.register_forward_hook(lambda mod, inp, o, how=how: replace(mod, inp, o, how))
             try:
                 losses[how] = next_token_loss(model, ids)
@@ -235,6 +237,9 @@ def functional_check(scale: str, root: Path = DEFAULT_ROOT, log=print, model_nam
             "tokens": int(ids.numel()), "clean_loss": clean, "reconstruction_loss": losses["reconstruction"],
             "zero_ablation_loss": losses["zero"], "loss_increase": losses["reconstruction"] - clean,
             "fraction_recovered": (losses["zero"] - losses["reconstruction"]) / gap if gap > 0 else math.nan,
+            "mean_ablation_loss": losses["mean"],
+            "fraction_recovered_vs_mean": ((losses["mean"] - losses["reconstruction"]) / (losses["mean"] - clean)
+                                           if losses["mean"] > clean else math.nan),
             "heldout_fvu": stats.get("fvu"), "heldout_l0": stats.get("l0"),
             "normalized_loss": metrics["normalized_loss"], "avg_coef_norm": metrics["avg_coef_norm"],
             "hook": type(target).__name__, "run": out.name,

@@ -21,12 +21,13 @@ CONTROL_A = (5, 10, 20)
 CONTROLS = ("gaussian", "rademacher", "heavy_tailed", "sparse_nonlinear")
 NONLINEAR_A = 10  # the sparse non-linear control uses a=10 active features
 DICT_MULTS = (2, 4, 8, 16)
-DICT_SIZE_DATA = {"quick": (("sparse_linear", 10), ("sparse_linear", 20)),  # the Gaussian bank did not fit our budget
+DICT_SIZE_DATA = {"quick": (("sparse_linear", 10),),  # a=20 and the Gaussian banks did not fit our CPU budget
                   "full": (("sparse_linear", 10), ("sparse_linear", 20), ("gaussian", None))}
 EMBED_MODELS = ("minilm", "smollm2")
 LAYER_MODELS = {"minilm": 6, "smollm2": 30}  # number of blocks; hidden states 0..N
 MODEL_DIM = {"minilm": 384, "smollm2": 576}
-SENSITIVITY_FACTORS = (0.316, 0.562, 1.0, 1.78, 3.16)  # a decade around the auto value, log-spaced
+# a decade around the auto value, log-spaced (quick: the two ends and the middle only)
+SENSITIVITY_FACTORS = {"full": (0.316, 0.562, 1.0, 1.78, 3.16), "quick": (0.316, 1.0, 3.16)}
 SENSITIVITY_REAL = ("minilm", 3)
 
 # The Gaussian controls of the embedding experiment see as many rows as the models' embeddings do
@@ -77,6 +78,17 @@ def controls_points(scale: str) -> list[Point]:
     return pts
 
 
+def controls_d256_points(scale: str) -> list[Point]:
+    """Fig. 1b at the paper's width d=256 (quick: the other quick settings unchanged; full: same as `controls`)."""
+    pts = []
+    for s in SEEDS:
+        for p in [sparse(a, s, "controls_d256") for a in CONTROL_A] + [
+                control(name, s, "controls_d256") for name in ("gaussian", "rademacher", "heavy_tailed")]:
+            p.overrides.append("data.dim=256")
+            pts.append(p)
+    return pts
+
+
 def dict_size_points(scale: str) -> list[Point]:
     """One run per data set and seed trains the whole bank of sizes on the same batches."""
     pts = []
@@ -103,29 +115,30 @@ def embeddings_points(scale: str) -> list[Point]:
     return pts
 
 
+# quick: every third SmolLM2 hidden state (0, 3, ..., 30); our CPU budget did not cover all 31 x 3 seeds
+LAYER_STRIDE = {"quick": {"minilm": 1, "smollm2": 3}, "full": {"minilm": 1, "smollm2": 1}}
+
+
 def layers_points(scale: str) -> list[Point]:
     """Seed-major order: a run cut short still covers every layer once."""
     return [Point("layers", "layers", [f"model={model}", f"layer={k}"], s, {"model": model, "layer": k})
-            for s in SEEDS for model, n in LAYER_MODELS.items() for k in range(n + 1)]
+            for s in SEEDS for model, n in LAYER_MODELS.items() for k in range(0, n + 1, LAYER_STRIDE[scale][model])]
 
 
 def sensitivity_points(scale: str) -> list[Point]:
     """A fixed-lambda bank around each seed's auto value (filled in from the `after` point at run time)."""
-    pts = []
     model, layer = SENSITIVITY_REAL
-    for s in SEEDS:
-        base = sparse(10, s, "sensitivity")
-        pts.append(Point("sensitivity", "synthetic", list(base.overrides), s, {"case": "sparse_linear a=10"},
-                         base_of=True))
-        real = Point("sensitivity", "layers", [f"model={model}", f"layer={layer}"], s, {})
-        pts.append(Point("sensitivity", "layers", list(real.overrides), s, {"case": f"{model} layer {layer}"},
-                         base_of=True))
+    pts = [Point("sensitivity", "layers", [f"model={model}", f"layer={layer}"], s, {"case": f"{model} layer {layer}"},
+                 base_of=True) for s in SEEDS]
+    pts += [Point("sensitivity", "synthetic", ["data=sparse_linear", "data.active=10"], s, {"case": "sparse_linear a=10"},
+                  base_of=True) for s in SEEDS]
     return pts
 
 
 EXPERIMENTS = {
     "sparsity": sparsity_points,
     "controls": controls_points,
+    "controls_d256": controls_d256_points,
     "dict_size": dict_size_points,
     "embeddings": embeddings_points,
     "layers": layers_points,

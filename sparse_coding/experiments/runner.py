@@ -51,7 +51,7 @@ def resolve(point: Point, scale: str, root: Path) -> Point:
     if not (base_dir / "metrics.json").is_file():
         run_point(base_point, scale, root)
     lam = json.loads((base_dir / "metrics.json").read_text())["lam"]
-    lams = [float(f"{lam * f:.6g}") for f in SENSITIVITY_FACTORS]
+    lams = [float(f"{lam * f:.6g}") for f in SENSITIVITY_FACTORS[scale]]
     out = Point(point.experiment, point.family, point.overrides + ["dictionary.lam=[" + ",".join(map(str, lams)) + "]"],
                 point.seed, {**point.x, "auto_lam": lam})
     return out
