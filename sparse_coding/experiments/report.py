@@ -246,12 +246,18 @@ def plot_functional(rows, out: Path) -> list[Path]:
     ax = axes[0]
     ax.plot(xs, [r["loss_increase"] for r in rows], marker="o", label="reconstruction - clean")
     ax.plot(xs, [r["zero_ablation_loss"] - r["clean_loss"] for r in rows], marker="x", ls=":", label="zero-ablation - clean")
+    if rows[0].get("mean_ablation_loss") is not None:
+        ax.plot(xs, [r["mean_ablation_loss"] - r["clean_loss"] for r in rows], marker="+", ls="--",
+                label="mean-ablation - clean")
     ax.set_yscale("symlog", linthresh=0.1)
     ax.set_xlabel("hidden state replaced")
     ax.set_ylabel("increase in next-token loss (nats)")
     ax.legend(fontsize="x-small")
     ax = axes[1]
-    ax.plot(xs, [r["fraction_recovered"] for r in rows], marker="o", color="C2", label="fraction of loss gap recovered")
+    ax.plot(xs, [r["fraction_recovered"] for r in rows], marker="o", color="C2", label="recovered (vs zero-ablation)")
+    if rows[0].get("fraction_recovered_vs_mean") is not None:
+        ax.plot(xs, [r["fraction_recovered_vs_mean"] for r in rows], marker="s", color="C3",
+                label="recovered (vs mean-ablation)")
     ax.axhline(1.0, color="k", ls="--", lw=0.8)
     ax.set_xlabel("hidden state replaced")
     ax.set_ylabel("fraction recovered")
@@ -305,7 +311,8 @@ def log_to_wandb(name: str, scale: str, table: Path, plots: list[Path], root: Pa
     save = Path(root) / scale
     save.mkdir(parents=True, exist_ok=True)
     run = wandb.init(project="sparse-coding", group="experiments", name=f"{name}-{scale}", dir=str(save),
-                     mode="offline", job_type="experiment", config={"experiment": name, "scale": scale}, reinit=True)
+                     mode="offline", job_type="experiment", config={"experiment": name, "scale": scale},
+                     reinit="finish_previous")
     run.log({f"{name}/table": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows]),
              **{f"{name}/{p.stem}": wandb.Image(str(p)) for p in plots}})
     run.finish()
@@ -374,8 +381,13 @@ def section_controls(rows: list[dict]) -> str:
     g = {r["label"]: r for r in group(rows, ("label",), (*METRICS4, "lam", "capped_fraction", "explained_variance"))}
     order = [lab for lab in ("a=5", "a=10", "a=20", "sparse_nonlinear", "heavy_tailed", "rademacher", "gaussian") if lab in g]
     body = [[lab, _ms(g[lab], "normalized_loss"), fmt(PAPER_CONTROLS.get(lab)), _ms(g[lab], "avg_coef_norm"),
-             _ms(g[lab], "l0"), _ms(g[lab], "loss"), fmt(g[lab]["lam"]), fmt(g[lab]["capped_fraction"])] for lab in order]
-    table = _table(["data", "normalized_loss", "paper", "avg_coef_norm", "l0", "final loss", "λ (auto)", "capped"], body)
+             _ms(g[lab], "l0"), _ms(g[lab], "loss"), fmt(g[lab]["lam"]), fmt(g[lab]["capped_fraction"]),
+             str(g[lab]["n_seeds"])] for lab in order]
+    table = _table(["data", "normalized_loss", "paper", "avg_coef_norm", "l0", "final loss", "λ (auto)", "capped",
+                    "seeds"], body)
+    calib = [f"{k}: {v[0]:g}" for k, v in CALIBRATION.items()]
+    table += ("\n\nSPEC §7 calibration (a plain reference learner at the paper's settings, d=256, normalized_loss): "
+              + ", ".join(calib) + ".")
     sparse = [g[lab] for lab in order if lab.startswith("a=")]
     ctrls = [g[lab] for lab in order if not lab.startswith("a=") and lab != "sparse_nonlinear"]
     lines = []
@@ -413,11 +425,13 @@ def section_dict_size(rows: list[dict]) -> str:
 
 
 def section_embeddings(rows: list[dict]) -> str:
-    g = sorted(group(rows, ("source", "dim"), ("normalized_loss", "avg_coef_norm", "l0", "lam", "explained_variance")),
+    g = sorted(group(rows, ("source", "dim"), ("normalized_loss", "avg_coef_norm", "l0", "lam", "explained_variance",
+                                                "capped_fraction")),
                key=lambda r: (r["dim"], str(r["source"]).startswith("gaussian")))
     body = [[str(r["source"]), str(r["dim"]), _ms(r, "normalized_loss"), _ms(r, "avg_coef_norm"), _ms(r, "l0"),
-             fmt(r["lam"]), fmt(r["explained_variance"])] for r in g]
-    table = _table(["source", "d", "normalized_loss", "avg_coef_norm", "l0", "λ (auto)", "expl. var."], body)
+             fmt(r["lam"]), fmt(r["explained_variance"]), fmt(r["capped_fraction"]), str(r["n_seeds"])] for r in g]
+    table = _table(["source", "d", "normalized_loss", "avg_coef_norm", "l0", "λ (auto)", "expl. var.",
+                    "capped (solver hit max_steps)", "seeds"], body)
     paper = _table(["paper model", "d", "normalized_loss"], [[k, str(d), fmt(v)] for k, (d, v) in PAPER_EMBEDDINGS.items()])
     ratios = []
     for r in g:
@@ -433,12 +447,13 @@ def section_embeddings(rows: list[dict]) -> str:
 
 
 def section_layers(rows: list[dict]) -> str:
-    g = sorted(group(rows, ("model", "layer"), ("normalized_loss", "avg_coef_norm", "l0", "explained_variance", "lam")),
+    g = sorted(group(rows, ("model", "layer"), ("normalized_loss", "avg_coef_norm", "l0", "explained_variance", "lam",
+                                                 "capped_fraction")),
                key=lambda r: (r["model"], r["layer"]))
     body = [[r["model"], str(r["layer"]), _ms(r, "normalized_loss"), _ms(r, "avg_coef_norm"), _ms(r, "l0"),
-             _ms(r, "explained_variance"), fmt(r["lam"]), str(r["n_seeds"])] for r in g]
-    table = _table(["model", "hidden state", "normalized_loss", "avg_coef_norm", "l0", "expl. var.", "λ (auto)", "seeds"],
-                   body)
+             _ms(r, "explained_variance"), fmt(r["lam"]), fmt(r["capped_fraction"]), str(r["n_seeds"])] for r in g]
+    table = _table(["model", "hidden state", "normalized_loss", "avg_coef_norm", "l0", "expl. var.", "λ (auto)",
+                    "capped", "seeds"], body)
     parts = []
     for model in sorted({r["model"] for r in g}):
         pts = [r for r in g if r["model"] == model]
@@ -526,8 +541,8 @@ SECTIONS = [
     ("sensitivity", "Extra C. Sensitivity to λ", section_sensitivity),
 ]
 
-FAMILY_OF = {"sparsity": "synthetic", "controls": "synthetic", "controls_d256": "synthetic", "dict_size": "synthetic", "sensitivity": "synthetic",
-             "embeddings": "embeddings", "layers": "layers"}
+FAMILY_OF = {"sparsity": "synthetic", "controls": "synthetic", "controls_d256": "synthetic", "dict_size": "synthetic",
+             "sensitivity": "synthetic", "embeddings": "embeddings", "layers": "layers"}
 
 
 def settings_section(results: Path, scale: str) -> str:
@@ -542,7 +557,10 @@ def settings_section(results: Path, scale: str) -> str:
                 continue
             rows.append([fam, key, str(q), str(f)])
     timing = json.loads((results / "timing.json").read_text()) if (results / "timing.json").is_file() else {}
-    trows = [[k, v["scale"], str(v["rows"]), f"{v['compute_seconds'] / 60:.1f}"] for k, v in sorted(timing.items())]
+    factors = full_scale_factors(s)
+    trows = [[k, v["scale"], str(v["rows"]), f"{v['compute_seconds'] / 60:.1f}",
+              f"×{factors[FAMILY_OF[k]][0]:.0f} → {v['compute_seconds'] * factors[FAMILY_OF[k]][0] / 3600:.0f} h"
+              if k in FAMILY_OF else "—"] for k, v in sorted(timing.items())]
     total = sum(v["compute_seconds"] for v in timing.values())
     return (
         _table(["family", "setting", "quick (this report)", "full (paper)"], rows) +
@@ -550,8 +568,30 @@ def settings_section(results: Path, scale: str) -> str:
         "dictionaries and a 200k-token corpus for layers. Every number below comes from the quick scale unless its "
         "table says otherwise.\n\n**Run time** (sum of each point's own wall time, or the wall time of an extra; "
         "measured on a 2-core machine shared with three other jobs, so a dedicated machine is several times "
-        "faster):\n\n" + _table(["experiment", "scale", "rows", "minutes"], trows) + f"\n\nTotal: {total / 60:.0f} min."
+        "faster):\n\n" + _table(["experiment", "scale", "rows", "minutes", "full scale (extrapolated, not measured)"],
+                                 trows) + f"\n\nTotal: {total / 60:.0f} min. The full-scale column multiplies our "
+        "time by " + "; ".join(f"{fam}: {why}" for fam, (_, why) in factors.items()) + ". It ignores that "
+        "better-trained dictionaries take fewer solver steps, so it is an upper-end guess."
     )
+
+
+def full_scale_factors(s: dict) -> dict:
+    """Cost ratio full / quick per family: samples seen x dictionary size (solver cost per step is O(m))."""
+    q, f = s["quick"], s["full"]
+    syn_q = q["synthetic"]["n_train"] * q["synthetic"]["max_epochs"] * q["synthetic"]["dim"]
+    syn_f = f["synthetic"]["n_train"] * f["synthetic"]["max_epochs"] * f["synthetic"]["dim"]
+    vocab = 30522  # MiniLM's vocabulary: the smaller of the two embedding matrices
+    emb_q = q["embeddings"]["limit_train_batches"] * q["embeddings"]["batch_size"] * q["embeddings"]["max_epochs"]
+    emb_f = vocab * 0.9 * f["embeddings"]["max_epochs"]
+    lay_q = (q["layers"]["limit_train_batches"] * q["layers"]["batch_size"] * q["layers"]["max_epochs"]
+             * q["layers"]["dict_mult"])
+    lay_f = f["layers"]["corpus_tokens"] * 0.9 * f["layers"]["max_epochs"] * f["layers"]["dict_mult"]
+    return {
+        "synthetic": (syn_f / syn_q, f"samples seen × d (m = 8d), ×{syn_f / syn_q:.0f}"),
+        "embeddings": (emb_f / emb_q, f"rows seen (whole vocabulary, 10 epochs), ×{emb_f / emb_q:.0f}"),
+        "layers": (lay_f / lay_q * 31 / 11, f"tokens seen × dictionary size × all 31 SmolLM2 states, "
+                                            f"×{lay_f / lay_q * 31 / 11:.0f}"),
+    }
 
 
 def write_report(results: Path, output: Path) -> Path:
