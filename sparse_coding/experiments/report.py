@@ -542,7 +542,7 @@ SECTIONS = [
     ("sensitivity", "Extra C. Sensitivity to λ", section_sensitivity),
 ]
 
-FAMILY_OF = {"sparsity": "synthetic", "controls": "synthetic", "controls_d256": "synthetic", "dict_size": "synthetic",
+FAMILY_OF = {"sparsity": "synthetic", "controls": "synthetic", "controls_d256": "synthetic_d256", "dict_size": "synthetic",
              "sensitivity": "synthetic", "embeddings": "embeddings", "layers": "layers"}
 
 
@@ -589,6 +589,8 @@ def full_scale_factors(s: dict) -> dict:
     lay_f = f["layers"]["corpus_tokens"] * 0.9 * f["layers"]["max_epochs"] * f["layers"]["dict_mult"]
     return {
         "synthetic": (syn_f / syn_q, f"samples seen × d (m = 8d), ×{syn_f / syn_q:.0f}"),
+        "synthetic_d256": (syn_f / syn_q * q["synthetic"]["dim"] / f["synthetic"]["dim"],
+                           f"samples seen (d is already 256), ×{syn_f / syn_q * q['synthetic']['dim'] / f['synthetic']['dim']:.0f}"),
         "embeddings": (emb_f / emb_q, f"rows seen (whole vocabulary, 10 epochs), ×{emb_f / emb_q:.0f}"),
         "layers": (lay_f / lay_q * 31 / 11, f"tokens seen × dictionary size × all 31 SmolLM2 states, "
                                             f"×{lay_f / lay_q * 31 / 11:.0f}"),
