@@ -91,7 +91,7 @@ class RowStream(IterableDataset):
         self.rank, self.world_size, self.mean, self.skip_nonfinite = rank, world_size, mean, skip_nonfinite
         self.epoch = 0
         self.skipped = 0
-        self._maps: Optional[list[np.ndarray]] = None
+        self._open: Optional[tuple[int, np.ndarray]] = None  # (shard, its memory map): one shard mapped at a time
         self._resume: Optional[tuple[int, int]] = None
 
     def resume_from(self, epoch: int, batches_done: int) -> None:
@@ -125,11 +125,13 @@ class RowStream(IterableDataset):
         return hi - lo - (len(self.bad_rows[b]) if b in self.bad_rows else 0)
 
     def _map(self, shard: int) -> np.ndarray:
-        if self._maps is None:
-            self._maps = [None] * len(self.files)  # type: ignore[list-item]
-        if self._maps[shard] is None:
-            self._maps[shard] = cache_mod.open_shard(self.files[shard], self.shard_rows[shard], self.d, self.dtype)
-        return self._maps[shard]
+        """The shard's memory map. Only one map is kept open: pages of a dropped map leave the process's
+        resident memory, so RSS stays bounded by one shard whatever the cache size (re-mapping costs
+        one header read per block, negligible beside training on it)."""
+        if self._open is None or self._open[0] != shard:
+            self._open = None  # unmap the previous shard first
+            self._open = (shard, cache_mod.open_shard(self.files[shard], self.shard_rows[shard], self.d, self.dtype))
+        return self._open[1]
 
     def _read_block(self, b: int) -> np.ndarray:
         s, lo, hi = self.blocks[b]
