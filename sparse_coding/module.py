@@ -133,13 +133,14 @@ class SparseCodingModule(pl.LightningModule):
         if torch.isnan(self.lams).any():
             self._initial_lams(x)
         alphas = []
+        global_batch = self._sum_across_ranks(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
         with torch.no_grad():
             for k, phi in enumerate(self.phis):
                 result = solve(x, phi.detach(), self.lam(k), self.hparams.max_steps)
                 alphas.append(result.alpha)
                 active = result.alpha > 0
                 self.epoch_sum_max[k] += result.alpha.amax(dim=1).sum(dtype=torch.float64)
-                self._track_dead(k, active)
+                self._track_dead(k, active, global_batch)
                 self.log(self.name(k, "train/l0"), active.sum(dtype=torch.float32) / x.shape[0], on_step=True)
                 self.log(self.name(k, "train/capped_fraction"), result.capped.float().mean(), on_step=True)
         self.epoch_count += x.shape[0]
@@ -164,12 +165,12 @@ class SparseCodingModule(pl.LightningModule):
         return loss
 
     @torch.no_grad()
-    def _track_dead(self, k: int, active: Tensor) -> None:
-        """`active` is the (batch, m) mask alpha > 0; a feature unused for dead_window samples is dead."""
+    def _track_dead(self, k: int, active: Tensor, global_batch: Tensor) -> None:
+        """`active` is this rank's (batch, m) mask alpha > 0; a feature unused for dead_window samples
+        (counted over all ranks: `global_batch` per step) is dead."""
         since = getattr(self, f"since_active_{k}")
         used = self._sum_across_ranks(active.sum(dim=0, dtype=torch.float64))
-        batch = self._sum_across_ranks(torch.tensor(float(active.shape[0]), dtype=torch.float64, device=active.device))
-        since += batch
+        since += global_batch
         since[used > 0] = 0
         dead = (since >= self.hparams.dead_window).double().mean()
         self.log(self.name(k, "train/dead_fraction"), dead.float(), on_step=True)
