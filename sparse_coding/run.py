@@ -7,18 +7,18 @@ sizes and, for synthetic data, the ground truth), `dictionary.safetensors` + `di
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from sparse_coding.config import SYNTHETIC_DATA, dictionary_grid
+from sparse_coding.loggers import build_logger
 from sparse_coding.module import SparseCodingModule
+from sparse_coding.outputs import collect_results, flatten_for_summary, print_table, write_outputs
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
@@ -35,30 +35,6 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 
         path = ensure_cache(cfg)
     return CacheDataModule.from_config(cfg, path)
-
-
-def build_logger(cfg: DictConfig, out_dir: Path):
-    name = cfg.logger.name
-    if name == "none":
-        return False
-    if name == "csv":
-        from pytorch_lightning.loggers import CSVLogger
-
-        return CSVLogger(save_dir=str(out_dir), name="csv")
-    from pytorch_lightning.loggers import WandbLogger
-
-    os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
-    os.environ.setdefault("WANDB_SILENT", "true")
-    logger = WandbLogger(
-        project=cfg.logger.project,
-        save_dir=str(out_dir),
-        offline=cfg.logger.mode == "offline",
-        group=cfg.logger.group,
-        name=cfg.logger.run_name,
-        tags=list(cfg.logger.tags),
-    )
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    return logger
 
 
 def build_trainer(cfg: DictConfig, out_dir: Path, logger, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
@@ -142,71 +118,3 @@ def phi_rank_difference(trainer: pl.Trainer, module: SparseCodingModule) -> floa
     return worst
 
 
-def collect_results(cfg: DictConfig, datamodule, module: SparseCodingModule) -> dict:
-    entries = module.final_metrics
-    common = {"dim": datamodule.dim, "data": datamodule.describe(), "seed": cfg.seed}
-    if datamodule.truth:
-        common["truth"] = datamodule.truth
-    if len(entries) == 1:
-        return {**entries[0], **common}
-    return {**common, "dictionaries": entries}
-
-
-def flatten_for_summary(result: dict) -> dict:
-    entries = result.get("dictionaries", [result])
-    flat = {}
-    for entry in entries:
-        prefix = "final" if len(entries) == 1 else f"final/{entry['label']}"
-        flat.update({f"{prefix}/{k}": v for k, v in entry.items() if isinstance(v, (int, float))})
-    return flat
-
-
-def write_outputs(out_dir: Path, cfg: DictConfig, module: SparseCodingModule, result: dict) -> None:
-    from safetensors.torch import save_file
-
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    tensors = {label: phi.detach().cpu().contiguous() for label, phi in zip(module.labels, module.phis)}
-    save_file(tensors, str(out_dir / "dictionary.safetensors"))
-    meta = {
-        "dim": module.hparams.dim,
-        "dictionaries": [
-            {"tensor": label, "dict_mult": m, "dict_size": m * module.hparams.dim, "lam": module.lam(k)}
-            for k, (label, (m, _)) in enumerate(zip(module.labels, module.grid))
-        ],
-        "layout": "phi is (d, m); columns are unit-norm features",
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    (out_dir / "dictionary.json").write_text(json.dumps(meta, indent=2) + "\n")
-    from sparse_coding.plots import plot_run
-
-    plot_run(out_dir, result)
-
-
-def print_table(result: dict) -> None:
-    """One column per dictionary, one row per metric."""
-    from rich.console import Console
-    from rich.table import Table
-
-    entries = result.get("dictionaries", [result])
-    table = Table(title=f"Held-out sparsity metrics (d={result['dim']})")
-    table.add_column("metric")
-    for e in entries:
-        table.add_column(e["label"], justify="right")
-    rows = ["normalized_loss", "avg_coef_norm", "l0", "loss", "fvu", "explained_variance", "lam", "dict_size",
-            "dead_fraction", "capped_fraction", "mean_steps"]
-    for row in rows:
-        table.add_row(row, *[f"{e[row]:.4g}" if isinstance(e[row], float) else str(e[row]) for e in entries])
-    console = Console()
-    console.print(table)
-    for e in entries:
-        if e["capped_fraction"] > 0.01:
-            console.print(
-                f"warning: {e['capped_fraction']:.0%} of samples ({e['label']}) stopped at solver.max_steps; "
-                "their coefficients are truncated — raise solver.max_steps for an uncapped measurement"
-            )
-    if "truth" in result:
-        t = result["truth"]
-        console.print(
-            f"ground truth: a/2 = {t['ground_truth']:.4g}, true avg_coef_norm = {t['true_avg_coef_norm']:.4g}, "
-            f"true l0 = {t['true_l0']:.4g}"
-        )
