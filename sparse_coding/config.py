@@ -21,6 +21,7 @@ ACTIVATIONS = ("hidden_states", "token_embeddings")
 LOGGERS = ("wandb", "csv", "none")
 OPTIMIZERS = ("adam", "sgd")
 INITS = ("data", "random")
+NORMALIZE = ("none", "token")  # data.normalize (sparse_coding.preprocess)
 
 
 @dataclass
@@ -42,6 +43,8 @@ class DataConfig:
     skip_nonfinite: bool = False  # drop NaN/Inf rows from a cache instead of failing
     num_workers: int = 0
     center: bool = True  # subtract the stored cache mean from real activations (SPEC §6)
+    drop_positions: int = 0  # leave out context positions 0..K-1 (attention sink / BOS; sparse_coding.preprocess)
+    normalize: str = "none"  # "token": every (centred) row scaled to norm sqrt(d) (sparse_coding.preprocess)
 
 
 @dataclass
@@ -279,6 +282,12 @@ def validate_data(cfg: DataConfig, *, uses_model: bool) -> None:
             )
     if cfg.name == "cache" and (not uses_model or cfg.path is not None):
         validate_cache_path(cfg.path)
+    _integer("data.drop_positions", cfg.drop_positions, 0)
+    if cfg.normalize not in NORMALIZE:
+        raise ConfigError(f"data.normalize={cfg.normalize!r}: choose one of {', '.join(NORMALIZE)}")
+    if (cfg.drop_positions or cfg.normalize != "none") and not uses_model and cfg.name != "cache":
+        raise ConfigError(f"data.drop_positions / data.normalize apply to real activations, not data={cfg.name}: "
+                          "add model=NAME or use data=cache")
 
 
 def validate(cfg: Any) -> None:

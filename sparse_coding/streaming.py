@@ -11,7 +11,9 @@
 - under DDP the (permuted) row stream is cut into `world_size` contiguous parts of equal size
   (±1 row), one per rank: disjoint, together complete, and every rank yields the same number of
   batches (a rank never waits on another). DataLoader workers split a rank's part the same way;
-- rows are centred with the cache's stored mean when `center` is true;
+- rows are centred with the cache's stored mean when `center` is true; `drop_positions` and
+  `normalize` apply the massive-activation remedies of `sparse_coding.preprocess` (dropped rows are
+  skipped like NaN rows, the mean is then taken over the kept rows; normalisation follows centring);
 - the training loader is resumable: a checkpoint stores (epoch, batches done), and a restored run
   regenerates that epoch's seeded stream and drops the batches already trained on, so a run resumed
   mid-epoch (`ckpt_path=last`) sees exactly the batches an uninterrupted run sees;
@@ -34,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from sparse_coding import cache as cache_mod
+from sparse_coding import preprocess
 from sparse_coding.errors import ConfigError
 
 BLOCK_ROWS = 1024
@@ -84,8 +87,10 @@ class RowStream(IterableDataset):
 
     def __init__(self, files: list[Path], shard_rows: list[int], d: int, dtype: str, blocks: list[tuple[int, int, int]],
                  bad_rows: dict[int, np.ndarray], batch_size: int, shuffle: bool, shuffle_buffer: int, seed: int,
-                 rank: int, world_size: int, mean: Optional[np.ndarray], skip_nonfinite: bool):
+                 rank: int, world_size: int, mean: Optional[np.ndarray], skip_nonfinite: bool,
+                 normalize: str = "none"):
         self.files, self.shard_rows, self.d, self.dtype = files, shard_rows, d, dtype
+        self.normalize = normalize
         self.blocks, self.bad_rows = blocks, bad_rows
         self.batch_size, self.shuffle, self.shuffle_buffer, self.seed = batch_size, shuffle, shuffle_buffer, seed
         self.rank, self.world_size, self.mean, self.skip_nonfinite = rank, world_size, mean, skip_nonfinite
@@ -146,7 +151,7 @@ class RowStream(IterableDataset):
             raise ConfigError(f"{self.files[s]}: row {row} holds NaN/Inf (use data.skip_nonfinite=true to skip such rows)")
         if self.mean is not None:
             x -= self.mean
-        return x
+        return preprocess.normalize_rows(x, self.normalize)
 
     def order(self) -> list[int]:
         idx = np.arange(len(self.blocks))
@@ -254,7 +259,8 @@ class CacheDataModule(pl.LightningDataModule):
     def __init__(self, path: Any, layer: Any = None, batch_size: int = 1024, val_fraction: float = 0.1,
                  shuffle_buffer: int = 65536, seed: int = 0, center: bool = True, skip_nonfinite: bool = False,
                  num_workers: int = 0, *, rank: Optional[int] = None, world_size: Optional[int] = None,
-                 expected_dim: Optional[int] = None, verify: bool = True):
+                 expected_dim: Optional[int] = None, verify: bool = True, drop_positions: int = 0,
+                 normalize: str = "none"):
         super().__init__()
         self.path = Path(path)
         m = cache_mod.read_manifest(self.path)
@@ -307,8 +313,22 @@ class CacheDataModule(pl.LightningDataModule):
         self.val_blocks = [b for b, v in zip(self.blocks, is_val) if v]
         self.train_blocks = [b for b, v in zip(self.blocks, is_val) if not v]
         self._bad = self._scan_nonfinite() if self.n_nonfinite else ({}, {})
+        self.drop_positions, self.normalize = int(drop_positions), str(normalize)
+        if self.drop_positions > 0:  # rows at the first positions are skipped like NaN rows (preprocess.py)
+            drops = [preprocess.dropped_rows(m, self.shard_rows, blocks, self.drop_positions)
+                     for blocks in (self.train_blocks, self.val_blocks)]
+            self._bad = (preprocess.merge_skips(self._bad[0], drops[0]), preprocess.merge_skips(self._bad[1], drops[1]))
+            if self.center:
+                self.mean = preprocess.kept_mean(
+                    lambda i: self._raw_block(self.blocks[i]), len(self.blocks),
+                    preprocess.dropped_rows(m, self.shard_rows, self.blocks, self.drop_positions), self.dim,
+                ).astype(np.float32)
         self.train_rows = sum(hi - lo for _, lo, hi in self.train_blocks) - sum(len(v) for v in self._bad[0].values())
         self.val_rows = sum(hi - lo for _, lo, hi in self.val_blocks) - sum(len(v) for v in self._bad[1].values())
+
+    def _raw_block(self, block: tuple[int, int, int]) -> np.ndarray:
+        s, lo, hi = block
+        return cache_mod.open_shard(self.files[s], self.shard_rows[s], self.dim, self.manifest["dtype"])[lo:hi]
 
     def _scan_nonfinite(self) -> tuple[dict, dict]:
         """Row indices holding NaN/Inf per block (train, val): read once, only when the manifest counts some."""
@@ -346,7 +366,8 @@ class CacheDataModule(pl.LightningDataModule):
             layer = cfg.layer
         return cls(path, layer, batch_size=d.batch_size, val_fraction=d.val_fraction, shuffle_buffer=d.shuffle_buffer,
                    seed=d.seed, center=d.center, skip_nonfinite=d.skip_nonfinite, num_workers=d.num_workers,
-                   expected_dim=expected)
+                   expected_dim=expected, drop_positions=d.get("drop_positions", 0),
+                   normalize=d.get("normalize", "none"))
 
     # -- distributed and epochs
 
@@ -378,7 +399,8 @@ class CacheDataModule(pl.LightningDataModule):
     def _stream(self, blocks, bad, shuffle: bool) -> RowStream:
         rank, world = self.rank_world()
         return RowStream(self.files, self.shard_rows, self.dim, self.manifest["dtype"], blocks, bad, self.batch_size,
-                         shuffle, self.shuffle_buffer, self.seed, rank, world, self.mean, self.skip_nonfinite)
+                         shuffle, self.shuffle_buffer, self.seed, rank, world, self.mean, self.skip_nonfinite,
+                         normalize=self.normalize)
 
     def train_dataloader(self) -> DataLoader:
         from sparse_coding.datamodule import trainer_position
@@ -397,7 +419,8 @@ class CacheDataModule(pl.LightningDataModule):
         rng = np.random.default_rng([int(seed), 7])
         pos = rng.permutation(n)[:k] if k <= n else rng.integers(0, n, size=k)
         stream = RowStream(self.files, self.shard_rows, self.dim, self.manifest["dtype"], self.train_blocks, self._bad[0],
-                           self.batch_size, False, self.shuffle_buffer, self.seed, 0, 1, self.mean, self.skip_nonfinite)
+                           self.batch_size, False, self.shuffle_buffer, self.seed, 0, 1, self.mean, self.skip_nonfinite,
+                           normalize=self.normalize)
         out = np.empty((len(pos), self.dim), np.float32)
         order = np.argsort(pos, kind="stable")
         sorted_pos = pos[order]
@@ -431,5 +454,7 @@ class CacheDataModule(pl.LightningDataModule):
             "val_rows": self.val_rows,
             "nonfinite_rows_skipped": self.n_nonfinite,
             "centered": self.center,
+            **preprocess.describe(self.drop_positions, self.normalize,
+                                  self.center and self.drop_positions > 0 if self.drop_positions else None),
             "checksums_verified": bool(self.verification.get("verified")),
         }

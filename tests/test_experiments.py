@@ -18,13 +18,25 @@ TINY = ["data.dim=8", "data.n=256", "data.n_val=128", "data.batch_size=128", "tr
 
 def test_grid_covers_the_issue():
     quick = {name: fn("quick") for name, fn in EXPERIMENTS.items()}
+    paper = {name: fn("paper") for name, fn in EXPERIMENTS.items()}
     assert sorted({p.x["a"] for p in quick["sparsity"]}) == [2, 4, 8, 16, 20, 32, 64, 128, 256]
-    assert sorted({p.x["a"] for p in EXPERIMENTS["sparsity"]("full")}) == [2, 4, 8, 16, 20, 32, 64, 128, 512]
+    # issue 11, item 1: Fig. 1a at d=256 (synthetic_paper.yaml) with the issue's list of a
+    assert sorted({p.x["a"] for p in paper["sparsity"]}) == [2, 4, 8, 16, 20, 32, 64, 128, 256, 512]
     assert {p.x["data"] for p in quick["controls"]} == {"sparse_linear", "gaussian", "rademacher", "heavy_tailed",
                                                         "sparse_nonlinear"}
+    # item 2: heavy-tailed with >= 5 seeds, dense controls with a raised solver cap; no separate d=256 repeat
+    heavy = [p for p in paper["controls"] if p.x["data"] == "heavy_tailed"]
+    assert len({p.seed for p in heavy}) >= 5 and all("solver.max_steps=2048" in p.overrides for p in heavy)
+    assert paper["controls_d256"] == []
+    # item 3: 2d..16d banks for a=10, a=20 and the Gaussian
+    assert {(p.x["data"], p.x["a"]) for p in paper["dict_size"]} == {("sparse_linear", 10), ("sparse_linear", 20),
+                                                                     ("gaussian", None)}
     layers = {(p.x["model"], p.x["layer"]) for p in quick["layers"]}
     assert len(layers) == 7 + 11  # quick: every third SmolLM2 hidden state
-    assert len({(p.x["model"], p.x["layer"]) for p in EXPERIMENTS["layers"]("full")}) == 7 + 31
+    assert {(p.x["model"], p.x["layer"]) for p in paper["layers"]} == layers
+    # item 5: the same curve again with the massive-activation remedy
+    assert all("data.drop_positions=1" in p.overrides for p in paper["layers_remedy"])
+    assert {p.key("paper") for p in paper["layers_remedy"]}.isdisjoint({p.key("paper") for p in paper["layers"]})
     for name, pts in quick.items():  # every point has 3 seeds
         seeds = {}
         for p in pts:
@@ -34,18 +46,26 @@ def test_grid_covers_the_issue():
     a20 = [p for p in quick["sparsity"] if p.x["a"] == 20 and p.seed == 0][0]
     b20 = [p for p in quick["controls"] if p.x.get("a") == 20 and p.seed == 0][0]
     assert a20.key("quick") == b20.key("quick")
-    assert a20.key("quick") != a20.key("full")
+    assert a20.key("quick") != a20.key("paper")
 
 
-def test_point_overrides_compose_and_validate():
+def _has_convergence() -> bool:
+    return "convergence" in runner.compose([])
+
+
+@pytest.mark.parametrize("scale", ["quick", "paper"])
+def test_point_overrides_compose_and_validate(scale):
     from sparse_coding.config import validate
 
+    if scale == "paper" and not _has_convergence():
+        pytest.skip("the paper scale's configs set the `convergence` group (issue 10), not in this tree yet")
     for name in EXPERIMENTS:
-        for scale in ("quick", "full"):
-            p = EXPERIMENTS[name](scale)[0]
+        for p in EXPERIMENTS[name](scale)[:1]:
             cfg = runner.compose(p.all_overrides(scale))
             validate(cfg)
             assert cfg.seed == cfg.data.seed == p.seed
+            if scale == "paper":  # converged runs, not a fixed number of epochs
+                assert cfg.convergence.stop and cfg.convergence.max_samples > 0
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +164,92 @@ def test_layers_and_functional_check_on_real_models(tmp_path):
     for r in frows:
         assert r["zero_ablation_loss"] > r["clean_loss"] > 0
         assert r["reconstruction_loss"] > 0 and r["fraction_recovered"] == r["fraction_recovered"]
+
+
+# --------------------------------------------------------------------------------------------
+# Massive activations: the analysis and the data.drop_positions / data.normalize switch
+
+
+@pytest.fixture(scope="module")
+def gpt2_cache(tmp_path_factory):
+    """A tiny random GPT-2's layer=all cache (no special tokens: row i is at position i % 16)."""
+    from sparse_coding import cache
+    from tinymodels import make_tiny_gpt2, run_cfg
+
+    tiny = make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+    cfg = run_cfg(["model=gpt2", f"model.path={tiny}", "layer=all", "corpus=kjv", "corpus.context_len=16",
+                   "corpus.max_tokens=320", "corpus.batch_size=4", f"cache_dir={tmp_path_factory.mktemp('cache')}"])
+    return tiny, cache.ensure_cache(cfg, shard_rows=64)
+
+
+def test_massive_analysis_finds_an_outlier_position_and_dimension():
+    import numpy as np
+
+    from sparse_coding.experiments.massive import analyse_layer
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((640, 16))
+    pos = np.arange(640) % 32
+    x[pos == 0, 5] += 100.0  # an attention-sink-like first token, massive in dimension 5
+    r = analyse_layer(x, pos)
+    assert r["first_over_rest"] > 20 and r["first_variance_share"] > 0.9 and r["dims"]["dims"][0] == 5
+    assert r["drop_first"]["top_centred_share"] < 0.5  # without position 0 no dimension dominates
+
+
+def test_massive_analysis_on_the_gpt2_path(gpt2_cache):
+    from sparse_coding import cache
+    from sparse_coding.experiments.massive import analyse_cache, format_report
+
+    _, path = gpt2_cache
+    res = analyse_cache(path)
+    m = cache.read_manifest(path)
+    assert set(res["layers"]) == set(m["shards"]) and res["keep_positions_first"] == [0]
+    assert all(r["rows"] == m["n_rows"] and r["first_row_share"] == pytest.approx(1 / 16) for r in res["layers"].values())
+    assert "first pos" in format_report(res)
+
+
+def test_drop_positions_and_token_normalisation(gpt2_cache):
+    import numpy as np
+
+    from sparse_coding import cache
+    from sparse_coding.preprocess import context_positions
+    from sparse_coding.streaming import CacheDataModule
+
+    _, path = gpt2_cache
+    m = cache.read_manifest(path)
+    raw = np.concatenate([np.load(f) for f in cache.shard_paths(path, m, "1")]).astype(np.float64)
+    pos = context_positions(m, np.arange(len(raw)))
+    assert (pos == np.arange(len(raw)) % 16).all()
+    kept = raw[pos >= 2]
+    dm = CacheDataModule(path, "1", batch_size=32, drop_positions=2)
+    rows = np.concatenate([b.numpy() for b in list(dm.train_dataloader()) + list(dm.val_dataloader())])
+    assert len(rows) == dm.train_rows + dm.val_rows == len(kept)
+    np.testing.assert_allclose(dm.mean, kept.mean(0), rtol=1e-5, atol=1e-6)  # the mean of the kept rows only
+    # every kept row is there once (centred with that mean), no dropped row is
+    want = np.sort(np.round(kept - kept.mean(0), 4), axis=0)
+    np.testing.assert_allclose(np.sort(rows.astype(np.float64), axis=0), want, atol=1e-3)
+    assert dm.init_rows(8, 0).shape == (8, m["d"])
+    assert dm.describe()["drop_positions"] == 2 and dm.describe()["normalize"] == "none"
+    unit = CacheDataModule(path, "1", batch_size=32, normalize="token")
+    norms = np.concatenate([np.linalg.norm(b.numpy(), axis=1) for b in unit.val_dataloader()])
+    np.testing.assert_allclose(norms, np.sqrt(m["d"]), rtol=1e-5)
+
+
+def test_preprocess_switches_are_validated(tmp_path):
+    from sparse_coding.config import validate
+    from sparse_coding.errors import ConfigError
+
+    for bad, what in ((["data.drop_positions=1"], "real activations"), (["data.normalize=l2"], "data.normalize"),
+                      (["data.drop_positions=-1"], "data.drop_positions")):
+        with pytest.raises(ConfigError, match=what):
+            validate(runner.compose(bad))
+    # an imported array has no context positions: a one-line error when the data module opens it
+    import numpy as np
+
+    from sparse_coding import cache
+    from sparse_coding.streaming import CacheDataModule
+
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32))
+    path = cache.import_array(tmp_path / "a.npy", tmp_path / "c")
+    with pytest.raises(ConfigError, match="no context positions"):
+        CacheDataModule(path, drop_positions=1)

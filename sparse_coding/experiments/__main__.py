@@ -1,4 +1,10 @@
-"""CLI: run experiments, the extras, or regenerate the report (see the package docstring)."""
+"""CLI: run experiments, the extras, the massive-activation analysis, or regenerate the report.
+
+    python -m sparse_coding.experiments run sparsity --scale paper          # -> docs/results/paper/
+    python -m sparse_coding.experiments run layers --scale paper --only model=smollm2
+    python -m sparse_coding.experiments massive data/cache/<cache folder>   # per-position / per-dimension norms
+    python -m sparse_coding.experiments report
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,20 @@ import sys
 import time
 from pathlib import Path
 
-from sparse_coding.experiments.grid import EXPERIMENTS, SCALES
+from sparse_coding.experiments.grid import EXPERIMENTS, SCALE_ALIASES, SCALES
 
 EXTRAS = ("solver_gap", "functional")
+RESULTS = {"quick": Path("docs/results"), "paper": Path("docs/results/paper")}
+
+
+def _only(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--only {item!r}: use KEY=VALUE, e.g. --only model=smollm2")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,18 +35,30 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train every point of the named experiments (finished points are skipped)")
     r.add_argument("names", nargs="+", choices=[*EXPERIMENTS, *EXTRAS])
-    r.add_argument("--scale", choices=SCALES, default="quick")
+    r.add_argument("--scale", choices=[*SCALES, *SCALE_ALIASES], default="quick",
+                   help="quick: the d=64 report's settings; paper: the paper's scale, trained until converged "
+                        "(full = paper)")
     r.add_argument("--root", type=Path, default=Path("outputs/experiments"), help="where run directories go")
-    r.add_argument("--results", type=Path, default=Path("docs/results"), help="where tables and plots go")
+    r.add_argument("--results", type=Path, default=None,
+                   help="where tables and plots go (default: docs/results for quick, docs/results/paper for paper)")
     r.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     r.add_argument("--no-wandb", action="store_true", help="do not log tables and plots to W&B (offline)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra Hydra override for every point (e.g. --set=trainer.max_epochs=1); changes run keys")
+    r.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                   help="only the points whose KEY is VALUE (e.g. --only model=smollm2 --only seed-free keys of the "
+                        "tables: a, data, model, layer, source); the CSV then holds every finished point")
     r.add_argument("--limit", type=int, default=None, help="only the first N points of each experiment")
     r.add_argument("--collect-only", action="store_true",
                    help="train nothing: tabulate the points that have finished (a run cut short by its budget)")
+    m = sub.add_parser("massive", help="per-position and per-dimension norms of a cache's layers (massive activations)")
+    m.add_argument("cache", type=Path, nargs="+", help="cache folder(s) built by `python -m sparse_coding.cache build`")
+    m.add_argument("--layers", default=None, help="comma-separated layer keys (default: every layer)")
+    m.add_argument("--max-rows", type=int, default=65536, help="rows read per layer (from the start of the cache)")
+    m.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     p = sub.add_parser("report", help="redraw the figures and write docs/RESULTS.md from docs/results/")
-    p.add_argument("--results", type=Path, default=Path("docs/results"))
+    p.add_argument("--results", type=Path, default=Path("docs/results"),
+                   help="quick-scale tables; the paper-scale ones are read from RESULTS/paper/")
     p.add_argument("--output", type=Path, default=Path("docs/RESULTS.md"))
     args = parser.parse_args(argv)
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -42,29 +71,43 @@ def main(argv: list[str] | None = None) -> int:
 
         print(write_report(args.results, args.output))
         return 0
+    if args.command == "massive":
+        from sparse_coding.experiments.massive import main as massive_main
+
+        return massive_main(args.cache, args.layers, args.max_rows, args.json)
 
     import torch
 
+    scale = SCALE_ALIASES.get(args.scale, args.scale)
+    results = args.results if args.results is not None else RESULTS[scale]
+    only = _only(args.only)
     if args.threads:
         torch.set_num_threads(args.threads)
     from sparse_coding.experiments import extras, report, runner
 
     for name in args.names:
+        if name in EXPERIMENTS and not EXPERIMENTS[name](scale):
+            print(f"{name}: no points at scale {scale} (controls_d256 is the quick scale's d=256 repeat; "
+                  "at paper scale `controls` is d=256)", flush=True)
+            continue
         t0 = time.time()
+        load = os.getloadavg()[0]
         if name == "solver_gap":
-            rows = extras.solver_gap(args.scale, args.root, extra=args.set)
+            rows = extras.solver_gap(scale, args.root, extra=args.set)
         elif name == "functional":
-            rows = extras.functional_check(args.scale, args.root, extra=args.set)
+            rows = extras.functional_check(scale, args.root, extra=args.set)
         elif args.collect_only:
-            rows = runner.collect(name, args.scale, args.root, extra=args.set)
+            rows = runner.collect(name, scale, args.root, extra=args.set)
         else:
-            rows = runner.run_experiment(name, args.scale, args.root, log=lambda s: print(s, flush=True),
-                                         extra=args.set, limit=args.limit)
-        table = runner.write_csv(rows, args.results / f"{name}.csv")
-        report.record_timing(args.results, name, args.scale, time.time() - t0, len(rows))
-        plots = report.plot_experiment(name, args.results)
+            runner.run_experiment(name, scale, args.root, log=lambda s: print(s, flush=True), extra=args.set,
+                                  limit=args.limit, only=only)
+            # the table holds every finished point, also those an --only/--limit run did not touch
+            rows = runner.collect(name, scale, args.root, extra=args.set)
+        table = runner.write_csv(rows, results / f"{name}.csv")
+        report.record_timing(results, name, scale, time.time() - t0, len(rows), load=(load, os.getloadavg()[0]))
+        plots = report.plot_experiment(name, results)
         if not args.no_wandb:
-            report.log_to_wandb(name, args.scale, table, plots, args.root)
+            report.log_to_wandb(name, scale, table, plots, args.root)
         print(f"{name}: {len(rows)} rows -> {table}; plots {', '.join(map(str, plots))}; {time.time() - t0:.0f} s",
               flush=True)
     return 0

@@ -2,13 +2,18 @@
 
 Run directories live under `<root>/<scale>/runs/<point key>/` (git-ignored `outputs/`); a point
 whose `metrics.json` exists is not rerun, so an interrupted experiment resumes where it stopped.
-`point.json` beside it records the overrides and the wall time of the run.
+`point.json` beside it records the overrides, the wall time of the run and the machine's load
+average at its start and end (`os.getloadavg()`), so run times are read with their load.
+
+Convergence fields (`converged`, `samples_seen`, `optimizer_steps`, `timing`, the standard
+errors) are read with `.get()`: runs made before they existed still tabulate, with empty cells.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from pathlib import Path
 
@@ -18,10 +23,14 @@ DEFAULT_ROOT = Path("outputs/experiments")
 QUIET = ["logger=none"]
 
 # Columns of every tidy table, in order; point-specific columns (a, data, model, ...) come first.
-METRIC_COLUMNS = ("normalized_loss", "avg_coef_norm", "l0", "loss", "fvu", "explained_variance", "lam", "lam_mode",
-                  "lam_converged", "dict_mult", "dict_size", "dead_fraction", "capped_fraction", "mean_steps",
-                  "mean_max")
+METRIC_COLUMNS = ("normalized_loss", "normalized_loss_se", "avg_coef_norm", "avg_coef_norm_se", "l0", "loss", "fvu",
+                  "explained_variance", "lam", "lam_mode", "lam_converged", "dict_mult", "dict_size", "dead_fraction",
+                  "capped_fraction", "mean_steps", "mean_max")
+# run-level fields (issue 10): at the top of metrics.json, also for a bank; a dictionary's own value wins
+RUN_COLUMNS = ("converged", "samples_seen", "optimizer_steps")
+TIMING_COLUMNS = ("fit_seconds", "eval_seconds", "samples_per_second")
 TRUTH_COLUMNS = ("ground_truth", "true_l0", "true_avg_coef_norm")
+DATA_COLUMNS = ("drop_positions", "normalize")  # the preprocessing of real activations (sparse_coding.preprocess)
 
 
 def compose(overrides: list[str]):
@@ -34,9 +43,15 @@ def run_dir(root: Path, scale: str, point: Point) -> Path:
     return root / scale / "runs" / point.key(scale)
 
 
-def points_of(name: str, scale: str, extra: list[str] | None = None, limit: int | None = None) -> list[Point]:
-    """The experiment's points; `extra` overrides are appended to each (tests shrink runs this way)."""
-    points = EXPERIMENTS[name](scale)[:limit]
+def points_of(name: str, scale: str, extra: list[str] | None = None, limit: int | None = None,
+              only: dict | None = None) -> list[Point]:
+    """The experiment's points; `extra` overrides are appended to each (tests shrink runs this way).
+
+    `only` keeps the points whose x matches every {key: value} (compared as strings), e.g.
+    {"model": "smollm2"}; `limit` then keeps the first N.
+    """
+    points = [p for p in EXPERIMENTS[name](scale)
+              if all(str(p.x.get(k)) == str(v) for k, v in (only or {}).items())][:limit]
     for p in points:
         p.overrides += list(extra or [])
     return points
@@ -68,10 +83,13 @@ def run_point(point: Point, scale: str, root: Path = DEFAULT_ROOT) -> Path:
     overrides = point.all_overrides(scale) + QUIET + [f"out_dir={out}"]
     cfg = compose(overrides)
     validate(cfg)
+    load_start = os.getloadavg()[0]
     t0 = time.time()
     run(cfg, out)
     seconds = time.time() - t0
-    (out / "point.json").write_text(json.dumps({"overrides": overrides, "x": point.x, "seconds": seconds}, indent=2))
+    info = {"overrides": overrides, "x": point.x, "seconds": seconds, "load_start": load_start,
+            "load_end": os.getloadavg()[0], "cpus": os.cpu_count()}
+    (out / "point.json").write_text(json.dumps(info, indent=2))
     return out
 
 
@@ -85,19 +103,25 @@ def rows_of(point: Point, scale: str, out: Path) -> list[dict]:
     for e in entries:
         row = {"experiment": point.experiment, "scale": scale, "seed": point.seed, **point.x, "dim": metrics["dim"]}
         row.update({k: e.get(k) for k in METRIC_COLUMNS})
+        row.update({k: e.get(k, metrics.get(k)) for k in RUN_COLUMNS})
+        timing = e.get("timing") or metrics.get("timing") or {}
+        row.update({k: timing.get(k) for k in TIMING_COLUMNS})
         row.update({k: truth.get(k) for k in TRUTH_COLUMNS})
         data = metrics.get("data", {})
         row["n_train"] = data.get("n_train", data.get("train_rows"))
+        row.update({k: data.get(k) for k in DATA_COLUMNS if k in data})
         row["seconds"] = info.get("seconds")
+        row["load_start"] = info.get("load_start")
+        row["load_end"] = info.get("load_end")
         row["run"] = out.name
         rows.append(row)
     return rows
 
 
 def run_experiment(name: str, scale: str, root: Path = DEFAULT_ROOT, log=print, extra: list[str] | None = None,
-                   limit: int | None = None) -> list[dict]:
+                   limit: int | None = None, only: dict | None = None) -> list[dict]:
     """Run (or skip) every point of an experiment; returns the tidy rows."""
-    points = points_of(name, scale, extra, limit)
+    points = points_of(name, scale, extra, limit, only)
     rows = []
     for i, point in enumerate(points):
         point = resolve(point, scale, root)
@@ -110,10 +134,11 @@ def run_experiment(name: str, scale: str, root: Path = DEFAULT_ROOT, log=print, 
     return rows
 
 
-def collect(name: str, scale: str, root: Path = DEFAULT_ROOT, extra: list[str] | None = None) -> list[dict]:
+def collect(name: str, scale: str, root: Path = DEFAULT_ROOT, extra: list[str] | None = None,
+            only: dict | None = None) -> list[dict]:
     """The tidy rows of the points that have finished (without running anything)."""
     rows = []
-    for point in points_of(name, scale, extra):
+    for point in points_of(name, scale, extra, only=only):
         if point.experiment == "sensitivity":
             if not (run_dir(root, scale, Point("base", point.family, list(point.overrides), point.seed))
                     / "metrics.json").is_file():
@@ -182,4 +207,8 @@ def scale_settings(scale: str) -> dict:
             "solver_max_steps": cfg.solver.max_steps,
             "lr": cfg.dictionary.lr,
         }
+        conv = cfg.get("convergence")  # issue 10's group; absent from older configs
+        out[family]["training"] = ("until converged (" + ", ".join(
+            f"{k}={conv.get(k)}" for k in ("tol", "window", "max_samples", "max_minutes") if conv.get(k) is not None)
+            + ")") if conv is not None and conv.get("stop", False) else "fixed epochs"
     return out

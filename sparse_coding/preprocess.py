@@ -1,0 +1,100 @@
+"""Optional preprocessing of cached activations against massive activations (`data.drop_positions`,
+`data.normalize`); one step in the streaming reader's row path.
+
+Some models put a huge norm on the first position of every context (an attention sink, or a BOS
+token) and carry a few "massive" dimensions; the sparse-coding metrics then describe those few rows
+and dimensions rather than the typical token (`python -m sparse_coding.experiments massive` measures
+it). The standard remedies, off by default:
+
+- `data.drop_positions=K`: leave out the rows at context positions 0..K-1 (positions of the
+  model's input, special tokens included: a cache that did not keep [CLS] has no row at position 0
+  to drop). A cache stores contexts back to back, keeping the positions in its manifest's
+  `corpus.keep_positions`, so row i is at position `keep_positions[i % rows_per_context]`. The
+  dropped rows are left out of training, evaluation, Φ's data init and the centring mean (which is
+  then recomputed over the kept rows: the stored mean includes the dropped ones).
+- `data.normalize=token`: after centring, scale every row to norm √d. S₁ and normalized_loss are
+  invariant to one global scale (auto-λ scales with the data), so the target norm is immaterial
+  and the option is well defined; what it changes is the weighting: both metrics are ratios of
+  sums over rows, dominated by the large-norm rows, and after per-token normalisation every token
+  counts the same. It is a different data set, so compare metrics only within one setting.
+
+Synthetic data and imported arrays carry no positions: `drop_positions` needs a cache built from a
+model over a corpus (checked when the data module opens the cache).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from sparse_coding.errors import ConfigError
+
+NORMALIZE = ("none", "token")
+
+
+def context_positions(manifest: dict, rows: np.ndarray) -> np.ndarray:
+    """Context position (0-based, in the model's input) of each global row index of a hidden-state cache."""
+    corpus = manifest.get("corpus") or {}
+    keep = corpus.get("keep_positions")
+    if manifest.get("kind") != "hidden_states" or not keep:
+        raise ConfigError(f"this cache (kind={manifest.get('kind')!r}) records no context positions: "
+                          "data.drop_positions needs a cache built from a model over a corpus")
+    keep = np.asarray(keep, dtype=np.int64)
+    return keep[np.asarray(rows, dtype=np.int64) % len(keep)]
+
+
+def dropped_rows(manifest: dict, shard_rows: list[int], blocks: list[tuple[int, int, int]],
+                 drop_positions: int) -> dict[int, np.ndarray]:
+    """{block index: row indices within the block to leave out} for rows at positions < drop_positions."""
+    if drop_positions <= 0:
+        return {}
+    offsets = np.concatenate([[0], np.cumsum(shard_rows)])
+    out = {}
+    for i, (s, lo, hi) in enumerate(blocks):
+        pos = context_positions(manifest, np.arange(offsets[s] + lo, offsets[s] + hi))
+        idx = np.flatnonzero(pos < drop_positions)
+        if len(idx):
+            out[i] = idx
+    return out
+
+
+def merge_skips(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Union of two {block: row indices} maps (sorted, unique indices)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = np.union1d(out[k], v) if k in out else np.asarray(v)
+    return out
+
+
+def kept_mean(read_block, n_blocks: int, skips: dict[int, np.ndarray], d: int) -> np.ndarray:
+    """float64 mean of the kept rows; `read_block(i)` returns block i's raw rows (before any skip)."""
+    total, count = np.zeros(d, np.float64), 0
+    for i in range(n_blocks):
+        x = np.asarray(read_block(i), dtype=np.float64)
+        if i in skips:
+            keep = np.ones(len(x), bool)
+            keep[skips[i]] = False
+            x = x[keep]
+        x = x[np.isfinite(x).all(axis=1)]
+        total += x.sum(0)
+        count += len(x)
+    if count == 0:
+        raise ConfigError("data.drop_positions leaves no rows in the cache: lower it")
+    return total / count
+
+
+def normalize_rows(x: np.ndarray, how: str) -> np.ndarray:
+    """Per-token normalisation (in place when possible): every row to norm √d; a zero row stays zero."""
+    if how == "none":
+        return x
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x *= np.sqrt(x.shape[1]) / np.where(norms > 0, norms, 1.0)
+    return x
+
+
+def describe(drop_positions: int, normalize: str, mean_recomputed: Optional[bool] = None) -> dict:
+    out = {"drop_positions": int(drop_positions), "normalize": normalize}
+    if mean_recomputed is not None:
+        out["mean_over_kept_rows"] = bool(mean_recomputed)
+    return out
