@@ -324,6 +324,24 @@ def validate(cfg: Any) -> None:
             validate_cache_width(cfg)
     elif cfg.layer is not None:
         raise ConfigError(f"layer={cfg.layer!r} needs a model: add model=NAME (e.g. model=minilm)")
+    from sparse_coding import run_checks  # trainer.*, unknown keys, banks, held-out size, memory
+
+    run_checks.check_run(cfg, RunConfig, data_width(cfg))
+
+
+def data_width(cfg: Any) -> Optional[int]:
+    """The width d of the data a run trains on, when it can be known cheaply (None: not without loading a model)."""
+    if cfg.data.name == "cache" and cfg.data.path is not None:
+        return int(validate_cache_path(cfg.data.path)["d"])
+    if cfg.model is None:
+        return int(cfg.data.dim)
+    from sparse_coding import models
+
+    try:
+        return int(models.read_model_shape(models.resolve_model_path(cfg.model), cfg.model.name)[1])
+    except ConfigError:
+        return None
+
 
 
 def validate_cache_width(cfg: Any) -> None:

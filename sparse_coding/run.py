@@ -13,12 +13,13 @@ from typing import Sequence
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks import ModelCheckpoint
 
+from sparse_coding.checkpoints import AtomicCheckpoint, resume_checkpoint
 from sparse_coding.config import SYNTHETIC_DATA, dictionary_grid
 from sparse_coding.loggers import build_logger
 from sparse_coding.module import SparseCodingModule
 from sparse_coding.outputs import collect_results, flatten_for_summary, print_table, write_outputs
+from sparse_coding.rundir import own_run_dir
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
@@ -43,8 +44,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, logger, callbacks: Sequence[pl
     # (mid-epoch: the data loaders store their position, so `ckpt_path=last` resumes at the next batch).
     # save_top_k=1 with no monitor keeps only the newest checkpoint; it is needed because Lightning
     # writes last.ckpt only when it saves some checkpoint (save_top_k=0 never writes one mid-run).
-    checkpoint = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=1,
-                                 every_n_train_steps=t.checkpoint_every_n_steps or None)
+    checkpoint = AtomicCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=1,
+                                  every_n_train_steps=t.checkpoint_every_n_steps or None)
     return pl.Trainer(
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
@@ -89,14 +90,22 @@ def build_module(cfg: DictConfig, datamodule) -> SparseCodingModule:
 
 
 def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> dict:
-    """Train and evaluate; returns the metrics dict that is written to metrics.json."""
+    """Train and evaluate; returns the metrics dict that is written to metrics.json.
+
+    The run owns `out_dir` while it runs (a lock: a second run on it stops with one line).
+    """
+    with own_run_dir(out_dir):
+        return _run(cfg, out_dir, callbacks)
+
+
+def _run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     logger = build_logger(cfg, out_dir)
     trainer = build_trainer(cfg, out_dir, logger, callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.ckpt_path, out_dir, module, cfg.trainer))
     trainer.validate(module, datamodule=datamodule, verbose=False)
     result = collect_results(cfg, datamodule, module)
     if trainer.world_size > 1:

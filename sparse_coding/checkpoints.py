@@ -1,0 +1,186 @@
+"""Checkpoints that survive kills and resumes that cannot mix runs.
+
+- `AtomicCheckpoint` (a Lightning `ModelCheckpoint`): every checkpoint is written to a temporary
+  file in its own directory, fsynced and renamed over the target, so a kill or a full disk leaves
+  the previous checkpoint intact and no temporary file elsewhere (Lightning's own writer goes
+  through a temporary file in `$TMPDIR` and a copy when that is another filesystem). The
+  every-N-steps checkpoint skips an epoch's last batch: the epoch-end checkpoint, taken after the
+  module's `on_train_epoch_end` (auto-lambda), follows at once and holds the updated state.
+  SIGTERM saves a resumable checkpoint before the run stops.
+- `resume_checkpoint`: before `trainer.fit`, turns `ckpt_path` into an intact checkpoint file
+  (falling back to the newest intact one when the named one is damaged) and refuses, with one
+  line, a checkpoint whose settings or shapes differ from the config, or one that has nothing
+  left to train.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from sparse_coding.atomic import atomic_write
+from sparse_coding.errors import ConfigError
+from sparse_coding.rundir import is_launching_rank, set_aside_old_checkpoints
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, fsync, rename over it; never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConfigError(f"{path}: no space left on device while writing a checkpoint; the previous "
+                              "checkpoint is intact: free space and resume with ckpt_path=last") from None
+        raise
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint with atomic writes, the epoch-end fix and a checkpoint on SIGTERM (module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sigterm_checkpoint: Optional[str] = None
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
+        if trainer.is_global_zero:
+            atomic_save(checkpoint, Path(filepath))
+        trainer.strategy.barrier("AtomicCheckpoint._save_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # the epoch-end checkpoint follows, after the epoch-end lambda update
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # Lightning calls this after the module's own on_train_epoch_end (checkpoint callbacks last).
+        if trainer.sanity_checking or bool(trainer.fast_dev_run):
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Only SIGTERM: after any other error (NaN loss, bad data) the last good checkpoint must stay.
+        if isinstance(exception, SIGTERMException) and not trainer.sanity_checking:
+            candidates = self._monitor_candidates(trainer)
+            if self._last_global_step_saved != trainer.global_step:
+                self._save_last_checkpoint(trainer, candidates)
+            self.sigterm_checkpoint = self.last_model_path or None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step == 0:
+            raise ConfigError("the run trained on zero batches (nothing to measure): check trainer.limit_train_batches, "
+                              "trainer.max_steps and the data size")
+        super().on_train_end(trainer, pl_module)
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents (weights_only); ConfigError when it is not a readable checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, not a zip, unpickling refused: all "damaged"
+        raise ConfigError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters", "loops"} <= set(ckpt):
+        raise ConfigError(f"{path}: not a checkpoint of this tool (no state_dict/hyper_parameters/loops)")
+    return ckpt
+
+
+def _intact(folder: Path, skip: Path) -> list[tuple[Path, dict]]:
+    """The other checkpoints in `folder` that load, newest (largest global step) first."""
+    found = []
+    for p in folder.glob("*.ckpt"):
+        if p.resolve() == skip.resolve():
+            continue
+        try:
+            found.append((p, load_checkpoint(p)))
+        except ConfigError:
+            continue
+    return sorted(found, key=lambda pc: (pc[1].get("global_step", -1), pc[0].stat().st_mtime), reverse=True)
+
+
+def _finished(ckpt: dict, trainer_cfg: Any) -> bool:
+    epochs = ckpt["loops"].get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed", 0)
+    max_epochs, max_steps = int(trainer_cfg.max_epochs), int(trainer_cfg.max_steps)
+    return (max_steps > 0 and ckpt.get("global_step", 0) >= max_steps) or (
+        max_steps <= 0 and max_epochs > 0 and epochs >= max_epochs)
+
+
+SETTING = {"dim": "the data width d", "grid": "(dictionary.mult, dictionary.lam)", "seed": "seed",
+           "max_steps": "solver.max_steps", "tol": "solver.tol"}  # module hyper-parameter -> the config setting it comes from
+
+
+def check_compatible(ckpt: dict, path: Path, module: torch.nn.Module) -> None:
+    """Refuse a checkpoint whose hyper-parameters or tensor shapes differ from the module built from the config."""
+    saved, wanted = ckpt["hyper_parameters"], dict(module.hparams)
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key), wanted.get(key)
+        if _norm(a) != _norm(b):
+            name = SETTING.get(key, f"dictionary.{key}")
+            raise ConfigError(f"{path} was trained with {name}={_norm(a)!r}, this config gives {_norm(b)!r}: "
+                              "resume with the same settings, or start a new run (another hydra.run.dir)")
+    state = module.state_dict()
+    for key in sorted(set(state) | set(ckpt["state_dict"])):
+        a = tuple(ckpt["state_dict"][key].shape) if key in ckpt["state_dict"] else None
+        b = tuple(state[key].shape) if key in state else None
+        if a != b:
+            raise ConfigError(f"{path} holds {key} of shape {a}, this config builds {b}: resume with the same data "
+                              "and dictionary settings, or start a new run (another hydra.run.dir)")
+
+
+def _norm(v: Any) -> Any:
+    """Tuples and lists compare equal (a checkpoint may hold either)."""
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    return v
+
+
+def resume_checkpoint(ckpt_path: Optional[str], out_dir: Path, module: torch.nn.Module, trainer_cfg: Any) -> Optional[str]:
+    """The checkpoint file `trainer.fit` should resume from (None: start fresh); see the module docstring."""
+    if ckpt_path is None:
+        if is_launching_rank():
+            set_aside_old_checkpoints(out_dir)
+        return None
+    folder = out_dir / "checkpoints"
+    if str(ckpt_path) == "last":
+        path = folder / "last.ckpt"
+        if not path.exists() and not any(folder.glob("*.ckpt")):
+            print(f"[resume] no checkpoint in {folder}: starting from the beginning", file=sys.stderr)
+            return None
+    else:
+        path = Path(str(ckpt_path)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path={ckpt_path!r} is not a file: give a checkpoint file or ckpt_path=last")
+        folder = path.parent
+    try:
+        ckpt = load_checkpoint(path)
+    except ConfigError as e:
+        fallback = _intact(folder, path)
+        if not fallback:
+            raise ConfigError(f"{e}; no other intact checkpoint in {folder}: start a new run") from None
+        print(f"[resume] {path} is damaged ({e}); resuming from {fallback[0][0]} instead", file=sys.stderr)
+        path, ckpt = fallback[0]
+    check_compatible(ckpt, path, module)
+    if _finished(ckpt, trainer_cfg):
+        raise ConfigError(f"{path}: this run already finished (trainer.max_epochs={trainer_cfg.max_epochs}, "
+                          f"trainer.max_steps={trainer_cfg.max_steps}); its outputs are in {out_dir}: raise "
+                          "trainer.max_epochs to train longer, or start a new run without ckpt_path")
+    return str(path)
