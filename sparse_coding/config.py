@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
+from typing import Any, List, Optional, get_type_hints
 
 from sparse_coding.errors import ConfigError
 
@@ -71,14 +71,34 @@ class SolverConfig:
     """The batched greedy coefficient solver (SPEC §2)."""
 
     max_steps: int = 256
+    tol: float = 1e-2  # a step of size a is taken only while a > tol * lam/2 (SPEC §2; docs/performance.md)
     eval_batch_size: int = 4096
+
+
+@dataclass
+class ConvergenceConfig:
+    """Train until the held-out measurement stops moving (SPEC §3), within a budget.
+
+    Every `eval_every` training samples the held-out metrics are computed; the run has converged
+    when normalized_loss and avg_coef_norm of every dictionary each moved by less than `tol`
+    (relative) over the last `window` evaluations and every auto-lambda has settled. With
+    `stop: false` the run trains for its trainer budget (the paper's fixed protocol) and still
+    reports whether it converged.
+    """
+
+    stop: bool = True
+    eval_every: int = 0  # training samples between held-out evaluations; 0: auto (a multiple of the held-out size)
+    tol: float = 0.01
+    window: int = 3
+    max_samples: int = 4_000_000  # budget in training samples (all ranks); 0: none
+    max_minutes: float = 120.0  # budget in wall-clock minutes of fitting; 0: none
 
 
 @dataclass
 class TrainerConfig:
     """Forwarded to `pytorch_lightning.Trainer`."""
 
-    max_epochs: int = 10
+    max_epochs: int = -1  # -1: no epoch limit (the convergence budget ends the run); 10: the paper's protocol
     max_steps: int = -1
     accelerator: str = "auto"
     devices: Any = 1
@@ -99,7 +119,8 @@ class LoggerConfig:
 
     name: str = "wandb"
     project: str = "sparse-coding"
-    mode: str = "offline"
+    # online | offline | disabled; unset: WANDB_MODE, else online under a wandb agent, else offline (loggers.py)
+    mode: Optional[str] = None
     group: Optional[str] = None
     run_name: Optional[str] = None
     tags: List[str] = field(default_factory=list)
@@ -109,8 +130,9 @@ class LoggerConfig:
 class ModelConfig:
     """A Hugging Face model whose activations are measured (SPEC §6)."""
 
-    name: str = "???"
+    name: Optional[str] = "???"  # a named config (registry), or with source=hf any hub id
     path: Optional[str] = None  # a local directory holding the weights; overrides the registry
+    source: str = "registry"  # "hf" (conf/model/hf.yaml): any transformers model by hub id or folder
     dtype: str = "float32"
 
 
@@ -128,9 +150,10 @@ class CorpusConfig:
 
 @dataclass
 class RunConfig:
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # or CacheDataConfig (composed runs: conf/data/)
     dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
+    convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     model: Optional[ModelConfig] = None
@@ -144,15 +167,39 @@ class RunConfig:
     ckpt_path: Optional[str] = None  # "last" or a checkpoint file to resume from
 
 
+# The composed config carries only the data fields that apply: conf/data/cache.yaml (and every model
+# config, which selects it) uses this schema, without the synthetic generator's fields.
+SYNTHETIC_FIELDS = ("dim", "n", "n_val", "active", "noise", "scale")
+CacheDataConfig = make_dataclass(
+    "CacheDataConfig",
+    [(f.name, get_type_hints(DataConfig)[f.name], field(default=f.default))
+     for f in fields(DataConfig) if f.name not in SYNTHETIC_FIELDS],
+)
+
+
+@dataclass
+class RunSchema(RunConfig):
+    """RunConfig as Hydra composes it: `data` comes whole from its group (data_schema or cache_data_schema)."""
+
+    data: Any = MISSING
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore so yaml files can extend them."""
     from hydra.core.config_store import ConfigStore
 
+    from omegaconf import OmegaConf
+
+    from sparse_coding.paths import run_id
+
+    OmegaConf.register_new_resolver("run_id", run_id, replace=True)  # names the default run directory
     cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
+    cs.store(name="run_schema", node=RunSchema)
     cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="data", name="cache_data_schema", node=CacheDataConfig)
     cs.store(group="dictionary", name="dictionary_schema", node=DictionaryConfig)
     cs.store(group="solver", name="solver_schema", node=SolverConfig)
+    cs.store(group="convergence", name="convergence_schema", node=ConvergenceConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
@@ -260,21 +307,28 @@ def validate_cache_path(path: Any) -> dict:
     return m
 
 
-def validate_data(cfg: DataConfig, *, uses_model: bool) -> None:
-    if not uses_model and cfg.name not in DATA_NAMES:
-        raise ConfigError(f"unknown data set data={cfg.name!r}: choose one of {', '.join(DATA_NAMES)}")
-    for key in ("dim", "n", "n_val", "batch_size", "shuffle_buffer"):
+def validate_synthetic_fields(cfg: DataConfig) -> None:
+    for key in ("dim", "n", "n_val"):
         _integer(f"data.{key}", getattr(cfg, key), 1)
-    _integer("data.num_workers", cfg.num_workers, 0)
-    _integer("data.seed", cfg.seed, 0, SEED_MAX)
     _positive("data.noise", cfg.noise, allow_zero=True)
     _positive("data.scale", cfg.scale)
     if not SCALE_RANGE[0] <= cfg.scale <= SCALE_RANGE[1]:
         raise ConfigError(f"data.scale={cfg.scale!r} must be between {SCALE_RANGE[0]:g} and {SCALE_RANGE[1]:g} "
                           "(float32 training; S1 and L_norm do not depend on the scale)")
+
+
+def validate_data(cfg: DataConfig, *, uses_model: bool) -> None:
+    if not uses_model and cfg.name not in DATA_NAMES:
+        raise ConfigError(f"unknown data set data={cfg.name!r}: choose one of {', '.join(DATA_NAMES)}")
+    for key in ("batch_size", "shuffle_buffer"):
+        _integer(f"data.{key}", getattr(cfg, key), 1)
+    _integer("data.num_workers", cfg.num_workers, 0)
+    _integer("data.seed", cfg.seed, 0, SEED_MAX)
+    if hasattr(cfg, "dim"):  # the synthetic fields (absent from a composed cache config)
+        validate_synthetic_fields(cfg)
     if not _number(cfg.val_fraction) or not 0 < cfg.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.val_fraction!r} must be between 0 and 1")
-    if cfg.name in ("sparse_linear", "sparse_nonlinear") and not uses_model:
+    if cfg.name in ("sparse_linear", "sparse_nonlinear") and not uses_model and hasattr(cfg, "active"):
         _positive("data.active", cfg.active)
         if cfg.active > 4 * cfg.dim:
             raise ConfigError(
@@ -307,15 +361,23 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"dictionary.init={d.init!r}: choose one of {', '.join(INITS)}")
     _integer("solver.max_steps", cfg.solver.max_steps, 1)
     _integer("solver.eval_batch_size", cfg.solver.eval_batch_size, 1)
+    if not _number(cfg.solver.tol) or not 1e-6 <= cfg.solver.tol < 1:
+        raise ConfigError(f"solver.tol={cfg.solver.tol!r} must be a number in [1e-6, 1) (relative step tolerance)")
+    validate_convergence(cfg.convergence)
     _integer("seed", cfg.seed, 0, SEED_MAX)
     t = cfg.trainer
     _integer("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, 0)
     _integer("trainer.max_epochs", t.max_epochs, -1)
     _integer("trainer.max_steps", t.max_steps, -1)
-    if t.max_epochs < 1 and t.max_steps < 1:
-        raise ConfigError("set trainer.max_epochs >= 1 or trainer.max_steps >= 1")
+    c = cfg.convergence
+    if t.max_epochs < 1 and t.max_steps < 1 and not (c.stop and (c.max_samples > 0 or c.max_minutes > 0)):
+        raise ConfigError("the run has no budget: set trainer.max_epochs >= 1, trainer.max_steps >= 1, or "
+                          "convergence.max_samples / convergence.max_minutes (with convergence.stop=true)")
     if cfg.logger.name not in LOGGERS:
         raise ConfigError(f"logger={cfg.logger.name!r}: choose one of {', '.join(LOGGERS)}")
+    if cfg.logger.mode not in (None, "online", "offline", "disabled"):
+        raise ConfigError(f"logger.mode={cfg.logger.mode!r}: choose online, offline or disabled "
+                          "(or leave it unset: WANDB_MODE, else online under a wandb agent, else offline)")
     if cfg.activation not in ACTIVATIONS:
         raise ConfigError(f"activation={cfg.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
     if uses_model:
@@ -342,6 +404,17 @@ def data_width(cfg: Any) -> Optional[int]:
     except ConfigError:
         return None
 
+
+def validate_convergence(c: Any) -> None:
+    if not isinstance(c.stop, bool):
+        raise ConfigError(f"convergence.stop={c.stop!r} must be true or false")
+    _integer("convergence.eval_every", c.eval_every, 0)
+    _integer("convergence.window", c.window, 2)
+    _integer("convergence.max_samples", c.max_samples, 0)
+    if not _number(c.tol) or not 0 < c.tol < 1:
+        raise ConfigError(f"convergence.tol={c.tol!r} must be a number in (0, 1) (relative change)")
+    if not _number(c.max_minutes) or c.max_minutes < 0:
+        raise ConfigError(f"convergence.max_minutes={c.max_minutes!r} must be a number >= 0 (0: no time budget)")
 
 
 def validate_cache_width(cfg: Any) -> None:

@@ -114,6 +114,7 @@ class SyntheticDataModule(pl.LightningDataModule):
         data = generate(name, dim, n + n_val, seed, active=active, noise=noise)
         x = data.x * scale
         self.train_x, self.val_x = x[:n].contiguous(), x[n:].contiguous()
+        self.train_rows, self.val_rows = n, n_val
         self.dim = dim
         self.truth = data.truth or None
         self.seed, self.batch_size, self.eval_batch_size = seed, batch_size, eval_batch_size

@@ -13,7 +13,9 @@ from torchmetrics import Metric
 
 METRIC_NAMES = (
     "normalized_loss",
+    "normalized_loss_se",
     "avg_coef_norm",
+    "avg_coef_norm_se",
     "l0",
     "loss",
     "fvu",
@@ -23,11 +25,20 @@ METRIC_NAMES = (
     "dead_fraction",
     "capped_fraction",
     "mean_steps",
+    "n_samples",
 )
 
 
+def ratio_se(n: Tensor, sy: Tensor, sx: Tensor, syy: Tensor, sxx: Tensor, sxy: Tensor) -> Tensor:
+    """Standard error of R = sum(y) / sum(x) over n samples, by the delta method:
+    Var(R) ~ sum((y_j - R x_j)^2) / (n (n - 1) xbar^2). Only sums are needed, so it all-reduces."""
+    r = sy / sx
+    spread = (syy - 2 * r * sxy + r * r * sxx).clamp_min(0)
+    return (spread / (n * (n - 1))).sqrt() / (sx / n)
+
+
 class SparsityMetrics(Metric):
-    """Accumulates (x, alpha, reconstruction) batches for one dictionary and one lambda."""
+    """Accumulates (x, sparse coefficients, reconstruction) batches for one dictionary and one lambda."""
 
     full_state_update = False
     higher_is_better = False
@@ -36,30 +47,36 @@ class SparsityMetrics(Metric):
         super().__init__()
         self.lam = float("nan")  # set before compute(); the same on every rank
         f64 = torch.float64
-        self.add_state("n", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
-        self.add_state("sum_l1", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
-        self.add_state("sum_max", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
-        self.add_state("sum_l0", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
-        self.add_state("sum_sq_err", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
-        self.add_state("sum_sq_x", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
+        # per-sample quantities e = ||x - Phi alpha||^2, l1 = ||alpha||_1, mx = max_i alpha_i: their sums,
+        # squares and cross products give both ratios and their standard errors for any lambda
+        for name in ("n", "sum_l1", "sum_max", "sum_l0", "sum_sq_err", "sum_sq_x", "sum_capped", "sum_steps",
+                     "sum_e2", "sum_l1_2", "sum_max_2", "sum_e_l1", "sum_e_max", "sum_l1_max"):
+            self.add_state(name, torch.zeros((), dtype=f64), dist_reduce_fx="sum")
         self.add_state("sum_x", torch.zeros(dim, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("sum_capped", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
-        self.add_state("sum_steps", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
         self.add_state("feature_count", torch.zeros(dict_size, dtype=f64), dist_reduce_fx="sum")
 
-    def update(self, x: Tensor, alpha: Tensor, reconstruction: Tensor, steps: Tensor, capped: Tensor) -> None:
+    def update(self, x: Tensor, codes, reconstruction: Tensor) -> None:
+        """`codes`: the solver's SolveResult for the rows of x; `reconstruction`: Phi alpha, (n, d)."""
         f64 = torch.float64
+        e = (x - reconstruction).pow(2).sum(dim=1, dtype=f64)
+        l1 = codes.row_sums().to(f64)
+        mx = codes.row_max().to(f64)
         self.n += x.shape[0]
-        self.sum_l1 += alpha.sum(dtype=f64)
-        self.sum_max += alpha.amax(dim=1).sum(dtype=f64)
-        active = alpha > 0
-        self.sum_l0 += active.sum(dtype=f64)
-        self.feature_count += active.sum(dim=0, dtype=f64)
-        self.sum_sq_err += (x - reconstruction).pow(2).sum(dtype=f64)
+        self.sum_l1 += l1.sum()
+        self.sum_max += mx.sum()
+        self.sum_l0 += codes.l0.sum(dtype=f64)
+        self.feature_count += codes.feature_counts().to(f64)
+        self.sum_sq_err += e.sum()
         self.sum_sq_x += x.pow(2).sum(dtype=f64)
         self.sum_x += x.sum(dim=0, dtype=f64)
-        self.sum_capped += capped.sum(dtype=f64)
-        self.sum_steps += steps.sum(dtype=f64)
+        self.sum_capped += codes.capped.sum(dtype=f64)
+        self.sum_steps += codes.steps.sum(dtype=f64)
+        self.sum_e2 += e.pow(2).sum()
+        self.sum_l1_2 += l1.pow(2).sum()
+        self.sum_max_2 += mx.pow(2).sum()
+        self.sum_e_l1 += (e * l1).sum()
+        self.sum_e_max += (e * mx).sum()
+        self.sum_l1_max += (l1 * mx).sum()
 
     def compute(self) -> dict[str, Tensor]:
         """All metrics; the objective uses the penalty in `self.lam`, which the caller sets."""
@@ -70,9 +87,15 @@ class SparsityMetrics(Metric):
         loss = (self.sum_sq_err + lam * self.sum_l1) / n
         centred_sq = self.sum_sq_x - self.sum_x.pow(2).sum() / n
         fvu = self.sum_sq_err / centred_sq
+        # normalized_loss = sum(y) / sum(x) with y = e + lam l1 and x = lam mx
+        sy = self.sum_sq_err + lam * self.sum_l1
+        syy = self.sum_e2 + 2 * lam * self.sum_e_l1 + lam * lam * self.sum_l1_2
+        sxy = lam * self.sum_e_max + lam * lam * self.sum_l1_max
         values = {
             "normalized_loss": loss / (lam * mean_max),
+            "normalized_loss_se": ratio_se(n, sy, lam * self.sum_max, syy, lam * lam * self.sum_max_2, sxy),
             "avg_coef_norm": self.sum_l1 / self.sum_max,
+            "avg_coef_norm_se": ratio_se(n, self.sum_l1, self.sum_max, self.sum_l1_2, self.sum_max_2, self.sum_l1_max),
             "l0": self.sum_l0 / n,
             "loss": loss,
             "fvu": fvu,
@@ -82,5 +105,6 @@ class SparsityMetrics(Metric):
             "dead_fraction": (self.feature_count == 0).to(torch.float64).mean(),
             "capped_fraction": self.sum_capped / n,
             "mean_steps": self.sum_steps / n,
+            "n_samples": n,
         }
         return values

@@ -3,6 +3,10 @@
 Each training step: (i) solve for alpha with Phi fixed (no gradient through the solver); (ii) take
 `inner_steps` gradient steps on ||x - Phi alpha||^2 over Phi with alpha fixed, removing the part of
 each column's gradient parallel to the column and renormalising the columns after every step.
+The coefficients stay sparse: decoding, the gradient and every statistic touch only the nonzeros.
+The reconstruction error is divided by the mean squared norm of the first training batch, so the
+optimizer sees the same gradients whatever the data's scale (Adam's eps would otherwise break the
+scale invariance of S1 and L_norm for small data).
 
 One module can hold a bank of dictionaries (one per (mult, lam) pair) that share every batch;
 Adam's update is per element, so training them together equals training them one by one.
@@ -20,7 +24,7 @@ from torch import Tensor, nn
 
 from sparse_coding.errors import ConfigError
 from sparse_coding.metrics import SparsityMetrics
-from sparse_coding.solver import all_finite, solve
+from sparse_coding.solver import DEFAULT_TOL, SolveResult, all_finite, solve
 
 
 class NonFiniteError(ConfigError):
@@ -43,6 +47,7 @@ class SparseCodingModule(pl.LightningModule):
         lam_tol: float = 0.02,
         lam_init_rounds: int = 3,
         max_steps: int = 256,
+        tol: float = DEFAULT_TOL,
         dead_window: int = 16384,
         init: str = "data",
         seed: int = 0,
@@ -73,11 +78,15 @@ class SparseCodingModule(pl.LightningModule):
         self.register_buffer("lam_converged", torch.tensor([not a for a in self.auto]))
         self.register_buffer("epoch_sum_max", torch.zeros(len(self.grid), dtype=torch.float64))
         self.register_buffer("epoch_count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("samples_seen", torch.zeros((), dtype=torch.float64))  # training samples, all ranks
+        self.register_buffer("data_power", torch.full((), math.nan, dtype=torch.float64))  # mean ||x||^2, batch 1
         for k, (mult, _) in enumerate(self.grid):
             self.register_buffer(f"since_active_{k}", torch.zeros(mult * dim, dtype=torch.float64))
         self.lam_history: list[list[float]] = [[] for _ in self.grid]
+        self.history: list[dict] = []  # held-out metrics at every evaluation (see on_validation_epoch_end)
         self.val_metrics = nn.ModuleList(SparsityMetrics(dim, m * dim) for m, _ in self.grid)
         self.final_metrics: list[dict] = []
+        self._val_grams: list[Tensor] = []
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -103,12 +112,20 @@ class SparseCodingModule(pl.LightningModule):
             top = (x @ phi).amax(dim=1).clamp_min(0).sum(dtype=torch.float64)
             lam = 0.1 * float(self._sum_across_ranks(top) / count)
             for _ in range(self.hparams.lam_init_rounds):
-                alpha = solve(x, phi, lam, self.hparams.max_steps).alpha
-                lam = 0.1 * float(self._sum_across_ranks(alpha.amax(dim=1).sum(dtype=torch.float64)) / count)
+                row_max = self._solve(x, phi, lam).row_max()
+                lam = 0.1 * float(self._sum_across_ranks(row_max.sum(dtype=torch.float64)) / count)
             if not lam > 0:
                 raise ValueError("auto lambda found no positive coefficients: are the data all zero?")
             self.lams[k] = lam
             self.lam_history[k].append(lam)
+
+    def _solve(self, x: Tensor, phi: Tensor, lam: float, gram: Tensor | None = None) -> SolveResult:
+        return solve(x, phi.detach(), lam, self.hparams.max_steps, gram=gram, tol=self.hparams.tol)
+
+    def _logging_step(self) -> bool:
+        """Per-step statistics are computed and logged only every trainer.log_every_n_steps steps."""
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        return self.global_step % max(1, every) == 0
 
     # ---- training --------------------------------------------------------------------------
 
@@ -130,50 +147,58 @@ class SparseCodingModule(pl.LightningModule):
 
     def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
         self._stop_if_nonfinite("input batch (NaN/Inf in the data)", all_finite(x), batch_idx)
+        global_batch = self._sum_across_ranks(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
+        if torch.isnan(self.data_power):
+            power = self._sum_across_ranks(x.pow(2).sum(dtype=torch.float64)) / global_batch
+            self.data_power.fill_(float(power) if power > 0 else 1.0)
         if torch.isnan(self.lams).any():
             self._initial_lams(x)
-        alphas = []
-        global_batch = self._sum_across_ranks(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
+        log = self._logging_step()
+        codes = []
         with torch.no_grad():
             for k, phi in enumerate(self.phis):
-                result = solve(x, phi.detach(), self.lam(k), self.hparams.max_steps)
-                alphas.append(result.alpha)
-                active = result.alpha > 0
-                self.epoch_sum_max[k] += result.alpha.amax(dim=1).sum(dtype=torch.float64)
-                self._track_dead(k, active, global_batch)
-                self.log(self.name(k, "train/l0"), active.sum(dtype=torch.float32) / x.shape[0], on_step=True)
-                self.log(self.name(k, "train/capped_fraction"), result.capped.float().mean(), on_step=True)
+                result = self._solve(x, phi, self.lam(k))
+                codes.append(result)
+                self.epoch_sum_max[k] += result.row_max().sum(dtype=torch.float64)
+                self._track_dead(k, result.feature_counts(), global_batch, log)
+                if log:
+                    self.log(self.name(k, "train/l0"), result.l0.sum(dtype=torch.float64).float() / x.shape[0], on_step=True)
+                    self.log(self.name(k, "train/capped_fraction"), result.capped.float().mean(), on_step=True)
         self.epoch_count += x.shape[0]
+        self.samples_seen += global_batch
 
         opt = self.optimizers()
+        scale = float(self.data_power)
         for _ in range(self.hparams.inner_steps):
             opt.zero_grad()
-            errors = [(x - alpha @ phi.T).pow(2).sum(dim=1).mean() for phi, alpha in zip(self.phis, alphas)]
+            errors = [(x - code.decode(phi)).pow(2).sum(dim=1).mean() for phi, code in zip(self.phis, codes)]
             # non-finite alpha would show in the loss, so the loss alone is checked
-            self._stop_if_nonfinite("loss", all(bool(torch.isfinite(e)) for e in errors), batch_idx)
-            self.manual_backward(torch.stack(errors).sum())
+            self._stop_if_nonfinite("loss", all_finite(torch.stack(errors).detach()), batch_idx)
+            self.manual_backward(torch.stack(errors).sum() / scale)
             self._remove_parallel_gradient()
             self._stop_if_nonfinite("gradient", all(p.grad is None or all_finite(p.grad) for p in self.phis), batch_idx)
             opt.step()
             self._renormalise()
             self._stop_if_nonfinite("Phi after the optimizer step (lower dictionary.lr)",
                                     all(all_finite(p) for p in self.phis), batch_idx)
-        for k, err in enumerate(errors):
-            loss = err.detach() + self.lam(k) * alphas[k].sum() / x.shape[0]
-            self.log(self.name(k, "train/loss"), loss, on_step=True, prog_bar=len(self.grid) == 1)
-            self.log(self.name(k, "train/lam"), self.lam(k), on_step=True)
-        return loss
+        if log:
+            for k, err in enumerate(errors):
+                loss = err.detach() + self.lam(k) * codes[k].values.sum() / x.shape[0]
+                self.log(self.name(k, "train/loss"), loss, on_step=True, prog_bar=len(self.grid) == 1)
+                self.log(self.name(k, "train/lam"), self.lam(k), on_step=True)
+        return errors[0].detach()
 
     @torch.no_grad()
-    def _track_dead(self, k: int, active: Tensor, global_batch: Tensor) -> None:
-        """`active` is this rank's (batch, m) mask alpha > 0; a feature unused for dead_window samples
-        (counted over all ranks: `global_batch` per step) is dead."""
+    def _track_dead(self, k: int, counts: Tensor, global_batch: Tensor, log: bool) -> None:
+        """`counts` is this rank's (m,) number of samples using each feature; a feature unused for
+        dead_window samples (counted over all ranks: `global_batch` per step) is dead."""
         since = getattr(self, f"since_active_{k}")
-        used = self._sum_across_ranks(active.sum(dim=0, dtype=torch.float64))
+        used = self._sum_across_ranks(counts.to(torch.float64))
         since += global_batch
         since[used > 0] = 0
-        dead = (since >= self.hparams.dead_window).double().mean()
-        self.log(self.name(k, "train/dead_fraction"), dead.float(), on_step=True)
+        if log:
+            dead = (since >= self.hparams.dead_window).double().mean()
+            self.log(self.name(k, "train/dead_fraction"), dead.float(), on_step=True)
 
     @torch.no_grad()
     def _remove_parallel_gradient(self) -> None:
@@ -203,15 +228,19 @@ class SparseCodingModule(pl.LightningModule):
 
     # ---- evaluation ------------------------------------------------------------------------
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_grams = [phi.detach().T @ phi.detach() for phi in self.phis]  # one Gram per pass
+
     def validation_step(self, x: Tensor, batch_idx: int) -> None:
         if torch.isnan(self.lams).any():  # validating before any training step
             self._initial_lams(x)
-        for k, phi in enumerate(self.phis):
-            result = solve(x, phi, self.lam(k), self.hparams.max_steps)
-            reconstruction = result.alpha @ phi.T
-            self.val_metrics[k].update(x, result.alpha, reconstruction, result.steps, result.capped)
+        with torch.no_grad():
+            for k, phi in enumerate(self.phis):
+                result = self._solve(x, phi, self.lam(k), gram=self._val_grams[k])
+                self.val_metrics[k].update(x, result, result.decode(phi.detach()))
 
     def on_validation_epoch_end(self) -> None:
+        self._val_grams = []
         self.final_metrics = []
         for k, metric in enumerate(self.val_metrics):
             metric.lam = self.lam(k)
@@ -226,11 +255,30 @@ class SparseCodingModule(pl.LightningModule):
                 label=self.labels[k],
             )
             self.final_metrics.append(values)
+        self._record_history()
+
+    def _record_history(self) -> None:
+        """One history point per evaluation (a repeated evaluation at the same position replaces it)."""
+        point = {
+            "samples_seen": int(self.samples_seen),
+            "optimizer_steps": int(self.global_step),
+            "dictionaries": [
+                {key: e[key] for key in ("normalized_loss", "avg_coef_norm", "normalized_loss_se", "avg_coef_norm_se",
+                                         "lam", "lam_converged")}
+                for e in self.final_metrics
+            ],
+        }
+        if self.history and self.history[-1]["samples_seen"] == point["samples_seen"]:
+            self.history[-1] = point
+        else:
+            self.history.append(point)
 
     # ---- checkpoints -----------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lam_history"] = self.lam_history
+        checkpoint["history"] = self.history
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.lam_history = checkpoint.get("lam_history", self.lam_history)
+        self.history = checkpoint.get("history", self.history)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from sparse_coding.atomic import atomic_write_bytes
+from sparse_coding.dictionary import save_dictionaries
+from sparse_coding.errors import ConfigError
 from sparse_coding.module import SparseCodingModule
 
 
@@ -30,24 +34,60 @@ def flatten_for_summary(result: dict) -> dict:
 
 
 def write_outputs(out_dir: Path, cfg: DictConfig, module: SparseCodingModule, result: dict) -> None:
-    from safetensors.torch import save_file
+    """The dictionary first, then dictionary.json, metrics.json and plots; each written atomically and
+    independently of the others (one that fails does not stop the rest). Raises ConfigError afterwards
+    when any output failed or a metric is not finite (written as null and listed under `not_finite`)."""
+    bad = nonfinite_paths(result)
+    metrics = finite_or_null(result)
+    if bad:
+        metrics["not_finite"] = bad
+    failed = []
 
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    tensors = {label: phi.detach().cpu().contiguous() for label, phi in zip(module.labels, module.phis)}
-    save_file(tensors, str(out_dir / "dictionary.safetensors"))
-    meta = {
-        "dim": module.hparams.dim,
-        "dictionaries": [
-            {"tensor": label, "dict_mult": m, "dict_size": m * module.hparams.dim, "lam": module.lam(k)}
-            for k, (label, (m, _)) in enumerate(zip(module.labels, module.grid))
-        ],
-        "layout": "phi is (d, m); columns are unit-norm features",
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    (out_dir / "dictionary.json").write_text(json.dumps(meta, indent=2) + "\n")
-    from sparse_coding.plots import plot_run
+    def attempt(name: str, write, errors=(OSError,)) -> None:
+        try:
+            write()
+        except errors as e:
+            failed.append(f"{name} ({getattr(e, 'strerror', None) or e})")
 
-    plot_run(out_dir, result)
+    save_dictionaries(out_dir, cfg, module, attempt)  # dictionary.safetensors, then dictionary.json
+    attempt("metrics.json", lambda: atomic_write_bytes(out_dir / "metrics.json", _json_bytes(metrics)))
+    if not failed:
+        from sparse_coding.plots import plot_run
+
+        attempt("plots/", lambda: plot_run(out_dir, result), (Exception,))  # figures are the least essential
+    if failed:
+        written = [n for n in ("dictionary.safetensors", "dictionary.json", "metrics.json") if not any(f.startswith(n) for f in failed)]
+        raise ConfigError(f"{out_dir}: could not write {', '.join(failed)}; written: {', '.join(written) or 'nothing'}; "
+                          "the checkpoint in checkpoints/ is intact: fix the directory and rerun with ckpt_path=last")
+    if bad:
+        raise ConfigError(f"{out_dir}/metrics.json: {', '.join(bad)} not finite (written as null): the held-out data "
+                          "are too few or too degenerate to measure; use more data or a larger data.val_fraction")
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode()
+
+
+def nonfinite_paths(obj, prefix: str = "") -> list[str]:
+    """Dotted paths of every NaN/Inf float inside a JSON-like object."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [prefix or "value"]
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in nonfinite_paths(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, v in enumerate(obj) for p in nonfinite_paths(v, f"{prefix}[{i}]")]
+    return []
+
+
+def finite_or_null(obj):
+    """A copy with every NaN/Inf float replaced by None (valid JSON, never a fake number)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
 
 
 def print_table(result: dict) -> None:
@@ -60,10 +100,13 @@ def print_table(result: dict) -> None:
     table.add_column("metric")
     for e in entries:
         table.add_column(e["label"], justify="right")
-    rows = ["normalized_loss", "avg_coef_norm", "l0", "loss", "fvu", "explained_variance", "lam", "dict_size",
-            "dead_fraction", "capped_fraction", "mean_steps"]
+    rows = ["normalized_loss", "normalized_loss_se", "avg_coef_norm", "avg_coef_norm_se", "l0", "loss", "fvu",
+            "explained_variance", "lam", "lam_converged", "dict_size", "dead_fraction", "capped_fraction", "mean_steps"]
     for row in rows:
         table.add_row(row, *[f"{e[row]:.4g}" if isinstance(e[row], float) else str(e[row]) for e in entries])
+    if "converged" in result:
+        table.add_row("converged", *[str(result["converged"])] * len(entries))
+        table.add_row("samples_seen", *[f"{result['samples_seen']:,}"] * len(entries))
     console = Console()
     console.print(table)
     for e in entries:

@@ -16,9 +16,10 @@ from omegaconf import DictConfig
 
 from sparse_coding.checkpoints import AtomicCheckpoint, resume_checkpoint
 from sparse_coding.config import SYNTHETIC_DATA, dictionary_grid
-from sparse_coding.loggers import build_logger
+from sparse_coding.convergence import ConvergenceMonitor, trainer_schedule, unconverged_advice
+from sparse_coding.loggers import build_logger, finish_logger, log_run_files
 from sparse_coding.module import SparseCodingModule
-from sparse_coding.outputs import collect_results, flatten_for_summary, print_table, write_outputs
+from sparse_coding.outputs import collect_results, print_table, write_outputs
 from sparse_coding.rundir import own_run_dir
 
 
@@ -38,8 +39,13 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     return CacheDataModule.from_config(cfg, path)
 
 
-def build_trainer(cfg: DictConfig, out_dir: Path, logger, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, out_dir: Path, logger, callbacks: Sequence[pl.Callback] = (),
+                  schedule: dict | None = None) -> pl.Trainer:
+    """The Lightning Trainer; `schedule` (sparse_coding.convergence.trainer_schedule) sets the held-out
+    evaluation cadence and the budget."""
     t = cfg.trainer
+    schedule = schedule or {"max_steps": t.max_steps, "val_check_interval": None, "check_val_every_n_epoch": 1,
+                            "max_time": None}
     # last.ckpt at every epoch end and, with trainer.checkpoint_every_n_steps=N, every N optimizer steps
     # (mid-epoch: the data loaders store their position, so `ckpt_path=last` resumes at the next batch).
     # save_top_k=1 with no monitor keeps only the newest checkpoint; it is needed because Lightning
@@ -48,7 +54,10 @@ def build_trainer(cfg: DictConfig, out_dir: Path, logger, callbacks: Sequence[pl
                                   every_n_train_steps=t.checkpoint_every_n_steps or None)
     return pl.Trainer(
         max_epochs=t.max_epochs,
-        max_steps=t.max_steps,
+        max_steps=schedule["max_steps"],
+        max_time=schedule["max_time"],
+        val_check_interval=schedule["val_check_interval"],
+        check_val_every_n_epoch=schedule["check_val_every_n_epoch"],
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
@@ -57,7 +66,6 @@ def build_trainer(cfg: DictConfig, out_dir: Path, logger, callbacks: Sequence[pl
         deterministic=t.deterministic,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.enable_progress_bar,
-        check_val_every_n_epoch=t.check_val_every_n_epoch,
         limit_train_batches=t.limit_train_batches,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # the data modules split batches across ranks themselves
@@ -82,6 +90,7 @@ def build_module(cfg: DictConfig, datamodule) -> SparseCodingModule:
         lam_tol=d.lam_tol,
         lam_init_rounds=d.lam_init_rounds,
         max_steps=cfg.solver.max_steps,
+        tol=cfg.solver.tol,
         dead_window=d.dead_window,
         init=d.init,
         seed=cfg.seed,
@@ -104,17 +113,34 @@ def _run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) 
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     logger = build_logger(cfg, out_dir)
-    trainer = build_trainer(cfg, out_dir, logger, callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.ckpt_path, out_dir, module, cfg.trainer))
-    trainer.validate(module, datamodule=datamodule, verbose=False)
-    result = collect_results(cfg, datamodule, module)
-    if trainer.world_size > 1:
-        result["ddp"] = {"world_size": trainer.world_size, "phi_max_rank_difference": phi_rank_difference(trainer, module)}
-    if trainer.is_global_zero:
-        write_outputs(out_dir, cfg, module, result)
-        if cfg.logger.name == "wandb":
-            logger.experiment.summary.update(flatten_for_summary(result))
-        print_table(result)
+    c = cfg.convergence
+    global_batch = int(cfg.data.batch_size)
+    monitor = ConvergenceMonitor(c.window, c.tol, c.stop, c.max_samples, c.max_minutes,
+                                 train_rows=getattr(datamodule, "train_rows", None),
+                                 is_cache=not hasattr(datamodule, "train_x"))
+    schedule = trainer_schedule(cfg, datamodule.val_rows, global_batch)
+    failed = True
+    try:
+        trainer = build_trainer(cfg, out_dir, logger, [monitor, *callbacks], schedule)
+        trainer.fit(module, datamodule=datamodule,
+                    ckpt_path=resume_checkpoint(cfg.ckpt_path, out_dir, module, cfg.trainer))
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        result = collect_results(cfg, datamodule, module)
+        result.update(monitor.report(module))
+        if trainer.world_size > 1:
+            result["ddp"] = {"world_size": trainer.world_size,
+                             "phi_max_rank_difference": phi_rank_difference(trainer, module)}
+        if trainer.is_global_zero:
+            write_outputs(out_dir, cfg, module, result)
+            if cfg.logger.name == "wandb":
+                log_run_files(logger, out_dir, result)
+            print_table(result)
+            advice = unconverged_advice(result)
+            if advice:
+                print(advice)
+        failed = False
+    finally:
+        finish_logger(logger, failed)  # each run (multirun job, agent run) gets its own W&B run
     return result
 
 

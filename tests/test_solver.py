@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparse_coding.solver import _kernel_available, objective, solve, solve_reference
+from sparse_coding.solver import DEFAULT_TOL, _kernel_available, objective, solve, solve_reference
 from sparse_coding.synthetic import sparse_coefficients
 
 
@@ -75,7 +75,92 @@ def test_nonnegative_and_stopping_rule():
     assert (result.alpha >= 0).all()
     assert not result.capped.any()
     final_scores = (x - result.alpha @ phi.T) @ phi
-    assert (final_scores.max(dim=1).values <= lam / 2 + 1e-9).all()
+    # stopped: no atom offers a step larger than tol * lam/2
+    assert (final_scores.max(dim=1).values <= (1 + DEFAULT_TOL) * lam / 2 + 1e-9).all()
+
+
+@pytest.mark.parametrize("tol", [0.5, 0.1, 1e-3])
+def test_tolerance_is_the_stop(tol):
+    """The last accepted step of every sample exceeds tol*lam/2 and the next one would not."""
+    x, phi = random_problem(60, 16, 64, 12)
+    lam = 0.9
+    result = solve(x, phi, lam, max_steps=5000, tol=tol)
+    assert not result.capped.any()
+    final = ((x - result.alpha @ phi.T) @ phi).max(dim=1).values - lam / 2
+    assert (final <= tol * lam / 2 + 1e-12).all()
+    # one step fewer: every sample that took a step had a step > tol*lam/2 left
+    took = result.steps > 0
+    shorter = solve(x[took], phi, lam, max_steps=5000, tol=tol)
+    assert torch.equal(shorter.steps, result.steps[took])
+    for k in range(int(result.steps.max())):
+        partial = solve(x, phi, lam, max_steps=k + 1, tol=tol)
+        last = partial.alpha.sum(1) - solve(x, phi, lam, max_steps=k, tol=tol).alpha.sum(1) if k else partial.alpha.sum(1)
+        stepped = result.steps > k
+        assert (last[stepped] > tol * lam / 2).all()
+        if k == 3:
+            break
+
+
+def test_same_steps_in_float32_and_float64():
+    """With an explicit tolerance the stopping point does not depend on the dtype (SPEC §2)."""
+    x, phi = random_problem(400, 32, 256, 13)
+    lam = 0.1 * float((x @ phi).amax(dim=1).mean())
+    f64 = solve(x, phi, lam, max_steps=512)
+    f32 = solve(x.float(), phi.float(), lam, max_steps=512)
+    assert (f64.steps != f32.steps).float().mean() < 0.02  # rare near-ties of the threshold only
+    assert abs(f64.l0.double().mean() - f32.l0.double().mean()) / f64.l0.double().mean() < 0.01
+    assert not f64.capped.any() and not f32.capped.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sample_that_needs_exactly_max_steps_is_not_capped(backend):
+    """A sample whose solve ends after exactly k steps is capped with max_steps < k, not with max_steps = k."""
+    x, phi = random_problem(40, 16, 64, 14)
+    lam = 0.7
+    free = solve(x, phi, lam, max_steps=5000, backend=backend)
+    for j in range(5):
+        k = int(free.steps[j])
+        if k == 0:
+            continue
+        at = solve(x[j:j + 1], phi, lam, max_steps=k, backend=backend)
+        below = solve(x[j:j + 1], phi, lam, max_steps=k - 1, backend=backend) if k > 1 else None
+        assert not bool(at.capped[0]) and int(at.steps[0]) == k
+        if below is not None:
+            assert bool(below.capped[0]) and int(below.steps[0]) == k - 1
+    direct = int((free.steps == 5000).sum())  # none needs that many: capped fraction is a direct count
+    assert int(free.capped.sum()) == direct == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_result_matches_dense(backend):
+    x, phi = random_problem(50, 16, 64, 15, dtype=torch.float32)
+    result = solve(x, phi, 0.4, backend=backend)
+    dense = result.alpha
+    assert torch.equal(result.l0, (dense > 0).sum(1))
+    torch.testing.assert_close(result.row_sums(), dense.sum(1))
+    torch.testing.assert_close(result.row_max(), dense.amax(1))
+    assert torch.equal(result.feature_counts(), (dense > 0).sum(0))
+    torch.testing.assert_close(result.decode(phi), dense @ phi.T, atol=1e-5, rtol=1e-5)
+    assert (result.values > 0).all()
+    assert (result.steps >= result.l0).all()
+
+
+def test_decode_is_differentiable_in_phi():
+    x, phi = random_problem(20, 8, 32, 16, dtype=torch.float64)
+    result = solve(x, phi, 0.3)
+    p1 = phi.clone().requires_grad_(True)
+    p2 = phi.clone().requires_grad_(True)
+    (x - result.decode(p1)).pow(2).sum().backward()
+    (x - result.alpha @ p2.T).pow(2).sum().backward()
+    torch.testing.assert_close(p1.grad, p2.grad)
+
+
+def test_half_precision_is_refused():
+    x, phi = random_problem(4, 8, 16, 0, dtype=torch.float32)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        solve(x.half(), phi.half(), 0.5)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        solve(x.bfloat16(), phi.bfloat16(), 0.5)
 
 
 def test_zero_rows_give_zero_coefficients():
@@ -97,6 +182,9 @@ def test_rejects_bad_input():
         solve(bad, phi, 0.5)
     with pytest.raises(ValueError, match="backend"):
         solve(x, phi, 0.5, backend="fortran")
+    for tol in (0.0, 1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="tol"):
+            solve(x, phi, 0.5, tol=tol)
 
 
 @pytest.mark.skipif(not _kernel_available(), reason="numba not installed")

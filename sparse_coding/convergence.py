@@ -1,0 +1,162 @@
+"""Train until the held-out measurement has converged (SPEC §3), and say whether it did.
+
+The held-out metrics are computed every `convergence.eval_every` training samples (Lightning's
+`val_check_interval`, counted across epochs). `ConvergenceMonitor` reads the module's history after
+each evaluation and stops the fit (`trainer.should_stop`, as EarlyStopping does) once, for every
+dictionary, normalized_loss and avg_coef_norm each moved by less than `tol` (relative to the
+latest value) over the last `window` evaluations and auto-lambda has settled. It also times the fit
+and its evaluations, and notes when a cache was passed over more than once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+
+# Auto cadence: evaluate every EVAL_MULTIPLE x (held-out rows) training samples. Evaluating a row
+# (solve only, one Gram per pass) costs about half of training on it (solve, Gram per batch,
+# decode, gradient, Adam): measured in docs/performance.md, so this keeps evaluation near 10 %.
+EVAL_MULTIPLE = 4
+TRACKED = ("normalized_loss", "avg_coef_norm")
+
+
+def eval_every_samples(cfg: Any, val_rows: int, global_batch: int) -> int:
+    """Training samples between evaluations, a whole number of global batches."""
+    every = int(cfg.convergence.eval_every) or EVAL_MULTIPLE * int(val_rows)
+    return max(1, math.ceil(every / global_batch)) * global_batch
+
+
+def trainer_schedule(cfg: Any, val_rows: int, global_batch: int) -> dict:
+    """Trainer arguments for the evaluation cadence and the budget."""
+    c, t = cfg.convergence, cfg.trainer
+    every = eval_every_samples(cfg, val_rows, global_batch)
+    max_steps = int(t.max_steps)
+    max_time = None
+    if c.stop:
+        if c.max_samples > 0:
+            budget_steps = math.ceil(c.max_samples / global_batch) * int(cfg.dictionary.inner_steps)
+            max_steps = budget_steps if max_steps < 1 else min(max_steps, budget_steps)
+        if c.max_minutes > 0:
+            max_time = {"seconds": float(c.max_minutes) * 60}
+    return {
+        "val_check_interval": every // global_batch,
+        "check_val_every_n_epoch": None,  # the interval counts batches across epochs
+        "max_steps": max_steps,
+        "max_time": max_time,
+    }
+
+
+def has_converged(history: list[dict], window: int, tol: float) -> bool:
+    """The last `window` evaluations agree within `tol` on every tracked metric of every dictionary, and
+    every auto-lambda has settled (at the latest evaluation)."""
+    if len(history) < window:
+        return False
+    recent = history[-window:]
+    for k, latest in enumerate(recent[-1]["dictionaries"]):
+        if not latest["lam_converged"]:
+            return False
+        for key in TRACKED:
+            values = [point["dictionaries"][k][key] for point in recent]
+            if not all(math.isfinite(v) for v in values):
+                return False
+            if (max(values) - min(values)) > tol * abs(values[-1]):
+                return False
+    return True
+
+
+class ConvergenceMonitor(pl.Callback):
+    """Stops the fit when the measurement has converged (with `stop`), times fit and evaluation."""
+
+    def __init__(self, window: int, tol: float, stop: bool, max_samples: int = 0, max_minutes: float = 0.0,
+                 train_rows: Optional[int] = None, is_cache: bool = False) -> None:
+        self.window, self.tol, self.stop = int(window), float(tol), bool(stop)
+        self.max_samples, self.max_minutes = int(max_samples), float(max_minutes)
+        self.train_rows, self.is_cache = train_rows, is_cache
+        self.converged = False
+        self.stopped_by: Optional[str] = None
+        self.fit_seconds = 0.0
+        self.eval_seconds = 0.0
+        self.passes = 0
+        self._fit_start: Optional[float] = None
+        self._eval_start: Optional[float] = None
+
+    # ---- timing ----
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self._fit_start is not None:
+            self.fit_seconds += time.perf_counter() - self._fit_start
+            self._fit_start = None
+        if self.stopped_by is None:
+            self.stopped_by = self._budget_reason(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._eval_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._eval_start is not None and trainer.state.fn == "fit":
+            self.eval_seconds += time.perf_counter() - self._eval_start
+        self._eval_start = None
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        self.converged = has_converged(pl_module.history, self.window, self.tol)
+        if self.converged and self.stop and not trainer.should_stop:
+            trainer.should_stop = True
+            self.stopped_by = "converged"
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.passes += 1
+        if self.is_cache and not self.converged and self.passes == 1 and not trainer.should_stop:
+            rows = f"{self.train_rows:,} " if self.train_rows else ""
+            print(f"note: the cache's {rows}training rows are used up before convergence; passing over them "
+                  "again (fresh tokens are better: build a larger cache with corpus.max_tokens=...)")
+
+    def _budget_reason(self, trainer, pl_module) -> str:
+        if self.max_minutes > 0 and self.fit_seconds >= self.max_minutes * 60 * 0.999:
+            return "convergence.max_minutes"
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            samples = int(pl_module.samples_seen)
+            if self.stop and self.max_samples > 0 and samples >= self.max_samples:
+                return "convergence.max_samples"
+            return "trainer.max_steps"
+        if trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.current_epoch >= trainer.max_epochs:
+            return "trainer.max_epochs"
+        return "interrupted"
+
+    # ---- the report ----
+    def report(self, pl_module) -> dict:
+        history = pl_module.history
+        converged = has_converged(history, self.window, self.tol)  # at the final state, whatever stopped the run
+        samples = int(pl_module.samples_seen)
+        return {
+            "converged": converged,
+            "stopped_by": self.stopped_by,
+            "samples_seen": samples,
+            "optimizer_steps": int(pl_module.global_step),
+            "epochs_completed": self.passes,
+            "convergence": {"tol": self.tol, "window": self.window, "stop": self.stop},
+            "history": history,
+            "timing": {
+                "fit_seconds": round(self.fit_seconds, 3),
+                "eval_seconds": round(self.eval_seconds, 3),
+                "samples_per_second": round(samples / self.fit_seconds, 1) if self.fit_seconds > 0 else None,
+            },
+        }
+
+
+def unconverged_advice(report: dict) -> Optional[str]:
+    """One line for a run that ended without converging: what stopped it and what to raise."""
+    if report.get("converged"):
+        return None
+    raise_what = {
+        "convergence.max_samples": "raise convergence.max_samples",
+        "convergence.max_minutes": "raise convergence.max_minutes",
+        "trainer.max_steps": "raise trainer.max_steps",
+        "trainer.max_epochs": "raise trainer.max_epochs (or drop it: convergence.stop=true trains until converged)",
+    }.get(report.get("stopped_by") or "", "rerun with a larger budget")
+    return (f"warning: the measurement has NOT converged (stopped by {report.get('stopped_by')} after "
+            f"{report.get('samples_seen', 0):,} samples): {raise_what}; the numbers above are not final")
