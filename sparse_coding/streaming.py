@@ -18,7 +18,8 @@
   regenerates that epoch's seeded stream and drops the batches already trained on, so a run resumed
   mid-epoch (`ckpt_path=last`) sees exactly the batches an uninterrupted run sees;
 - `init_rows(k, seed)`: k seeded, centred training rows, the same on every rank (Phi's data init);
-- checksums are verified the first time a cache is opened (recorded in verified.json); a bad
+- every shard of the layer is checked against the manifest's sha256 each time a cache is opened
+  (`cache.ensure_verified`: nothing about a file is trusted); a bad
   shard, a manifest that does not match, a width that does not match the model or NaN/Inf rows
   stop with a ConfigError naming the file (NaN/Inf rows are skipped and counted instead with
   `skip_nonfinite=True`).
@@ -40,6 +41,7 @@ from sparse_coding import preprocess
 from sparse_coding.errors import ConfigError
 
 BLOCK_ROWS = 1024
+MIN_VAL_ROWS = 2  # fvu divides by the held-out variance: a single row has none
 
 
 def split_counts(total: int, parts: int) -> list[int]:
@@ -148,6 +150,9 @@ class RowStream(IterableDataset):
             x = x[ok]
         elif not ok.all():
             row = lo + int(np.flatnonzero(~ok)[0])
+            if self.skip_nonfinite:  # the manifest's count missed this row: the advice below would be circular
+                raise ConfigError(f"{self.files[s]}: row {row} holds NaN/Inf that the manifest does not count: the cache "
+                                  "changed after it was built; rebuild it")
             raise ConfigError(f"{self.files[s]}: row {row} holds NaN/Inf (use data.skip_nonfinite=true to skip such rows)")
         if self.mean is not None:
             x -= self.mean
@@ -299,7 +304,7 @@ class CacheDataModule(pl.LightningDataModule):
             raise ConfigError(f"{self.path}: every row of layer {self.layer} is {what}: there is nothing to code; "
                               "check how the cache was made")
         mean_file = cache_mod.cache_file(self.path, st["mean_file"])
-        self.mean = np.load(mean_file, allow_pickle=False).astype(np.float32) if self.center else None
+        self.mean = cache_mod.read_mean(mean_file, self.dim).astype(np.float32) if self.center else None
         n = int(m["n_rows"])
         block = max(1, min(BLOCK_ROWS, n // 20))
         self.blocks = [(s, lo, min(lo + block, r)) for s, r in enumerate(self.shard_rows) for lo in range(0, r, block)]
@@ -325,6 +330,10 @@ class CacheDataModule(pl.LightningDataModule):
                 ).astype(np.float32)
         self.train_rows = sum(hi - lo for _, lo, hi in self.train_blocks) - sum(len(v) for v in self._bad[0].values())
         self.val_rows = sum(hi - lo for _, lo, hi in self.val_blocks) - sum(len(v) for v in self._bad[1].values())
+        if self.val_rows < MIN_VAL_ROWS or self.train_rows < 1:
+            raise ConfigError(f"{self.path}: {self.train_rows} training and {self.val_rows} held-out rows (of {n}) are too "
+                              f"few to measure: fvu needs at least {MIN_VAL_ROWS} held-out rows; use a larger cache "
+                              "or a larger data.val_fraction")
 
     def _raw_block(self, block: tuple[int, int, int]) -> np.ndarray:
         s, lo, hi = block

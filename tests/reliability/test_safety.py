@@ -74,7 +74,7 @@ def test_a_pickle_payload_is_never_executed_on_import(tmp_path):
         cache.load_user_array(bad)
     bad_npy = tmp_path / "acts.npy"
     np.save(bad_npy, np.array([Payload()], dtype=object), allow_pickle=True)
-    with pytest.raises(ConfigError, match="without pickles"):
+    with pytest.raises(ConfigError, match="pickled data"):
         cache.load_user_array(bad_npy)
     assert not marker.exists()
 
