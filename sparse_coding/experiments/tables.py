@@ -1,0 +1,358 @@
+"""Aggregation over seeds and the Markdown tables of docs/RESULTS.md (one `section_*` per experiment).
+
+Every table carries the status of its points beside the metrics: converged (seeds converged /
+seeds), λ converged, capped and dead fractions, samples seen, optimizer steps, seeds, and the
+paper's value where it has one. Values are mean ± sample sd over seeds, or the run's own
+standard error (SE) when there is one seed; groups of >= 5 seeds (the heavy-tailed control) are
+summarised by their median [min–max]. A collapsed seed (COLLAPSE below) is listed and left out of
+the summary, never averaged in.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from sparse_coding.experiments.grid import ALL_SENSITIVITY_FACTORS
+
+# SPEC §7: the paper's values read off its figures (±5%)
+PAPER_SPARSITY = {  # a -> (avg_coef_norm, normalized_loss, l0)
+    2: (1.7, 2.2, 1.9), 8: (3.8, 4.7, 10.5), 16: (6.9, 8.2, 34), 20: (8.4, 9.8, 47), 64: (24, 26, 175),
+    512: (36, 37, 272),
+}
+PAPER_CONTROLS = {"a=5": 3.1, "a=10": 5.0, "a=20": 9.8, "gaussian": 32.4, "rademacher": 32.4, "heavy_tailed": 23.7}
+PAPER_EMBEDDINGS = {  # name -> (d, normalized_loss)
+    "GPT-2 small": (768, 25.5), "GPT-Neo 125M": (768, 15.4), "TinyStories-33M": (768, 48.8), "BERT-Tiny": (128, 10.4),
+    "Gaussian d=768": (768, 142),
+}
+PAPER_BERT_MEDIUM = (5.1, 10.3, 10.9, 14.2, 15.9, 17.5, 16.1, 15.9, 11.7)  # layers 0..8, normalized_loss
+CALIBRATION = {"a=10": (7.1, 5.6), "a=20": (12.4, 10.3), "gaussian": (47, None)}  # SPEC §7, d=256
+PAPER_MODELS_NOTE = ("The paper's own models (GPT-2, GPT-Neo, TinyStories, BERT) have no weights on this machine: "
+                     "their numbers below are the paper's, for the shape only, and MiniLM / SmolLM2 are never "
+                     "presented as them.")
+
+METRICS4 = ("normalized_loss", "avg_coef_norm", "l0", "loss")
+# A seed's dictionary has collapsed when most features are dead or it explains far less variance than the
+# other seeds of the same point (explained variance more than COLLAPSE_EV_DROP below their median).
+COLLAPSE_DEAD = 0.5
+COLLAPSE_EV_DROP = 0.25
+ROBUST_MIN_SEEDS = 5  # from this many seeds a point is summarised by median [min–max]
+CAPPED_LIMIT = 0.01  # a point with more capped samples is marked (hollow marker, "capped" column)
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def collapsed(row: dict, others: list[dict]) -> bool:
+    """COLLAPSE_DEAD / COLLAPSE_EV_DROP against the other seeds of the same point."""
+    if _num(row.get("dead_fraction")) and row["dead_fraction"] > COLLAPSE_DEAD:
+        return True
+    ev = [o["explained_variance"] for o in others if o is not row and _num(o.get("explained_variance"))]
+    return bool(ev) and _num(row.get("explained_variance")) and row["explained_variance"] < statistics.median(ev) - COLLAPSE_EV_DROP
+
+
+def group(rows: list[dict], keys: tuple[str, ...], metrics: tuple[str, ...]) -> list[dict]:
+    """Per distinct value of `keys`: each metric's summary over the non-collapsed seeds and the status.
+
+    m: mean (median from ROBUST_MIN_SEEDS seeds), m_std: sd (0 for one seed), m_err: the error bar
+    (sd over seeds, or the run's SE when one seed), m_lo / m_hi: min and max; plus n_seeds,
+    collapsed (the seeds left out), converged / lam_converged ("k/n" counts, None when not recorded),
+    capped_fraction, dead_fraction, samples_seen, optimizer_steps (means), flagged (unconverged or capped).
+    """
+    buckets: dict[tuple, list[dict]] = {}
+    for r in rows:
+        buckets.setdefault(tuple(r.get(key) for key in keys), []).append(r)
+    result = []
+    for k, members in buckets.items():
+        bad = [r for r in members if collapsed(r, members)]
+        good = [r for r in members if r not in bad] or members
+        g = {**dict(zip(keys, k)), "n_seeds": len(good), "collapsed": [r.get("seed") for r in bad],
+             "robust": len(good) >= ROBUST_MIN_SEEDS}
+        for m in set(metrics) | {"explained_variance", "capped_fraction", "dead_fraction", "samples_seen",
+                                 "optimizer_steps", "lam", "seconds"}:
+            v = [float(r[m]) for r in good if _num(r.get(m))]
+            if not v:
+                g[m], g[f"{m}_std"], g[f"{m}_err"], g[f"{m}_lo"], g[f"{m}_hi"] = (math.nan,) * 5
+                continue
+            g[m] = statistics.median(v) if g["robust"] else statistics.fmean(v)
+            g[f"{m}_std"] = statistics.stdev(v) if len(v) > 1 else 0.0
+            se = good[0].get(f"{m}_se")
+            g[f"{m}_err"] = g[f"{m}_std"] if len(v) > 1 else (float(se) if _num(se) else 0.0)
+            g[f"{m}_lo"], g[f"{m}_hi"] = min(v), max(v)
+        for flag in ("converged", "lam_converged"):
+            known = [r[flag] for r in good if isinstance(r.get(flag), bool)]
+            g[flag] = f"{sum(known)}/{len(good)}" if known else None
+            g[f"{flag}_all"] = bool(known) and all(known) and len(known) == len(good)
+        g["flagged"] = (g["converged"] is not None and not g["converged_all"]) or (
+            _num(g["capped_fraction"]) and g["capped_fraction"] >= CAPPED_LIMIT)
+        result.append(g)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+
+
+def fmt(v, std=None, digits=3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    s = f"{v:.{digits}g}"
+    return f"{s} ± {std:.2g}" if std is not None else s
+
+
+def ms(g: dict, m: str, digits: int = 3) -> str:
+    """mean ± sd (several seeds), value ± SE (one seed), or median [min–max] (>= 5 seeds)."""
+    v = g.get(m)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if g.get("robust"):
+        return f"{v:.{digits}g} [{g[f'{m}_lo']:.{digits}g}–{g[f'{m}_hi']:.{digits}g}]"
+    err = g.get(f"{m}_err")
+    return fmt(v, err if _num(err) and err > 0 else None, digits)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+STATUS_HEADER = ["converged", "λ conv.", "capped", "dead", "samples seen", "steps", "seeds"]
+
+
+def status_cells(g: dict) -> list[str]:
+    seeds = str(g["n_seeds"]) + (f" (+{len(g['collapsed'])} collapsed: seed {', '.join(map(str, g['collapsed']))})"
+                                 if g.get("collapsed") else "")
+    return [g.get("converged") or "n/r", g.get("lam_converged") or "n/r", fmt(g.get("capped_fraction"), digits=2),
+            fmt(g.get("dead_fraction"), digits=2), fmt(g.get("samples_seen"), digits=3),
+            fmt(g.get("optimizer_steps"), digits=3), seeds]
+
+
+STATUS_NOTE = ("Status columns: converged = seeds whose held-out metrics stopped moving / seeds (n/r: not recorded, "
+               "a run older than the convergence check), λ conv. = auto-λ settled, capped = share of samples that hit "
+               "solver.max_steps, dead = features unused on the held-out set, samples seen and optimizer steps per "
+               "run. Values: mean ± sd over seeds (± the run's standard error with one seed); median [min–max] with "
+               f"≥ {ROBUST_MIN_SEEDS} seeds. A collapsed seed (dead fraction > {COLLAPSE_DEAD}, or explained variance "
+               f"more than {COLLAPSE_EV_DROP} below the other seeds' median) is listed and excluded.")
+
+
+def control_label(r: dict) -> str:
+    return f"a={int(r['a'])}" if r.get("data") == "sparse_linear" else str(r.get("data"))
+
+
+def sensitivity_factor(r: dict) -> float:
+    return min(ALL_SENSITIVITY_FACTORS, key=lambda f: abs(math.log(r["lam"] / r["auto_lam"] / f)))
+
+
+# --------------------------------------------------------------------------------------------
+# Sections (table + the prose computed from it)
+
+
+def section_sparsity(rows: list[dict]) -> str:
+    g = sorted(group(rows, ("a",), ("normalized_loss", "avg_coef_norm", "l0", "true_avg_coef_norm")), key=lambda r: r["a"])
+    d = rows[0]["dim"]
+    body = []
+    for r in g:
+        p = PAPER_SPARSITY.get(int(r["a"])) if d == 256 else None
+        body.append([f"{r['a']:g}", f"{r['a'] / 2:g}", fmt(r["true_avg_coef_norm"]), ms(r, "avg_coef_norm"),
+                     fmt(p[0]) if p else "", ms(r, "normalized_loss"), fmt(p[1]) if p else "", ms(r, "l0"),
+                     fmt(p[2]) if p else "", fmt(r["lam"]), fmt(r["explained_variance"]), *status_cells(r)])
+    out = table(["a", "a/2", "true S1", "avg_coef_norm", "paper", "normalized_loss", "paper", "l0", "paper", "λ (auto)",
+                 "expl. var.", *STATUS_HEADER], body)
+    small = [r for r in g if r["a"] <= 20]
+    big = [r for r in g if r["a"] >= 64]
+    parts = [f"Ours: d={d}" + (" (the paper's d; its values are beside ours)." if d == 256 else
+                               " (paper: d=256, so the paper columns are left empty).")]
+    if small:
+        ln = [r["normalized_loss"] / (r["a"] / 2) for r in small]
+        s1 = [r["avg_coef_norm"] / (r["a"] / 2) for r in small]
+        parts.append(f"For a ≤ 20, normalized_loss / (a/2) ranges {min(ln):.2f}–{max(ln):.2f} and avg_coef_norm / "
+                     f"(a/2) {min(s1):.2f}–{max(s1):.2f}.")
+    if big:
+        parts.append(f"For a ≥ 64, normalized_loss stays between {min(r['normalized_loss'] for r in big):.3g} and "
+                     f"{max(r['normalized_loss'] for r in big):.3g} while a/2 grows to {big[-1]['a'] / 2:g}.")
+    parts.append(f"l0 / a ranges {min(r['l0'] / r['a'] for r in g):.2f}–{max(r['l0'] / r['a'] for r in g):.2f}.")
+    return out + "\n\n" + " ".join(parts) + "\n\n" + STATUS_NOTE
+
+
+CONTROL_ORDER = ("a=5", "a=10", "a=20", "sparse_nonlinear", "heavy_tailed", "rademacher", "gaussian")
+
+
+def control_groups(rows: list[dict]) -> dict:
+    for r in rows:
+        r["label"] = control_label(r)
+    return {r["label"]: r for r in group(rows, ("label",), (*METRICS4, "explained_variance"))}
+
+
+def section_controls(rows: list[dict]) -> str:
+    g = control_groups(rows)
+    d = rows[0]["dim"]
+    order = [lab for lab in CONTROL_ORDER if lab in g]
+    body = [[lab, ms(g[lab], "normalized_loss"), fmt(PAPER_CONTROLS.get(lab)) if d == 256 else "",
+             ms(g[lab], "avg_coef_norm"), ms(g[lab], "l0"), ms(g[lab], "loss"), fmt(g[lab]["lam"]),
+             fmt(g[lab]["explained_variance"]), *status_cells(g[lab])] for lab in order]
+    out = table(["data", "normalized_loss", "paper", "avg_coef_norm", "l0", "final loss", "λ (auto)", "expl. var.",
+                 *STATUS_HEADER], body)
+    out += ("\n\nSPEC §7 calibration (a plain reference learner at the paper's settings, d=256, normalized_loss): "
+            + ", ".join(f"{k}: {v[0]:g}" for k, v in CALIBRATION.items()) + ".")
+    sparse = [g[lab] for lab in order if lab.startswith("a=")]
+    lines = []
+    for m in METRICS4:
+        top = max(r[m] for r in sparse) if sparse else math.nan
+        sep = [lab for lab in order if not lab.startswith("a=") and g[lab][m] > top]
+        lines.append(f"{m}: controls above every sparse-linear set ({top:.3g}): {', '.join(sep) or 'none'}")
+    heavy = g.get("heavy_tailed")
+    extra = ""
+    if heavy is not None and heavy.get("robust"):
+        extra = (f"\n\nThe heavy-tailed control is heavy-tailed in its metrics too: {heavy['n_seeds']} seeds, "
+                 f"normalized_loss median {heavy['normalized_loss']:.3g} (range {heavy['normalized_loss_lo']:.3g}–"
+                 f"{heavy['normalized_loss_hi']:.3g})" + (f"; collapsed and excluded: seed {heavy['collapsed']}"
+                                                          if heavy["collapsed"] else "") + ".")
+    return (out + "\n\nWhich metrics separate which controls (separated = its value above every sparse-linear value):\n\n"
+            + "\n".join(f"- {s}" for s in lines) + extra + "\n\nThe final loss is not scale-free (it depends on the "
+            "data's norm and on λ), so it cannot rank data sets of different scale. sparse_nonlinear (SPEC §5) is our "
+            "own control, not in the paper.\n\n" + STATUS_NOTE)
+
+
+def dict_size_groups(rows: list[dict]) -> list[dict]:
+    for r in rows:
+        r["label"] = control_label(r)
+    return sorted(group(rows, ("label", "dict_mult"), ("normalized_loss", "avg_coef_norm", "l0")),
+                  key=lambda r: (r["label"], r["dict_mult"]))
+
+
+def section_dict_size(rows: list[dict]) -> str:
+    g = dict_size_groups(rows)
+    body = [[r["label"], f"{r['dict_mult']}d", ms(r, "normalized_loss"), ms(r, "avg_coef_norm"), ms(r, "l0"),
+             fmt(r["lam"]), fmt(r["explained_variance"]), *status_cells(r)] for r in g]
+    out = table(["data", "dictionary", "normalized_loss", "avg_coef_norm", "l0", "λ (auto)", "expl. var.",
+                 *STATUS_HEADER], body)
+    spans = []
+    for lab in sorted({r["label"] for r in g}):
+        v = {r["dict_mult"]: r["normalized_loss"] for r in g if r["label"] == lab}
+        big = [x for m, x in v.items() if m >= 4]
+        spans.append(f"{lab}: 4d–16d {min(big):.3g}–{max(big):.3g} (×{max(big) / min(big):.2f})"
+                     + (f", 2d {v[2]:.3g}" if 2 in v else "") if big else f"{lab}: —")
+    return (out + "\n\nnormalized_loss across dictionary sizes per data set: " + "; ".join(spans) + ". A bank trains "
+            "all sizes on the same batches, so the sizes differ only in m; 2d is known to inflate the metric "
+            "(too few atoms to represent the 4d ground-truth features).\n\n" + STATUS_NOTE)
+
+
+def section_embeddings(rows: list[dict]) -> str:
+    g = sorted(group(rows, ("source", "dim"), ("normalized_loss", "avg_coef_norm", "l0")),
+               key=lambda r: (r["dim"], str(r["source"]).startswith("gaussian")))
+    body = [[str(r["source"]), str(r["dim"]), ms(r, "normalized_loss"), ms(r, "avg_coef_norm"), ms(r, "l0"),
+             fmt(r["lam"]), fmt(r["explained_variance"]), *status_cells(r)] for r in g]
+    out = table(["source", "d", "normalized_loss", "avg_coef_norm", "l0", "λ (auto)", "expl. var.", *STATUS_HEADER], body)
+    ratios = []
+    for r in g:
+        ctrl = [c for c in g if str(c["source"]) == f"gaussian_d{r['dim']}"]
+        if not str(r["source"]).startswith("gaussian") and ctrl:
+            ratios.append(f"{r['source']}: {r['normalized_loss']:.3g} vs Gaussian {ctrl[0]['normalized_loss']:.3g} "
+                          f"(×{ctrl[0]['normalized_loss'] / r['normalized_loss']:.2g})")
+    paper = table(["paper model", "d", "normalized_loss"], [[k, str(d), fmt(v)] for k, (d, v) in PAPER_EMBEDDINGS.items()])
+    return (out + "\n\nModel vs same-width Gaussian on normalized_loss: " + ("; ".join(ratios) or "—") + ". "
+            + PAPER_MODELS_NOTE + "\n\n" + paper + "\n\n" + STATUS_NOTE)
+
+
+def layer_groups(rows: list[dict]) -> list[dict]:
+    for r in rows:
+        r.setdefault("preprocess", "raw")
+        if r.get("preprocess") is None:
+            r["preprocess"] = "raw"
+    return sorted(group(rows, ("model", "preprocess", "layer"), ("normalized_loss", "avg_coef_norm", "l0")),
+                  key=lambda r: (r["model"], r["preprocess"], r["layer"]))
+
+
+def section_layers(rows: list[dict]) -> str:
+    g = layer_groups(rows)
+    body = [[r["model"], r["preprocess"], str(r["layer"]), ms(r, "normalized_loss"), ms(r, "avg_coef_norm"),
+             ms(r, "l0"), ms(r, "explained_variance"), fmt(r["lam"]), *status_cells(r)] for r in g]
+    out = table(["model", "data", "hidden state", "normalized_loss", "avg_coef_norm", "l0", "expl. var.", "λ (auto)",
+                 *STATUS_HEADER], body)
+    parts = []
+    for model, prep in sorted({(r["model"], r["preprocess"]) for r in g}):
+        pts = [r for r in g if r["model"] == model and r["preprocess"] == prep]
+        lo = min(pts, key=lambda r: r["normalized_loss"])
+        hi = max(pts, key=lambda r: r["normalized_loss"])
+        parts.append(f"{model} ({prep}): lowest normalized_loss at hidden state {lo['layer']} "
+                     f"({lo['normalized_loss']:.3g}), highest at {hi['layer']} ({hi['normalized_loss']:.3g}); first "
+                     f"{pts[0]['normalized_loss']:.3g}, last {pts[-1]['normalized_loss']:.3g}")
+    return (out + "\n\n" + "; ".join(parts) + ".\n\nBERT-Medium (paper, layers 0–8): "
+            + ", ".join(f"{v:g}" for v in PAPER_BERT_MEDIUM) + ". " + PAPER_MODELS_NOTE + " `raw` is the cache as "
+            "stored; `remedy` drops context position 0 (`data.drop_positions=1`, see the massive-activation section). "
+            "Explained variance is shown beside each point: a low normalized_loss with a poor reconstruction would not "
+            "mean sparse features.\n\n" + STATUS_NOTE)
+
+
+def section_sensitivity(rows: list[dict]) -> str:
+    for r in rows:
+        r["factor"] = sensitivity_factor(r)
+    g = sorted(group(rows, ("case", "factor"), ("normalized_loss", "avg_coef_norm", "l0")),
+               key=lambda r: (r["case"], r["factor"]))
+    body = [[r["case"], f"{r['factor']:g}", ms(r, "normalized_loss"), ms(r, "avg_coef_norm"), ms(r, "l0"),
+             fmt(r["explained_variance"]), *status_cells(r)] for r in g]
+    out = table(["case", "λ / auto λ", "normalized_loss", "avg_coef_norm", "l0", "expl. var.", *STATUS_HEADER], body)
+    spans = []
+    for case in sorted({r["case"] for r in g}):
+        v = [r for r in g if r["case"] == case]
+        spans.append(f"{case}: normalized_loss {v[0]['normalized_loss']:.3g} at λ×{v[0]['factor']:g} to "
+                     f"{v[-1]['normalized_loss']:.3g} at λ×{v[-1]['factor']:g}")
+    return (out + "\n\nEach bank trains fixed-λ dictionaries on the same batches around the seed's auto value. "
+            + "; ".join(spans) + ". The metric is a measurement at the auto-λ operating point.\n\n" + STATUS_NOTE)
+
+
+def section_solver_gap(rows: list[dict]) -> str:
+    body = []
+    for r in rows:
+        what = ", ".join(f"{k}={r[k]}" for k in ("data", "a", "source", "model", "layer") if r.get(k) is not None)
+        body.append([r["experiment"], what, f"{r['dict_mult']}d", fmt(r["gap_ratio"], digits=4),
+                     fmt(r.get("greedy_normalized_loss")), fmt(r.get("lasso_normalized_loss")),
+                     fmt(r.get("greedy_avg_coef_norm")), fmt(r.get("lasso_avg_coef_norm")), fmt(r.get("greedy_l0")),
+                     fmt(r.get("lasso_l0")), fmt(r["kkt_violation_over_lam"], digits=2),
+                     {True: "yes", False: "no"}.get(r.get("lasso_converged"), "n/r")])
+    out = table(["experiment", "point (seed 0)", "dict", "greedy / exact objective", "L_norm greedy", "L_norm exact",
+                 "S1 greedy", "S1 exact", "l0 greedy", "l0 exact", "KKT viol. / λ", "exact converged"], body)
+    return (out + f"\n\nOn {rows[0]['samples']} held-out samples per point, the same Φ and λ: the greedy code against "
+            "the exact non-negative lasso (float64; converged when its KKT violation ≤ 1e-3·λ). Older rows (n/r) "
+            "predate the metric columns. The paper reports the greedy code's metrics; the exact columns say how much "
+            "of the number is the solver.")
+
+
+def section_functional(rows: list[dict]) -> str:
+    rows = sorted(rows, key=lambda r: r["layer"])
+    body = [[str(r["layer"]), fmt(r["clean_loss"], digits=4), fmt(r["reconstruction_loss"], digits=4),
+             fmt(r["loss_increase"]), fmt(r["zero_ablation_loss"], digits=4), fmt(r["fraction_recovered"]),
+             fmt(r.get("mean_ablation_loss"), digits=4), fmt(r.get("fraction_recovered_vs_mean")),
+             fmt(r["heldout_fvu"]), fmt(r["heldout_l0"]), fmt(r["lam"]), fmt(r["normalized_loss"])] for r in rows]
+    out = table(["hidden state", "clean loss", "with Φα", "increase", "zero-ablated", "recovered (vs zero)",
+                 "mean-ablated", "recovered (vs mean)", "fvu (these tokens)", "l0", "λ", "normalized_loss"], body)
+    return (out + f"\n\n{rows[0]['model']}, {rows[0]['tokens']} held-out wiki tokens, the seed-0 dictionary of each "
+            "hidden state patched into the forward pass (Φα + the cache mean). Zero-ablating SmolLM2's residual stream "
+            "gives uniform predictions (no biases), a weak baseline; the mean-ablation columns are the telling ones.")
+
+
+def section_massive(results: list[dict]) -> str:
+    """The massive-activation analysis (`python -m sparse_coding.experiments massive`, saved as massive.json)."""
+    parts = []
+    for res in results:
+        body = []
+        for key, r in res["layers"].items():
+            body.append([key, fmt(r["norm_first"]), fmt(r["norm_rest_mean"]), fmt(r["first_over_rest"]),
+                         fmt(r["first_variance_share"], digits=2), f"{r['dims']['dims'][0]} ({r['dims']['mean_abs'][0]:.3g} "
+                         f"vs median {r['dims']['median_mean_abs']:.2g})", fmt(r["dims"]["top_centred_share"], digits=2),
+                         fmt(r["drop_first"]["top_centred_share"], digits=2),
+                         fmt(r["drop_first_token_norm"]["top_centred_share"], digits=2)])
+        first = res["keep_positions_first"][0]
+        parts.append(f"**{res['model']}** (d={res['d']}, {next(iter(res['layers'].values()))['rows']} cached tokens, "
+                     f"contexts of {res['context_len']}; the first cached row of a context is context position "
+                     f"{first}):\n\n" + table(
+                         ["hidden state", "‖x‖ first position", "‖x‖ other positions", "ratio",
+                          "first position's share of Σ‖x−x̄‖²", "largest mean |x| dim", "top-5 dims' share of Σ‖x−x̄‖²",
+                          "… without position 0", "… and per-token normalised"], body))
+    return "\n\n".join(parts)
