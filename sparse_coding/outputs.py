@@ -51,7 +51,7 @@ def write_outputs(out_dir: Path, cfg: DictConfig, module: SparseCodingModule, re
 
     save_dictionaries(out_dir, cfg, module, attempt)  # dictionary.safetensors, then dictionary.json
     attempt("metrics.json", lambda: atomic_write_bytes(out_dir / "metrics.json", _json_bytes(metrics)))
-    if not failed:
+    if not failed and not bad:  # no figures of numbers that are not results
         from sparse_coding.plots import plot_run
 
         attempt("plots/", lambda: plot_run(out_dir, result), (Exception,))  # figures are the least essential
