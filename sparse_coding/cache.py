@@ -885,7 +885,8 @@ def ensure_verified(path: Path, layer: Optional[str] = None) -> dict:
 
 def cache_dir_for(cfg: Any, model_fingerprint: str, corpus_fingerprint: Optional[str]) -> Path:
     """The cache folder of a run: model, activation kind, corpus, context, size, specials, dtype."""
-    root = Path(str(cfg.cache_dir)).expanduser() / f"{cfg.model.name}-{model_fingerprint[:10]}"
+    name = str(cfg.model.name).replace("/", "--")  # model=hf model.name=ORG/NAME: one folder, as in the hub cache
+    root = Path(str(cfg.cache_dir)).expanduser() / f"{name}-{model_fingerprint[:10]}"
     if cfg.activation == "token_embeddings":
         return root / f"token_embeddings-{cfg.cache_dtype}"
     c = cfg.corpus
@@ -933,7 +934,9 @@ def compose_config(overrides: list[str], config_dir: Optional[Path] = None, conf
     from sparse_coding.config import register_configs
 
     register_configs()
-    config_dir = Path(config_dir or Path(__file__).resolve().parent.parent / "conf")
+    from sparse_coding.paths import config_dir as package_config_dir
+
+    config_dir = Path(config_dir or package_config_dir())
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))
@@ -976,6 +979,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     b = sub.add_parser("build", help="build the cache of a run config (Hydra overrides)")
     b.add_argument("--force", action="store_true", help="build a fresh cache and replace the existing one when done")
     b.add_argument("--shard-rows", type=_shard_rows, default=DEFAULT_SHARD_ROWS)
+    b.add_argument("--cfg", action="store_true", help="print the composed config and exit (like train.py --cfg job)")
     b.add_argument("overrides", nargs="*", help="e.g. model=minilm layer=all corpus=wiki corpus.max_tokens=100000")
     i = sub.add_parser("import", help="turn an (n x d) array (.npy, .pt, .safetensors) into a cache")
     i.add_argument("--input", required=True)
@@ -992,6 +996,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             from sparse_coding.config import validate
 
             cfg = compose_build_config(args.overrides)
+            if args.cfg:
+                from omegaconf import OmegaConf
+
+                print(OmegaConf.to_yaml(cfg), end="")
+                return 0
             if cfg.model is None:
                 raise ConfigError("build needs a model: add model=NAME (e.g. model=minilm layer=all)")
             validate(cfg)

@@ -15,7 +15,6 @@ per-token normalisation). `dictionary.json` holds the same description plus the 
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -37,6 +36,12 @@ def _datamodule(module) -> Any:
     return getattr(trainer, "datamodule", None)
 
 
+def _column_major(phi: Tensor) -> bool:
+    # Φ initialised from data rows is stored transposed in memory. The decode kernel's float32 rounding
+    # depends on that layout, so a loaded Φ takes it back: measure() then matches metrics.json exactly.
+    return bool(phi.dim() == 2 and not phi.is_contiguous() and phi.T.is_contiguous())
+
+
 def describe(cfg: Any, module, datamodule: Any = None) -> dict:
     """The dictionaries' description: labels, λ, sizes, solver settings and preprocessing."""
     dm = datamodule if datamodule is not None else _datamodule(module)
@@ -47,7 +52,7 @@ def describe(cfg: Any, module, datamodule: Any = None) -> dict:
         "dim": int(module.hparams.dim),
         "dictionaries": [
             {"tensor": label, "label": label, "dict_mult": m, "dict_size": m * module.hparams.dim,
-             "lam": module.lam(k)}
+             "lam": module.lam(k), "column_major": _column_major(module.phis[k])}
             for k, (label, (m, _)) in enumerate(zip(module.labels, module.grid))
         ],
         "solver": {
@@ -138,7 +143,7 @@ class SparseDictionary:
         mean = prep.get("center_mean")
         return {
             d["label"] if "label" in d else d["tensor"]: cls(
-                tensors[d["tensor"]], d["lam"], mean=None if mean is None else torch.tensor(mean, dtype=torch.float32),
+                tensors[d["tensor"]].T.contiguous().T if d.get("column_major") else tensors[d["tensor"]], d["lam"], mean=None if mean is None else torch.tensor(mean, dtype=torch.float32),
                 normalize=prep.get("normalize", "none"), max_steps=solver["max_steps"], tol=solver.get("tol"),
                 batch_size=solver.get("batch_size", 4096), label=d["tensor"], dict_mult=d.get("dict_mult"))
             for d in meta["dictionaries"]
@@ -176,13 +181,12 @@ class SparseDictionary:
             x = x * (self.dim ** 0.5 / torch.where(norms > 0, norms, torch.ones_like(norms)))
         return x
 
-    def _solve(self, x: Tensor):
-        from sparse_coding.solver import solve
+    def _solve(self, x: Tensor, gram: Tensor):
+        """The solver call of the run's validation step (same settings, one Gram matrix for every batch)."""
+        from sparse_coding.solver import DEFAULT_TOL, solve
 
-        kwargs = {}
-        if self.tol is not None and "tol" in inspect.signature(solve).parameters:
-            kwargs["tol"] = self.tol
-        return solve(x, self.phi, self.lam, self.max_steps, **kwargs)
+        return solve(x, self.phi, self.lam, self.max_steps, gram=gram,
+                     tol=DEFAULT_TOL if self.tol is None else self.tol)
 
     def _batches(self, x: Tensor):
         x = self.preprocess(x)
@@ -191,7 +195,8 @@ class SparseDictionary:
 
     def encode(self, x: Tensor) -> Tensor:
         """Coefficients α (n, m) ≥ 0 of raw activations x (n, d), by the run's solver and preprocessing."""
-        alphas = [self._solve(b).alpha for b in self._batches(x)]
+        gram = self.phi.T @ self.phi
+        alphas = [self._solve(b, gram).alpha for b in self._batches(x)]
         return torch.cat(alphas) if alphas else torch.zeros(0, self.dict_size)
 
     def decode(self, alpha: Tensor) -> Tensor:
@@ -205,9 +210,10 @@ class SparseDictionary:
         from sparse_coding.metrics import SparsityMetrics
 
         metric = SparsityMetrics(self.dim, self.dict_size).to(self.phi.device)
+        gram = self.phi.T @ self.phi
         for batch in self._batches(x):
-            result = self._solve(batch)
-            metric.update(batch, result.alpha, result.alpha @ self.phi.T, result.steps, result.capped)
+            result = self._solve(batch, gram)
+            metric.update(batch, result, result.decode(self.phi))
         metric.lam = self.lam
         values = {key: float(v) for key, v in metric.compute().items()}
         values.update(lam=self.lam, dict_mult=self.dict_mult, dict_size=self.dict_size, label=self.label)

@@ -10,7 +10,8 @@
   stays bounded by the buffer whatever the cache size. Validation is read in order;
 - under DDP the (permuted) row stream is cut into `world_size` contiguous parts of equal size
   (±1 row), one per rank: disjoint, together complete, and every rank yields the same number of
-  batches (a rank never waits on another). DataLoader workers split a rank's part the same way;
+  batches (a rank never waits on another). DataLoader workers split a rank's part the same way.
+  `batch_size` is the global batch, as for synthetic data: each rank's batches hold ⌈B / W⌉ rows;
 - rows are centred with the cache's stored mean when `center` is true; `drop_positions` and
   `normalize` apply the massive-activation remedies of `sparse_coding.preprocess` (dropped rows are
   skipped like NaN rows, the mean is then taken over the kept rows; normalisation follows centring);
@@ -407,7 +408,8 @@ class CacheDataModule(pl.LightningDataModule):
 
     def _stream(self, blocks, bad, shuffle: bool) -> RowStream:
         rank, world = self.rank_world()
-        return RowStream(self.files, self.shard_rows, self.dim, self.manifest["dtype"], blocks, bad, self.batch_size,
+        per_rank = -(-self.batch_size // world)  # data.batch_size is the global batch: each rank takes ceil(B / W)
+        return RowStream(self.files, self.shard_rows, self.dim, self.manifest["dtype"], blocks, bad, per_rank,
                          shuffle, self.shuffle_buffer, self.seed, rank, world, self.mean, self.skip_nonfinite,
                          normalize=self.normalize)
 

@@ -116,3 +116,17 @@ def test_hydra_multirun_still_works(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     lams = sorted(json.loads((tmp_path / str(k) / "metrics.json").read_text())["lam"] for k in (0, 1))
     assert lams == [0.3, 0.6]
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
+def test_sweep_runs_reach_the_server_under_a_real_agent(path):
+    """`wandb agent` sets WANDB_SWEEP_ID (and WANDB_RUN_ID): the YAML's runs then log online, to its project."""
+    from sparse_coding.loggers import wandb_mode
+
+    config = load_sweep(path)
+    overrides = build_command(config, propose(config, []), [])[3:]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    assert cfg.logger.name == "wandb" and config["project"] == cfg.logger.project
+    assert wandb_mode(cfg.logger.mode, {"WANDB_SWEEP_ID": "abc", "WANDB_RUN_ID": "r1"}) == "online"
+    assert wandb_mode(cfg.logger.mode, {}) == "offline"  # the same command by hand: offline, no login needed
