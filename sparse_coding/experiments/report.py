@@ -152,8 +152,8 @@ def not_done_section(paper_dir: Path) -> str:
 def _experiment_sections(results: Path, output: Path, scale: str, names: list[str] | None = None) -> list[str]:
     parts = []
     for name, title, fn in SECTIONS:
-        if names is not None and name not in names:
-            continue
+        if (names is not None and name not in names) or (scale == "paper" and name == "controls_d256"):
+            continue  # at the paper scale `controls` is already d=256
         path = results / f"{name}.csv"
         rows = read_csv(path) if path.is_file() else []
         if name == "layers" and (results / "layers_remedy.csv").is_file():

@@ -48,10 +48,10 @@ def points_of(name: str, scale: str, extra: list[str] | None = None, limit: int 
     """The experiment's points; `extra` overrides are appended to each (tests shrink runs this way).
 
     `only` keeps the points whose x matches every {key: value} (compared as strings), e.g.
-    {"model": "smollm2"}; `limit` then keeps the first N.
+    {"model": "smollm2"} or {"seed": 0}; `limit` then keeps the first N.
     """
     points = [p for p in EXPERIMENTS[name](scale)
-              if all(str(p.x.get(k)) == str(v) for k, v in (only or {}).items())][:limit]
+              if all(str(p.x.get(k, getattr(p, k, None))) == str(v) for k, v in (only or {}).items())][:limit]
     for p in points:
         p.overrides += list(extra or [])
     return points
