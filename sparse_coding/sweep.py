@@ -49,7 +49,11 @@ def load_sweep(path: "str | Path") -> dict:
 
 def check_sweep(config: Any, where: str = "sweep") -> None:
     """wandb's sweep schema plus this project's rules: program train.py, Hydra-style args, our metric."""
-    import sweeps
+    try:
+        import sweeps
+    except ImportError:
+        raise ConfigError("the offline sweep runner needs wandb's sweep engine: pip install --no-deps sweeps "
+                          "(the extra sparse-coding[sweeps]; make setup installs it)") from None
 
     if not isinstance(config, dict):
         raise ConfigError(f"{where}: a sweep file is a YAML mapping")
