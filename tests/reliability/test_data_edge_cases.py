@@ -186,8 +186,8 @@ def test_one_centred_sample_is_refused_clearly():
 
 
 def test_a_single_sample_trains(tmp_path):
-    """n = 1 training and n_val = 1 held-out sample: the run finishes with a finite, unit-norm Phi."""
-    result = train(tmp_path, ["data=gaussian", "data.dim=4", "data.n=1", "data.n_val=1", "data.batch_size=1",
+    """n = 1 training and n_val = 2 held-out samples (the fewest fvu can be measured on): a finite, unit-norm Phi."""
+    result = train(tmp_path, ["data=gaussian", "data.dim=4", "data.n=1", "data.n_val=2", "data.batch_size=1",
                               "trainer.max_epochs=2", "dictionary.mult=2"])
     assert_good_phi(saved_phi(tmp_path))
     assert math.isfinite(result["loss"]) and result["l0"] >= 0
