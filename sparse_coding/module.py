@@ -46,6 +46,7 @@ class SparseCodingModule(pl.LightningModule):
         inner_steps: int = 1,
         lam_tol: float = 0.02,
         lam_init_rounds: int = 3,
+        lam_rounds: str = "epoch",
         max_steps: int = 256,
         tol: float = DEFAULT_TOL,
         dead_window: int = 16384,
@@ -212,11 +213,20 @@ class SparseCodingModule(pl.LightningModule):
             phi.div_(phi.norm(dim=0, keepdim=True).clamp_min(1e-12))
 
     def on_train_epoch_end(self) -> None:
-        """One round of the auto-lambda fixed point: lam <- 0.1 * mean_max over the epoch's samples."""
+        if self.hparams.lam_rounds == "epoch":
+            self._lambda_round()
+
+    def _lambda_round(self) -> None:
+        """One round of the auto-lambda fixed point: lam <- 0.1 * mean_max over the round's training samples.
+
+        Rounds are epochs in the paper's fixed protocol (lam is then held once it moved less than lam_tol)
+        or the intervals between held-out evaluations when training to convergence (lam keeps tracking
+        0.1 * mean_max as Phi trains, so the converged measurement sits at the fixed point)."""
         sum_max = self._sum_across_ranks(self.epoch_sum_max.clone())
         count = self._sum_across_ranks(self.epoch_count.clone())
+        hold = self.hparams.lam_rounds == "epoch"
         for k in range(len(self.grid)):
-            if self.auto[k] and not bool(self.lam_converged[k]) and count > 0:
+            if self.auto[k] and not (hold and bool(self.lam_converged[k])) and count > 0:
                 new = 0.1 * float(sum_max[k] / count)
                 if new > 0:
                     old = self.lam(k)
@@ -229,6 +239,8 @@ class SparseCodingModule(pl.LightningModule):
     # ---- evaluation ------------------------------------------------------------------------
 
     def on_validation_epoch_start(self) -> None:
+        if self.hparams.lam_rounds == "eval" and self._trainer is not None and self.trainer.state.fn == "fit":
+            self._lambda_round()  # the evaluation then measures at the updated lambda
         self._val_grams = [phi.detach().T @ phi.detach() for phi in self.phis]  # one Gram per pass
 
     def validation_step(self, x: Tensor, batch_idx: int) -> None:

@@ -89,6 +89,7 @@ def build_module(cfg: DictConfig, datamodule) -> SparseCodingModule:
         inner_steps=d.inner_steps,
         lam_tol=d.lam_tol,
         lam_init_rounds=d.lam_init_rounds,
+        lam_rounds="eval" if cfg.convergence.stop else "epoch",
         max_steps=cfg.solver.max_steps,
         tol=cfg.solver.tol,
         dead_window=d.dead_window,
