@@ -1,5 +1,5 @@
-"""Every benchmark of issue 7, one command (`make bench`): the solver tables, then the training step and
-data path. Results: benchmarks/results/{solver,data}.{json,md}. Not part of the test suite.
+"""Every benchmark, one command (`make bench`): the solver tables, the fit loop against its GEMMs, then the
+training step and data path. Results: benchmarks/results/{solver,fit,data}.{json,md}. Not part of the test suite.
 
     python -m benchmarks.run [--device cpu] [--quick]
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import data_bench, solver_bench
+from benchmarks import data_bench, fit_bench, solver_bench
 
 
 def main(argv=None) -> None:
@@ -18,6 +18,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     common = ["--device", args.device] + (["--quick"] if args.quick else [])
     solver_bench.main(common)
+    fit_bench.main(["--quick"] if args.quick else [])
     data_bench.main(common)
 
 

@@ -179,8 +179,19 @@ def resume_checkpoint(ckpt_path: Optional[str], out_dir: Path, module: torch.nn.
         print(f"[resume] {path} is damaged ({e}); resuming from {fallback[0][0]} instead", file=sys.stderr)
         path, ckpt = fallback[0]
     check_compatible(ckpt, path, module)
-    if _finished(ckpt, trainer_cfg):
+    own_run = path.resolve().parent.parent == out_dir.resolve()
+    # A finished checkpoint of another directory is evaluated into this one; its own run would be overwritten.
+    if own_run and _converged(ckpt):
+        raise ConfigError(f"{path}: this run already converged; its outputs are in {out_dir}: start a new run "
+                          "without ckpt_path (or in another directory to evaluate this checkpoint again)")
+    if own_run and _finished(ckpt, trainer_cfg):
         raise ConfigError(f"{path}: this run already finished (trainer.max_epochs={trainer_cfg.max_epochs}, "
                           f"trainer.max_steps={trainer_cfg.max_steps}); its outputs are in {out_dir}: raise "
                           "trainer.max_epochs to train longer, or start a new run without ckpt_path")
     return str(path)
+
+
+def _converged(ckpt: dict) -> bool:
+    """The checkpoint was taken after the convergence monitor stopped the fit (sparse_coding.convergence)."""
+    return any("ConvergenceMonitor" in str(key) and isinstance(state, dict) and state.get("stopped_by") == "converged"
+               for key, state in (ckpt.get("callbacks") or {}).items())

@@ -124,9 +124,11 @@ class SparseCodingModule(pl.LightningModule):
         return solve(x, phi.detach(), lam, self.hparams.max_steps, gram=gram, tol=self.hparams.tol)
 
     def _logging_step(self) -> bool:
-        """Per-step statistics are computed and logged only every trainer.log_every_n_steps steps."""
-        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
-        return self.global_step % max(1, every) == 0
+        """Per-step statistics are computed only on the steps Lightning sends to the logger
+        (every trainer.log_every_n_steps)."""
+        if self._trainer is None:
+            return True
+        return bool(self.trainer._logger_connector.should_update_logs)
 
     # ---- training --------------------------------------------------------------------------
 
