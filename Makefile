@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) train.py model=minilm layer=3 corpus.max_tokens=30000 dictionary.mult=16 trainer.max_epochs=5 hydra.run.dir=outputs/demo
+	$(PY) train.py model=minilm layer=3 hydra.run.dir=outputs/demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -15,6 +15,7 @@ import time
 from typing import Any, Optional
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Timer
 
 # Auto cadence: evaluate every EVAL_MULTIPLE x (held-out rows) training samples. Evaluating a row
 # (solve only, one Gram per pass) costs about 0.4x training on it (solve, Gram per batch,
@@ -34,17 +35,20 @@ def trainer_schedule(cfg: Any, val_rows: int, global_batch: int) -> dict:
     c, t = cfg.convergence, cfg.trainer
     every = eval_every_samples(cfg, val_rows, global_batch)
     max_steps = int(t.max_steps)
+    max_steps_from = "trainer.max_steps"
     max_time = None
     if c.stop:
         if c.max_samples > 0:
             budget_steps = math.ceil(c.max_samples / global_batch) * int(cfg.dictionary.inner_steps)
-            max_steps = budget_steps if max_steps < 1 else min(max_steps, budget_steps)
+            if max_steps < 1 or budget_steps < max_steps:
+                max_steps, max_steps_from = budget_steps, "convergence.max_samples"
         if c.max_minutes > 0:
             max_time = {"seconds": float(c.max_minutes) * 60}
     return {
         "val_check_interval": every // global_batch,
         "check_val_every_n_epoch": None,  # the interval counts batches across epochs
         "max_steps": max_steps,
+        "max_steps_from": max_steps_from,
         "max_time": max_time,
     }
 
@@ -71,10 +75,12 @@ class ConvergenceMonitor(pl.Callback):
     """Stops the fit when the measurement has converged (with `stop`), times fit and evaluation."""
 
     def __init__(self, window: int, tol: float, stop: bool, max_samples: int = 0, max_minutes: float = 0.0,
-                 train_rows: Optional[int] = None, is_cache: bool = False) -> None:
+                 train_rows: Optional[int] = None, is_cache: bool = False,
+                 max_steps_from: str = "trainer.max_steps") -> None:
         self.window, self.tol, self.stop = int(window), float(tol), bool(stop)
         self.max_samples, self.max_minutes = int(max_samples), float(max_minutes)
         self.train_rows, self.is_cache = train_rows, is_cache
+        self.max_steps_from = max_steps_from
         self.converged = False
         self.stopped_by: Optional[str] = None
         self.fit_seconds = 0.0
@@ -86,6 +92,7 @@ class ConvergenceMonitor(pl.Callback):
     # ---- timing ----
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_start = time.perf_counter()
+        self.stopped_by, self.converged = None, False  # a resumed run decides afresh
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self._fit_start is not None:
@@ -109,6 +116,8 @@ class ConvergenceMonitor(pl.Callback):
             self.stopped_by = "converged"
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # a budget ended the epoch part-way
         self.passes += 1
         if self.is_cache and not self.converged and self.passes == 1 and not trainer.should_stop and trainer.is_global_zero:
             rows = f"{self.train_rows:,} " if self.train_rows else ""
@@ -116,15 +125,13 @@ class ConvergenceMonitor(pl.Callback):
                   "again (fresh tokens are better: build a larger cache with corpus.max_tokens=...)")
 
     def _budget_reason(self, trainer, pl_module) -> str:
-        if self.max_minutes > 0 and self.fit_seconds >= self.max_minutes * 60 * 0.999:
-            return "convergence.max_minutes"
         if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
-            samples = int(pl_module.samples_seen)
-            if self.stop and self.max_samples > 0 and samples >= self.max_samples:
-                return "convergence.max_samples"
-            return "trainer.max_steps"
+            return self.max_steps_from
         if trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.current_epoch >= trainer.max_epochs:
             return "trainer.max_epochs"
+        timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+        if self.stop and timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0:
+            return "convergence.max_minutes"
         return "interrupted"
 
     # ---- checkpoints: a resumed run keeps its timing and knows whether it had converged ----

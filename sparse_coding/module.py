@@ -46,7 +46,7 @@ class SparseCodingModule(pl.LightningModule):
         inner_steps: int = 1,
         lam_tol: float = 0.02,
         lam_init_rounds: int = 3,
-        lam_rounds: str = "epoch",
+        lam_round_every: int = 0,
         max_steps: int = 256,
         tol: float = DEFAULT_TOL,
         dead_window: int = 16384,
@@ -55,6 +55,8 @@ class SparseCodingModule(pl.LightningModule):
         init_rows: Tensor | None = None,
     ) -> None:
         super().__init__()
+        if int(lam_round_every) != lam_round_every or lam_round_every < 0:
+            raise ValueError(f"lam_round_every must be an integer >= 0, got {lam_round_every!r}")
         self.save_hyperparameters(ignore=["init_rows"])
         self.automatic_optimization = False
         self.grid = [(int(m), lam) for m, lam in grid]
@@ -92,9 +94,12 @@ class SparseCodingModule(pl.LightningModule):
     # ---- helpers -------------------------------------------------------------------------
 
     def _sum_across_ranks(self, t: Tensor) -> Tensor:
-        if self.trainer is not None and self.trainer.world_size > 1:
+        if self._trainer is not None and self.trainer.world_size > 1:
             return self.trainer.strategy.reduce(t, reduce_op="sum")
         return t
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
 
     def lam(self, k: int) -> float:
         return float(self.lams[k])
@@ -156,6 +161,8 @@ class SparseCodingModule(pl.LightningModule):
             self.data_power.fill_(float(power) if power > 0 else 1.0)
         if torch.isnan(self.lams).any():
             self._initial_lams(x)
+        elif self._lambda_round_due():
+            self._lambda_round()
         log = self._logging_step()
         codes = []
         with torch.no_grad():
@@ -165,7 +172,8 @@ class SparseCodingModule(pl.LightningModule):
                 self.epoch_sum_max[k] += result.row_max().sum(dtype=torch.float64)
                 self._track_dead(k, result.feature_counts(), global_batch, log)
                 if log:
-                    self.log(self.name(k, "train/l0"), result.l0.sum(dtype=torch.float64).float() / x.shape[0], on_step=True)
+                    self.log(self.name(k, "train/l0"), result.l0.sum(dtype=torch.float64).float() / max(1, x.shape[0]),
+                             on_step=True)
                     self.log(self.name(k, "train/capped_fraction"), result.capped.float().mean(), on_step=True)
         self.epoch_count += x.shape[0]
         self.samples_seen += global_batch
@@ -174,7 +182,10 @@ class SparseCodingModule(pl.LightningModule):
         scale = float(self.data_power)
         for _ in range(self.hparams.inner_steps):
             opt.zero_grad()
-            errors = [(x - code.decode(phi)).pow(2).sum(dim=1).mean() for phi, code in zip(self.phis, codes)]
+            # Per-rank sum over the mean share of the global batch: DDP's gradient average is then exactly the
+            # global-batch mean, even when ranks hold unequal (or empty) shares of it.
+            share = float(global_batch) / self._world_size()
+            errors = [(x - code.decode(phi)).pow(2).sum() / share for phi, code in zip(self.phis, codes)]
             # non-finite alpha would show in the loss, so the loss alone is checked
             self._stop_if_nonfinite("loss", all_finite(torch.stack(errors).detach()), batch_idx)
             self.manual_backward(torch.stack(errors).sum() / scale)
@@ -186,7 +197,7 @@ class SparseCodingModule(pl.LightningModule):
                                     all(all_finite(p) for p in self.phis), batch_idx)
         if log:
             for k, err in enumerate(errors):
-                loss = err.detach() + self.lam(k) * codes[k].values.sum() / x.shape[0]
+                loss = err.detach() + self.lam(k) * codes[k].values.sum() / share
                 self.log(self.name(k, "train/loss"), loss, on_step=True, prog_bar=len(self.grid) == 1)
                 self.log(self.name(k, "train/lam"), self.lam(k), on_step=True)
         return errors[0].detach()
@@ -215,18 +226,26 @@ class SparseCodingModule(pl.LightningModule):
             phi.div_(phi.norm(dim=0, keepdim=True).clamp_min(1e-12))
 
     def on_train_epoch_end(self) -> None:
-        if self.hparams.lam_rounds == "epoch":
+        if self.hparams.lam_round_every == 0:
             self._lambda_round()
+
+    def _lambda_round_due(self) -> bool:
+        """With lam_round_every = N > 0: a round before the first step after every N batches (so a checkpoint
+        taken at any step holds exactly the statistics the next round needs)."""
+        every = self.hparams.lam_round_every
+        batches_done = self.global_step // self.hparams.inner_steps
+        return every > 0 and batches_done > 0 and batches_done % every == 0
 
     def _lambda_round(self) -> None:
         """One round of the auto-lambda fixed point: lam <- 0.1 * mean_max over the round's training samples.
 
         Rounds are epochs in the paper's fixed protocol (lam is then held once it moved less than lam_tol)
-        or the intervals between held-out evaluations when training to convergence (lam keeps tracking
-        0.1 * mean_max as Phi trains, so the converged measurement sits at the fixed point)."""
+        or, when training to convergence, every `lam_round_every` batches (the held-out evaluation
+        interval): lam keeps tracking 0.1 * mean_max as Phi trains, so the converged measurement sits
+        at the fixed point."""
         sum_max = self._sum_across_ranks(self.epoch_sum_max.clone())
         count = self._sum_across_ranks(self.epoch_count.clone())
-        hold = self.hparams.lam_rounds == "epoch"
+        hold = self.hparams.lam_round_every == 0
         for k in range(len(self.grid)):
             if self.auto[k] and not (hold and bool(self.lam_converged[k])) and count > 0:
                 new = 0.1 * float(sum_max[k] / count)
@@ -241,8 +260,6 @@ class SparseCodingModule(pl.LightningModule):
     # ---- evaluation ------------------------------------------------------------------------
 
     def on_validation_epoch_start(self) -> None:
-        if self.hparams.lam_rounds == "eval" and self._trainer is not None and self.trainer.state.fn == "fit":
-            self._lambda_round()  # the evaluation then measures at the updated lambda
         self._val_grams = [phi.detach().T @ phi.detach() for phi in self.phis]  # one Gram per pass
 
     def validation_step(self, x: Tensor, batch_idx: int) -> None:

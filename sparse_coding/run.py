@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from sparse_coding.checkpoints import AtomicCheckpoint, resume_checkpoint
 from sparse_coding.config import SYNTHETIC_DATA, dictionary_grid
-from sparse_coding.convergence import ConvergenceMonitor, trainer_schedule, unconverged_advice
+from sparse_coding.convergence import ConvergenceMonitor, eval_every_samples, trainer_schedule, unconverged_advice
 from sparse_coding.loggers import build_logger, finish_logger, log_run_files
 from sparse_coding.module import SparseCodingModule
 from sparse_coding.outputs import collect_results, print_table, write_outputs
@@ -89,7 +89,7 @@ def build_module(cfg: DictConfig, datamodule) -> SparseCodingModule:
         inner_steps=d.inner_steps,
         lam_tol=d.lam_tol,
         lam_init_rounds=d.lam_init_rounds,
-        lam_rounds="eval" if cfg.convergence.stop else "epoch",
+        lam_round_every=lambda_round_batches(cfg, datamodule),
         max_steps=cfg.solver.max_steps,
         tol=cfg.solver.tol,
         dead_window=d.dead_window,
@@ -97,6 +97,14 @@ def build_module(cfg: DictConfig, datamodule) -> SparseCodingModule:
         seed=cfg.seed,
         init_rows=init_rows,
     )
+
+
+def lambda_round_batches(cfg: DictConfig, datamodule) -> int:
+    """Auto-lambda rounds: every held-out evaluation interval when training to convergence, else per epoch (0)."""
+    if not cfg.convergence.stop:
+        return 0
+    batch = int(cfg.data.batch_size)
+    return eval_every_samples(cfg, datamodule.val_rows, batch) // batch
 
 
 def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> dict:
@@ -120,6 +128,7 @@ def _run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) 
                                  train_rows=getattr(datamodule, "train_rows", None),
                                  is_cache=not hasattr(datamodule, "train_x"))
     schedule = trainer_schedule(cfg, datamodule.val_rows, global_batch)
+    monitor.max_steps_from = schedule.pop("max_steps_from")
     failed = True
     try:
         trainer = build_trainer(cfg, out_dir, logger, [monitor, *callbacks], schedule)

@@ -291,7 +291,7 @@ def _kernel():
                         capped[j] = True
                         break
                     i = 0
-                    while c[i] != best:  # the first index holding the maximum, as torch.argmax picks
+                    while i < m - 1 and c[i] != best:  # the first index holding the maximum, as torch.argmax picks
                         i += 1
                     k = 0
                     while k < counts[j] and atoms[j, k] != i:  # accumulate a repeated atom

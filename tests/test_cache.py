@@ -245,7 +245,7 @@ def test_import_user_array(tmp_path, suffix):
 
 def test_import_rejects_bad_input(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(ConfigError, match="without pickles"):
+    with pytest.raises(ConfigError, match="pickled data"):
         cache.import_array(tmp_path / "obj.npy", tmp_path / "o1")
     np.save(tmp_path / "three.npy", np.zeros((2, 3, 4), np.float32))
     with pytest.raises(ConfigError, match=r"2-D \(n × d\)"):
