@@ -251,38 +251,58 @@ def _kernel():
     global _KERNEL
     if _KERNEL is None:
         import numba
+        import numpy as np
+
+        LANES = 16  # noqa: N806 - a compile-time constant of the kernel
 
         @numba.njit(cache=True, nogil=True, inline="always")
-        def max_of(c):  # pragma: no cover - compiled
-            # Eight independent running maxima: a single one is a chain of dependent compares, ~4x slower.
+        def max_of(c, lanes):  # pragma: no cover - compiled
+            # Running maxima in LANES independent lanes, written as a fixed-length inner loop the compiler turns
+            # into vector compares and blends; a single running max is a chain of dependent compares (~3x slower).
             m = c.shape[0]
-            if m < 8:
+            width = lanes.shape[0]
+            if m < width:
                 best = c[0]
                 for t in range(1, m):
-                    best = max(best, c[t])
+                    best = c[t] if c[t] > best else best
                 return best
-            b0, b1, b2, b3, b4, b5, b6, b7 = c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
-            whole = m - m % 8
-            for t in range(8, whole, 8):
-                b0 = max(b0, c[t])
-                b1 = max(b1, c[t + 1])
-                b2 = max(b2, c[t + 2])
-                b3 = max(b3, c[t + 3])
-                b4 = max(b4, c[t + 4])
-                b5 = max(b5, c[t + 5])
-                b6 = max(b6, c[t + 6])
-                b7 = max(b7, c[t + 7])
-            best = max(max(max(b0, b1), max(b2, b3)), max(max(b4, b5), max(b6, b7)))
+            for lane in range(width):
+                lanes[lane] = c[lane]
+            whole = m - m % width
+            for t in range(width, whole, width):
+                for lane in range(width):
+                    v = c[t + lane]
+                    lanes[lane] = v if v > lanes[lane] else lanes[lane]
+            best = lanes[0]
+            for lane in range(1, width):
+                best = lanes[lane] if lanes[lane] > best else best
             for t in range(whole, m):
-                best = max(best, c[t])
+                best = c[t] if c[t] > best else best
             return best
+
+        @numba.njit(cache=True, nogil=True, inline="always")
+        def first_index_of(c, best, width):  # pragma: no cover - compiled
+            # The first index holding `best` (as torch.argmax picks), found a block of `width` at a time.
+            m = c.shape[0]
+            t = 0
+            while t + width <= m:
+                hit = False
+                for lane in range(width):
+                    hit |= c[t + lane] == best
+                if hit:
+                    break
+                t += width
+            while t < m - 1 and c[t] != best:
+                t += 1
+            return t
 
         @numba.njit(parallel=True, cache=True, nogil=True)
         def greedy(scores, gram, half, step_min, max_steps, atoms, values, counts, steps, capped):  # pragma: no cover
             n, m = scores.shape
             for j in numba.prange(n):
                 c = scores[j]  # updated in place: c = Phi^T r for this sample's residual r
-                best = max_of(c)
+                lanes = np.empty(LANES, scores.dtype)
+                best = max_of(c, lanes)
                 for step in range(max_steps + 1):
                     amount = best - half[0]
                     if not amount > step_min[0]:
@@ -290,9 +310,7 @@ def _kernel():
                     if step == max_steps:
                         capped[j] = True
                         break
-                    i = 0
-                    while i < m - 1 and c[i] != best:  # the first index holding the maximum, as torch.argmax picks
-                        i += 1
+                    i = first_index_of(c, best, lanes.shape[0])
                     k = 0
                     while k < counts[j] and atoms[j, k] != i:  # accumulate a repeated atom
                         k += 1
@@ -306,7 +324,7 @@ def _kernel():
                     g = gram[i]
                     for t in range(m):  # a plain pass the compiler vectorises
                         c[t] -= amount * g[t]
-                    best = max_of(c)
+                    best = max_of(c, lanes)
 
         _KERNEL = greedy
     return _KERNEL
