@@ -54,6 +54,14 @@ def fit_run(d: int, m: int, batch: int, steps: int, out: Path) -> dict:
     return run(cfg, out)
 
 
+def warm_up() -> None:
+    """Load (or compile, after a code change) the solver kernel outside the timed fits."""
+    from sparse_coding.solver import solve
+
+    x, phi = torch.randn(64, 8), torch.randn(8, 32)
+    solve(x, phi / phi.norm(dim=0), 0.1)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -61,6 +69,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu only (the fit runs the default accelerator)")
     args = parser.parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    warm_up()
     record = {"machine": machine("cpu"), "rows": []}
     for d, m, batch in shapes:
         with tempfile.TemporaryDirectory() as tmp:
