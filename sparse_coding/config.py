@@ -108,7 +108,6 @@ class TrainerConfig:
     deterministic: bool = True
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
-    check_val_every_n_epoch: int = 1
     limit_train_batches: Optional[float] = None
     checkpoint_every_n_steps: int = 0  # also write last.ckpt every N optimizer steps (mid-epoch resume); 0: epoch ends only
 

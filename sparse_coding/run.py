@@ -44,7 +44,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, logger, callbacks: Sequence[pl
     """The Lightning Trainer; `schedule` (sparse_coding.convergence.trainer_schedule) sets the held-out
     evaluation cadence and the budget."""
     t = cfg.trainer
-    schedule = schedule or {"max_steps": t.max_steps, "val_check_interval": None, "check_val_every_n_epoch": 1,
+    schedule = schedule or {"max_steps": t.max_steps, "val_check_interval": None, "check_val_every_n_epoch": 1,  # once per epoch
                             "max_time": None}
     # last.ckpt at every epoch end and, with trainer.checkpoint_every_n_steps=N, every N optimizer steps
     # (mid-epoch: the data loaders store their position, so `ckpt_path=last` resumes at the next batch).

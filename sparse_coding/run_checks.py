@@ -106,8 +106,6 @@ def check_trainer(t: Any) -> None:
             raise ConfigError(f"trainer.{key}={getattr(t, key)!r} must be true or false")
     if not _int(t.log_every_n_steps) or t.log_every_n_steps < 1:
         raise ConfigError(f"trainer.log_every_n_steps={t.log_every_n_steps!r} must be an integer >= 1")
-    if not _int(t.check_val_every_n_epoch) or t.check_val_every_n_epoch < 1:
-        raise ConfigError(f"trainer.check_val_every_n_epoch={t.check_val_every_n_epoch!r} must be an integer >= 1")
     limit = t.limit_train_batches
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit <= 0:

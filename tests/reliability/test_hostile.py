@@ -360,7 +360,7 @@ TRAINER_VALUES = {
     "trainer.strategy": ["auto", "ddp", "ddp_spawn", "fsdp", "deepspeed", "x"],
     "trainer.num_nodes": ["1", "0", "-1", "2", "x"],
     "trainer.limit_train_batches": ["0", "0.0", "0.5", "1", "3", "1.5", "-1", "nan", "inf", "null"],
-    "trainer.check_val_every_n_epoch": ["1", "0", "-1", "1000", "x"],
+    "trainer.check_val_every_n_epoch": ["1", "0"],  # not a setting: the cadence is convergence.eval_every
     "trainer.log_every_n_steps": ["1", "0", "-5", "x"],
     "trainer.max_epochs": ["1", "0", "-1", "-2"], "trainer.max_steps": ["-1", "0", "5", "-7"],
     "trainer.deterministic": ["true", "false", "warn"],
