@@ -123,12 +123,11 @@ def _run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) 
     module = build_module(cfg, datamodule)
     logger = build_logger(cfg, out_dir)
     c = cfg.convergence
-    global_batch = int(cfg.data.batch_size)
+    schedule = trainer_schedule(cfg, datamodule.val_rows, int(cfg.data.batch_size))
     monitor = ConvergenceMonitor(c.window, c.tol, c.stop, c.max_samples, c.max_minutes,
                                  train_rows=getattr(datamodule, "train_rows", None),
-                                 is_cache=not hasattr(datamodule, "train_x"))
-    schedule = trainer_schedule(cfg, datamodule.val_rows, global_batch)
-    monitor.max_steps_from = schedule.pop("max_steps_from")
+                                 is_cache=not hasattr(datamodule, "train_x"),
+                                 max_steps_from=schedule.pop("max_steps_from"))
     failed = True
     try:
         trainer = build_trainer(cfg, out_dir, logger, [monitor, *callbacks], schedule)
