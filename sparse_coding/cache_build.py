@@ -1,0 +1,458 @@
+"""Building activation caches: hidden states of a model over a corpus, token embeddings, a user's array.
+
+Every builder holds the build lock, claims its output folder with a build identity, writes
+shards that resume after an interruption and writes the manifest last (the format is in
+`cache_store`). `ensure_cache` gives the cache folder of a run config, building what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from sparse_coding.cache_store import (
+    DTYPES,
+    MAX_D,
+    MAX_ROWS,
+    build_lock,
+    claim_output,
+    finish_build,
+    finish_layer,
+    human_bytes,
+    layer_key,
+    read_manifest,
+    replacing,
+    sha256_file,
+    shard_done,
+    shard_name,
+    write_manifest,
+    write_npy,
+    write_shard,
+)
+from sparse_coding.errors import ConfigError
+
+DEFAULT_SHARD_ROWS = 32768
+
+
+# --------------------------------------------------------------------------------------------
+# Disk space and progress
+
+
+def check_disk(out: Path, need: int) -> None:
+    """Print the space a build needs and refuse when the disk does not have it."""
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    print(f"[cache] {out}: needs {human_bytes(need)} on disk (free: {human_bytes(free)})", file=sys.stderr)
+    if need > free:
+        raise ConfigError(
+            f"cache {out} needs {human_bytes(need)} but only {human_bytes(free)} is free: lower corpus.max_tokens, "
+            "use cache_dtype=float16, fewer layers, or another cache_dir"
+        )
+
+
+def _progress(total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc=desc, file=sys.stderr,
+                dynamic_ncols=True, mininterval=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Building from a model
+
+
+def build_hidden_states(out: Path, *args: Any, force: bool = False, **kwargs: Any) -> Path:
+    """Run the model over the corpus once and store `hidden_states[K]` for every K in `layers`.
+
+    Holds the build lock (`build_lock`); see `_build_hidden_states` for the arguments. `force`
+    builds a fresh cache beside `out` and swaps it in when complete.
+    """
+    with build_lock(Path(out)):
+        if not force:
+            return _build_hidden_states(Path(out), *args, **kwargs)
+        with replacing(Path(out)) as new:
+            _build_hidden_states(new, *args, **kwargs)
+        return Path(out)
+
+
+def _build_hidden_states(
+    out: Path,
+    model: Any,
+    tokenizer: Any,
+    model_info: dict,
+    corpus_cfg: Any,
+    layers: list[int],
+    *,
+    dtype: str = "float32",
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    corpus_fingerprint: Optional[str] = None,
+    fail_after_shards: Optional[int] = None,
+) -> Path:
+    """Run the model over the corpus once and store `hidden_states[K]` for every K in `layers`.
+
+    Resumes an interrupted build; adds layers to an existing cache of the same tokens.
+    `fail_after_shards` raises after that many new shards (fault injection for tests).
+    """
+    import torch
+
+    from sparse_coding import corpus as corpus_mod
+
+    out = Path(out)
+    if dtype not in DTYPES:
+        raise ConfigError(f"cache_dtype={dtype!r}: choose one of {DTYPES}")
+    old = read_manifest(out) if (out / "manifest.json").is_file() else None
+    keys = [layer_key(k) for k in layers]
+    if old and all(k in old["layers"] for k in keys):
+        return out
+    cfp = corpus_fingerprint or corpus_mod.corpus_fingerprint(corpus_cfg)
+    identity = {"kind": "hidden_states", "model_fingerprint": model_info["fingerprint"], "corpus_fingerprint": cfp,
+                "context_len": int(corpus_cfg.context_len), "max_tokens": int(corpus_cfg.max_tokens),
+                "keep_special_tokens": bool(corpus_cfg.keep_special_tokens), "corpus_batch_size": int(corpus_cfg.batch_size),
+                "dtype": dtype, "shard_rows": int(shard_rows)}
+    claim_output(out, identity)
+    if old and (old["model"]["fingerprint"] != model_info["fingerprint"] or old["corpus"]["fingerprint"] != cfp):
+        raise ConfigError(f"{out}/manifest.json: built from another model or corpus; use another cache_dir or --force")
+
+    t0 = time.time()
+    ctx = corpus_mod.build_contexts(corpus_cfg, tokenizer)
+    k = ctx.rows_per_context
+    B = int(corpus_cfg.batch_size)
+    ctx_per_shard = max(1, shard_rows // (B * k)) * B  # shards hold whole batches: a fixed forward grid
+    rows_per_shard = ctx_per_shard * k
+    n_rows = ctx.n_rows
+    n_ctx = -(-n_rows // k)
+    n_shards = -(-n_rows // rows_per_shard)
+    d = int(model_info["hidden_size"])
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokens_file = out / "tokens.npy"
+    token_ids = ctx.row_token_ids().astype(np.int32)
+    if tokens_file.is_file():
+        prev = np.load(tokens_file, allow_pickle=False)
+        if not np.array_equal(prev, token_ids):
+            raise ConfigError(f"{tokens_file}: holds other tokens than this corpus gives; rebuild with --force")
+    else:
+        write_npy(tokens_file, token_ids)
+
+    def path_of(key: str, s: int) -> Path:
+        return out / "layers" / key / shard_name(s)
+
+    todo = [(s, [key for key in keys if not shard_done(path_of(key, s))]) for s in range(n_shards)]
+    todo = [(s, miss) for s, miss in todo if miss]
+    itemsize = np.dtype(dtype).itemsize
+    need = sum(min(rows_per_shard, n_rows - s * rows_per_shard) * d * itemsize * len(miss) for s, miss in todo)
+    check_disk(out, need)
+    rows_done = n_rows - sum(min(rows_per_shard, n_rows - s * rows_per_shard) for s, _ in todo)
+    keep = torch.as_tensor(ctx.keep)
+    written = 0
+    bar = _progress(n_rows, rows_done, f"{model_info['name']} layers {','.join(keys)}")
+    try:
+        with torch.inference_mode():
+            for s, missing in todo:
+                parts: dict[str, list] = {key: [] for key in missing}
+                for b0 in range(s * ctx_per_shard, min((s + 1) * ctx_per_shard, n_ctx), B):
+                    ids = torch.as_tensor(ctx.input_ids[b0 : min(b0 + B, len(ctx.input_ids))])
+                    outputs = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+                    hs = outputs.hidden_states
+                    for key in missing:
+                        parts[key].append(hs[int(key)][:, keep, :].reshape(-1, d).float().numpy())
+                    bar.update(min(ids.shape[0] * k, n_rows - b0 * k))
+                lo = s * rows_per_shard
+                n = min(rows_per_shard, n_rows - lo)
+                for key in missing:
+                    arr = np.concatenate(parts[key])[:n].astype(dtype)
+                    write_shard(path_of(key, s), arr)
+                written += 1
+                if fail_after_shards is not None and written >= fail_after_shards:
+                    raise RuntimeError(f"fault injection: stopped after {written} shards")
+    finally:
+        bar.close()
+
+    entries = {key: finish_layer(out, key, n_rows, rows_per_shard, d, dtype) for key in keys}
+    base = {
+        "kind": "hidden_states",
+        "model": {key: model_info[key] for key in ("name", "hub_id", "fingerprint", "num_layers", "hidden_size")},
+        "corpus": {
+            "name": corpus_cfg.name,
+            "fingerprint": cfp,
+            "files": [str(f) for f in (corpus_cfg.files or [])] if corpus_cfg.name == "text" else [],
+            "context_len": int(corpus_cfg.context_len),
+            "max_tokens": int(corpus_cfg.max_tokens),
+            "keep_special_tokens": bool(corpus_cfg.keep_special_tokens),
+            "rows_per_context": k,
+            "keep_positions": [int(i) for i in np.flatnonzero(ctx.keep)],
+            "corpus_tokens_read": ctx.corpus_tokens,
+        },
+        "d": d,
+        "dtype": dtype,
+        "n_rows": n_rows,
+        "n_tokens": n_rows,
+        "rows_per_shard": rows_per_shard,
+        "tokens": {"file": "tokens.npy", "sha256": sha256_file(tokens_file), "dtype": "int32"},
+        "build_seconds": round(time.time() - t0, 2),
+        "build": identity,
+    }
+    write_manifest(out, base, entries, old)
+    finish_build(out)
+    return out
+
+
+def write_array_cache(out: Path, *args: Any, force: bool = False, **kwargs: Any) -> Path:
+    """A one-layer cache from a row source, under the build lock; see `_write_array_cache`.
+
+    `force` builds a fresh cache beside `out` and swaps it in when complete.
+    """
+    with build_lock(Path(out)):
+        if not force:
+            return _write_array_cache(Path(out), *args, **kwargs)
+        with replacing(Path(out)) as new:
+            _write_array_cache(new, *args, **kwargs)
+        return Path(out)
+
+
+def _write_array_cache(
+    out: Path,
+    rows: Callable[[int, int], np.ndarray],
+    n_rows: int,
+    d: int,
+    key: str,
+    base: dict,
+    *,
+    dtype: str = "float32",
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    token_ids: Optional[np.ndarray] = None,
+    identity: Optional[dict] = None,
+) -> Path:
+    """A one-layer cache from a row source `rows(lo, hi) -> (hi-lo, d)` (import, token embeddings).
+
+    `identity` fingerprints the source and settings (see `claim_output`); without one the base
+    description, sizes and settings stand in for it.
+    """
+    out = Path(out)
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r}: choose one of {DTYPES}")
+    check_sizes(out, n_rows, d, shard_rows)
+    identity = identity or {"kind": base.get("kind"), "base": base, "shape": [n_rows, d], "dtype": dtype,
+                            "rows_per_shard": shard_rows}
+    identity = json.loads(json.dumps(identity))  # as it will read back from JSON (tuples become lists)
+    claim_output(out, identity)
+    if (out / "manifest.json").is_file():
+        return out
+    n_shards = -(-n_rows // shard_rows)
+    todo = [s for s in range(n_shards) if not shard_done(out / "layers" / key / shard_name(s))]
+    itemsize = np.dtype(dtype).itemsize
+    check_disk(out, sum(min(shard_rows, n_rows - s * shard_rows) for s in todo) * d * itemsize)
+    t0 = time.time()
+    for s in todo:
+        lo, hi = s * shard_rows, min((s + 1) * shard_rows, n_rows)
+        write_shard(out / "layers" / key / shard_name(s), np.asarray(rows(lo, hi)).astype(dtype))
+    extra: dict = {}
+    if token_ids is not None:
+        write_npy(out / "tokens.npy", token_ids.astype(np.int32))
+        extra["tokens"] = {"file": "tokens.npy", "sha256": sha256_file(out / "tokens.npy"), "dtype": "int32"}
+    entry = finish_layer(out, key, n_rows, shard_rows, d, dtype)
+    full = {**base, **extra, "d": d, "dtype": dtype, "n_rows": n_rows, "rows_per_shard": shard_rows,
+            "build_seconds": round(time.time() - t0, 2), "build": identity}
+    write_manifest(out, full, {key: entry})
+    finish_build(out)
+    return out
+
+
+MAX_SHARD_BYTES = 1 << 31  # a shard is assembled in memory before it is written
+
+
+def check_sizes(out: Path, n_rows: int, d: int, shard_rows: int) -> None:
+    """Sizes a manifest can hold and a shard that fits in memory, before anything is written."""
+    if not 1 <= d <= MAX_D:
+        raise ConfigError(f"{out}: width d={d} is outside what a cache holds (1..{MAX_D})")
+    if not 1 <= n_rows <= MAX_ROWS:
+        raise ConfigError(f"{out}: {n_rows} rows is outside what a cache holds (1..{MAX_ROWS})")
+    if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
+        raise ConfigError(f"--shard-rows={shard_rows!r} must be an integer >= 1")
+    if min(shard_rows, n_rows) * d * 4 > MAX_SHARD_BYTES:
+        raise ConfigError(f"--shard-rows={shard_rows} makes shards of {human_bytes(min(shard_rows, n_rows) * d * 4)} "
+                          f"(d={d}); keep a shard under {human_bytes(MAX_SHARD_BYTES)}: use --shard-rows <= "
+                          f"{max(1, MAX_SHARD_BYTES // (d * 4))}")
+
+
+def build_token_embeddings(out: Path, model: Any, model_info: dict, *, dtype: str = "float32",
+                           shard_rows: int = DEFAULT_SHARD_ROWS, force: bool = False) -> Path:
+    """The rows of the input embedding matrix (vocab × d) as a cache with layer key 'embeddings'."""
+    import torch
+
+    with torch.no_grad():
+        weight = model.get_input_embeddings().weight.detach().float().cpu().numpy()
+    base = {
+        "kind": "token_embeddings",
+        "model": {key: model_info[key] for key in ("name", "hub_id", "fingerprint", "num_layers", "hidden_size")},
+        "corpus": None,
+        "n_tokens": 0,
+    }
+    identity = {"kind": "token_embeddings", "model_fingerprint": model_info["fingerprint"], "dtype": dtype,
+                "rows_per_shard": shard_rows}
+    return write_array_cache(out, lambda lo, hi: weight[lo:hi], weight.shape[0], weight.shape[1], "embeddings", base,
+                             dtype=dtype, shard_rows=shard_rows, token_ids=np.arange(weight.shape[0]),
+                             identity=identity, force=force)
+
+
+# --------------------------------------------------------------------------------------------
+# Importing a user's array
+
+
+def load_user_array(path: Path, key: Optional[str] = None) -> np.ndarray:
+    """An (n × d) float array from .npy (memory-mapped), .pt (weights_only) or .safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--input {path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        arr = _load_npy(path)
+    elif suffix in (".pt", ".pth"):
+        import torch
+
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+            raise ConfigError(f"{path}: cannot be loaded with torch.load(weights_only=True) ({e})") from None
+        arr = _pick_tensor(obj, key, path)
+    elif suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: a damaged or foreign file
+            raise ConfigError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0][:160]})") from None
+        arr = _pick_tensor(tensors, key, path)
+    else:
+        raise ConfigError(f"{path}: use a .npy, .pt or .safetensors file")
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ConfigError(f"{path}: expected a 2-D (n × d) array, got shape {tuple(arr.shape)}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ConfigError(f"{path}: expected floating-point values, got {arr.dtype}")
+    return arr
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """A .npy file memory-mapped, with a message that says what is wrong with a bad one."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+        except ValueError:
+            raise ConfigError(f"{path}: not a .npy file (no NumPy header): save the array with numpy.save") from None
+        try:
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+        except (ValueError, SyntaxError) as e:
+            raise ConfigError(f"{path}: damaged .npy header ({str(e).splitlines()[0][:120]})") from None
+        offset = f.tell()
+    if dtype.hasobject:
+        raise ConfigError(f"{path}: holds Python objects (pickled data), which are never loaded: save a float array")
+    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = path.stat().st_size
+    if size < need:
+        raise ConfigError(f"{path}: truncated: its header says {shape} {dtype} ({human_bytes(need)}) but the file "
+                          f"holds {human_bytes(size)}; copy or save it again")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{path}: cannot be read as .npy ({str(e).splitlines()[0][:160]})") from None
+
+
+def _pick_tensor(obj: Any, key: Optional[str], path: Path) -> np.ndarray:
+    import torch
+
+    if isinstance(obj, dict):
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if key is not None:
+            if key not in tensors:
+                raise ConfigError(f"{path}: no tensor named {key!r} (has {', '.join(tensors)})")
+            obj = tensors[key]
+        elif len(tensors) == 1:
+            obj = next(iter(tensors.values()))
+        else:
+            raise ConfigError(f"{path}: holds tensors {', '.join(tensors)}; choose one with --key")
+    if not isinstance(obj, torch.Tensor):
+        raise ConfigError(f"{path}: holds a {type(obj).__name__}, not a tensor")
+    t = obj.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def import_array(input: Path, output: Path, *, dtype: str = "float32", key: Optional[str] = None,
+                 shard_rows: int = DEFAULT_SHARD_ROWS, force: bool = False) -> Path:
+    """Turn a user's own (n × d) activations into a cache (layer key 'data').
+
+    The input's sha256 and the settings are the build's identity: resuming an interrupted import, or
+    importing into a finished cache, with another file or settings is refused (`force` replaces it).
+    """
+    input = Path(input)
+    if Path(output).exists() and not Path(output).is_dir():
+        raise ConfigError(f"--output {output} is an existing file, not a cache folder: choose another folder")
+    arr = load_user_array(input, key)
+    check_sizes(Path(output), int(arr.shape[0]), int(arr.shape[1]), shard_rows)
+    digest = sha256_file(input)
+    base = {
+        "kind": "imported",
+        "model": None,
+        "corpus": None,
+        "source": {"file": str(input.resolve()), "sha256": digest, "key": key},
+        "n_tokens": int(arr.shape[0]),
+    }
+    identity = {"kind": "imported", "source_sha256": digest, "key": key, "shape": [int(arr.shape[0]), int(arr.shape[1])],
+                "dtype": dtype, "rows_per_shard": shard_rows}
+    return write_array_cache(output, lambda lo, hi: np.asarray(arr[lo:hi]), int(arr.shape[0]), int(arr.shape[1]),
+                             "data", base, dtype=dtype, shard_rows=shard_rows, identity=identity, force=force)
+
+
+# --------------------------------------------------------------------------------------------
+# From a run config
+
+
+def cache_dir_for(cfg: Any, model_fingerprint: str, corpus_fingerprint: Optional[str]) -> Path:
+    """The cache folder of a run: model, activation kind, corpus, context, size, specials, dtype."""
+    name = str(cfg.model.name).replace("/", "--")  # model=hf model.name=ORG/NAME: one folder, as in the hub cache
+    root = Path(str(cfg.cache_dir)).expanduser() / f"{name}-{model_fingerprint[:10]}"
+    if cfg.activation == "token_embeddings":
+        return root / f"token_embeddings-{cfg.cache_dtype}"
+    c = cfg.corpus
+    special = "special" if c.keep_special_tokens else "nospecial"
+    return root / "hidden_states" / (
+        f"{c.name}-{corpus_fingerprint[:10]}-ctx{c.context_len}-{c.max_tokens}tok-{special}-{cfg.cache_dtype}"
+    )
+
+
+def ensure_cache(cfg: Any, *, shard_rows: int = DEFAULT_SHARD_ROWS, force: bool = False,
+                 fail_after_shards: Optional[int] = None) -> Path:
+    """The cache folder for a run config, building whatever is missing (requested layers or embeddings).
+
+    When the cache is complete, neither the model nor the corpus text is loaded.
+    """
+    from sparse_coding import corpus as corpus_mod
+    from sparse_coding import models
+
+    models.validate_model_config(cfg)
+    model_dir = models.prepare_model_dir(cfg.model)
+    mfp = models.fingerprint_files(model_dir)
+    token_emb = cfg.activation == "token_embeddings"
+    cfp = None if token_emb else corpus_mod.corpus_fingerprint(cfg.corpus)
+    out = cache_dir_for(cfg, mfp, cfp)
+    if token_emb:
+        keys = ["embeddings"]
+    else:
+        num_layers, _ = models.read_model_shape(model_dir, cfg.model.name)
+        keys = [layer_key(k) for k in models.parse_layers(cfg.layer, num_layers, cfg.model.name)]
+    if not force and (out / "manifest.json").is_file() and all(k in read_manifest(out)["layers"] for k in keys):
+        return out
+    model, tokenizer, info = models.load_model(cfg.model)
+    if token_emb:
+        return build_token_embeddings(out, model, info, dtype=cfg.cache_dtype, shard_rows=shard_rows, force=force)
+    return build_hidden_states(out, model, tokenizer, info, cfg.corpus, [int(k) for k in keys],
+                               dtype=cfg.cache_dtype, shard_rows=shard_rows, corpus_fingerprint=cfp,
+                               fail_after_shards=fail_after_shards, force=force)

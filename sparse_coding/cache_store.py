@@ -1,0 +1,512 @@
+"""The activation cache on disk: sharded memory-mappable `.npy` files per layer, checksummed, resumable.
+
+Layout of a cache folder::
+
+    manifest.json                 written last; format_version, model, corpus, d, dtype, rows,
+                                  rows_per_shard, layers, per-shard sha256, statistics
+    tokens.npy                    int32 token id of every row (rows are in corpus order)
+    layers/<key>/shard_00000.npy  float32 or float16, (rows, d); <key> is the hidden-state index
+                                  "0".."N", "embeddings" (token embedding rows) or "data" (import)
+    layers/<key>/shard_00000.npy.sha256   written before the shard is renamed into place
+    layers/<key>/mean.npy         float64 mean row (centring); mean squared norm in the manifest
+    verified.json                 record of the last full checksum pass
+
+Shards are written under a temporary name and renamed when complete, so an interrupted build
+resumes at the first missing shard and produces the same bytes (contexts are batched on a fixed
+grid). A finished cache is never rebuilt unless asked (`--force`).
+
+This module holds the format: manifest reading, checking and writing, shard names and files,
+layer statistics, verification, build identity records and the build lock. Building is in
+`cache_build`, the CLI in `cache`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+from sparse_coding.atomic import atomic_write_bytes
+from sparse_coding.errors import ConfigError
+
+FORMAT_VERSION = 1
+DTYPES = ("float32", "float16")
+_HASH_CHUNK = 1 << 22
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write_bytes(path, data)  # never a partial file (disk full, interrupt)
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_npy(path: Path, arr: np.ndarray) -> None:
+    """Write an array as `.npy` atomically (tokens, mean rows)."""
+    _atomic_write_bytes(path, _npy_bytes(arr))
+
+
+def layer_key(layer: Any) -> str:
+    """The folder name of a layer: hidden-state index as a string, or 'embeddings' / 'data'."""
+    return str(layer)
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.npy"
+
+
+def write_shard(path: Path, arr: np.ndarray) -> str:
+    """Write one shard safely: checksum sidecar first, then the shard renamed into place."""
+    data = _npy_bytes(arr)
+    digest = hashlib.sha256(data).hexdigest()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _atomic_write_bytes(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
+        _atomic_write_bytes(path, data)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise ConfigError(f"{path}: no space left on device ({human_bytes(len(data))} shard); the shards written so "
+                          "far are complete: free space and rerun the same command to resume") from None
+    return digest
+
+
+# --------------------------------------------------------------------------------------------
+# One builder at a time, and no leftovers from a killed one
+
+
+_STALE_TEMP = re.compile(r"\.(shard_\d+\.npy(\.sha256)?|mean\.npy|tokens\.npy|manifest\.json|build\.json)\.tmp-\d+\Z")
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+@contextlib.contextmanager
+def build_lock(out: Path):
+    """Hold an exclusive lock on building the cache `out` (a lock file beside it; released on exit or kill).
+
+    A second build of the same cache waits, then finds the finished manifest and does nothing.
+    Under the lock, temporary files left by a killed build are removed.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = out.parent / f".{out.name}.lock"
+    with open(lock_file, "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[cache] {out}: another process is building this cache; waiting for it (lock {lock_file})",
+                  file=sys.stderr)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            for sibling in out.parent.glob(f".{glob_escape(out.name)}.[no][el][wd]-*"):
+                if sibling.is_dir():
+                    shutil.rmtree(sibling, ignore_errors=True)  # left by a killed --force
+            if out.is_dir():
+                for tmp in [out, *out.glob("layers/*")]:
+                    for p in tmp.iterdir():
+                        if _STALE_TEMP.match(p.name) and p.is_file():
+                            p.unlink()
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+BUILD_RECORD = "build.json"
+
+
+def claim_output(out: Path, identity: dict) -> None:
+    """Make sure `out` is empty, or holds a (partial) cache of exactly this source and these settings.
+
+    `identity` fingerprints the input (content hashes) and the build settings; it is written to
+    `build.json` before the first shard and into the manifest. A resumed build, or a second build
+    into a finished cache, that names another source is refused instead of mixing the two.
+    Called under the build lock.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is an existing file, not a cache folder: choose another output folder")
+    hint = "choose another output folder, or add --force to replace it"
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        old = read_manifest(out)
+        if not same_build(old, identity):
+            raise ConfigError(f"{out} already holds a finished cache of another source or settings "
+                              f"({describe_build(old.get('build') or old)}; this build: {describe_build(identity)}): {hint}")
+        return
+    record = out / BUILD_RECORD
+    if record.is_file():
+        try:
+            started = json.loads(record.read_text())
+        except (OSError, ValueError):
+            started = None
+        if started != identity:
+            raise ConfigError(f"{out} holds a partial build of another source or settings "
+                              f"({describe_build(started)}; this build: {describe_build(identity)}): {hint}")
+        return
+    if out.is_dir() and any(p for p in out.iterdir() if not _STALE_TEMP.match(p.name)):
+        raise ConfigError(f"{out} is not empty and holds no cache build record (files of something else, or a "
+                          f"build from an older version): {hint}")
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(record, identity)
+
+
+def same_build(manifest: dict, identity: dict) -> bool:
+    """Whether a finished cache was built from `identity` (caches without a build record: by their fingerprints)."""
+    if "build" in manifest:
+        return manifest["build"] == identity
+    if identity.get("kind") == "imported":
+        return (manifest.get("source") or {}).get("sha256") == identity.get("source_sha256")
+    fps = {"model_fingerprint": (manifest.get("model") or {}).get("fingerprint"),
+           "corpus_fingerprint": (manifest.get("corpus") or {}).get("fingerprint")}
+    return all(identity.get(k) in (None, v) for k, v in fps.items()) and manifest.get("dtype") == identity.get("dtype")
+
+
+def describe_build(b: Any) -> str:
+    if not isinstance(b, dict):
+        return "unreadable build record"
+    if b.get("kind") == "imported" or b.get("source_sha256"):
+        return f"import of sha256 {str(b.get('source_sha256'))[:12]}, dtype {b.get('dtype')}, {b.get('rows_per_shard')} rows/shard"
+    return ", ".join(f"{k} {str(v)[:12]}" for k, v in sorted(b.items()) if v is not None)
+
+
+def finish_build(out: Path) -> None:
+    """The manifest now holds the build identity: drop the in-progress record."""
+    with contextlib.suppress(OSError):
+        (Path(out) / BUILD_RECORD).unlink()
+
+
+@contextlib.contextmanager
+def replacing(out: Path):
+    """`--force`: build into a sibling folder, then swap it in; `out` never holds a mix of old and new.
+
+    Yields the folder to build into. The old cache stays whole until the new one is complete.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is an existing file, not a cache folder: choose another output folder")
+    new = out.parent / f".{out.name}.new-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(new, ignore_errors=True)
+    try:
+        yield new
+        if out.exists():
+            os.rename(out, old)
+        os.rename(new, out)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def shard_done(path: Path) -> bool:
+    return path.is_file() and path.with_name(path.name + ".sha256").is_file()
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a cache folder; ConfigError when it is missing or not a manifest."""
+    path = Path(path)
+    mf = path / "manifest.json"
+    if not mf.is_file():
+        raise ConfigError(f"{mf}: no manifest (not a cache, or its build did not finish: rerun the build to resume)")
+    try:
+        m = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{mf}: not valid JSON ({e})") from None
+    for key in ("format_version", "d", "dtype", "n_rows", "layers", "shards", "rows_per_shard"):
+        if key not in m:
+            raise ConfigError(f"{mf}: missing field {key!r}")
+    if m["format_version"] != FORMAT_VERSION:
+        raise ConfigError(f"{mf}: format_version {m['format_version']} is not {FORMAT_VERSION}; rebuild the cache")
+    if m["dtype"] not in DTYPES:
+        raise ConfigError(f"{mf}: dtype {m['dtype']!r} is not one of {DTYPES}")
+    _check_manifest(m, mf)
+    return m
+
+
+_LAYER_KEY = re.compile(r"[A-Za-z0-9_]{1,64}\Z")
+_SHARD_FILE = re.compile(r"shard_\d{5,9}\.npy\Z")
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+MAX_D = 1 << 20
+MAX_ROWS = 1 << 40
+
+
+def _check_manifest(m: dict, mf: Path) -> None:
+    """Every name a manifest gives is a plain file name inside the cache, every size is sane.
+
+    A crafted manifest (`..`, absolute paths, odd layer keys, negative or huge sizes) is refused
+    before any file it names is opened or written.
+    """
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{mf}: {what}; the manifest is damaged or crafted: rebuild the cache")
+
+    def count(v: Any, lo: int, hi: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    if not count(m["d"], 1, MAX_D) or not count(m["n_rows"], 0, MAX_ROWS) or not count(m["rows_per_shard"], 1, MAX_ROWS):
+        raise bad(f"d={m['d']!r}, n_rows={m['n_rows']!r}, rows_per_shard={m['rows_per_shard']!r} are not valid sizes")
+    if not isinstance(m["shards"], dict) or not isinstance(m["layers"], list):
+        raise bad("'shards' must map layer keys to lists and 'layers' must be a list")
+    for key in m["layers"]:
+        if not isinstance(key, str) or key not in m["shards"]:
+            raise bad(f"layer {key!r} has no shard list")
+    for key, entries in m["shards"].items():
+        if not _LAYER_KEY.match(str(key)):
+            raise bad(f"layer key {key!r} is not a plain name")
+        if not isinstance(entries, list):
+            raise bad(f"shards of layer {key} are not a list")
+        for e in entries:
+            if not isinstance(e, dict) or not isinstance(e.get("file"), str) or not _SHARD_FILE.match(e["file"]):
+                raise bad(f"shard entry {e!r} of layer {key} does not name a file shard_NNNNN.npy")
+            if not count(e.get("rows"), 0, m["rows_per_shard"]):
+                raise bad(f"shard {e['file']} of layer {key} has rows={e.get('rows')!r}")
+            if not isinstance(e.get("sha256"), str) or not _SHA256.match(e["sha256"]):
+                raise bad(f"shard {e['file']} of layer {key} has no valid sha256")
+    if not isinstance(m.get("stats", {}), dict):
+        raise bad("'stats' must map layer keys to statistics")
+    for key, st in (m.get("stats") or {}).items():
+        if not isinstance(st, dict) or st.get("mean_file") != f"layers/{key}/mean.npy":
+            raise bad(f"statistics of layer {key!r} name mean file {(st or {}).get('mean_file') if isinstance(st, dict) else st!r}")
+        for name in ("n_finite", "n_nonfinite"):
+            if not count(st.get(name), 0, MAX_ROWS):
+                raise bad(f"statistics of layer {key}: {name}={st.get(name)!r} is not a row count")
+        for name in ("mean_sq_norm", "centered_mean_sq_norm"):
+            v = st.get(name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(f"statistics of layer {key}: {name}={v!r} is not a finite number")
+        first = st.get("first_nonfinite")
+        if first is not None and not (isinstance(first, dict) and isinstance(first.get("file"), str)
+                                      and count(first.get("row"), 0, MAX_ROWS)):
+            raise bad(f"statistics of layer {key}: first_nonfinite={first!r} is not {{file, row}}")
+        if not isinstance(st.get("mean_sha256"), str) or not _SHA256.match(st["mean_sha256"]):
+            raise bad(f"statistics of layer {key} have no valid mean_sha256")
+    tok = m.get("tokens")
+    if tok is not None and (not isinstance(tok, dict) or tok.get("file") != "tokens.npy"):
+        raise bad(f"tokens entry {tok!r} must name tokens.npy")
+
+
+def cache_file(root: Path, rel: str) -> Path:
+    """`root/rel`, refused when it resolves outside the cache folder (a symlink pointing elsewhere)."""
+    root = Path(root)
+    p = root / rel
+    real_root = root.resolve()
+    if not p.resolve().is_relative_to(real_root):
+        raise ConfigError(f"{p}: resolves outside the cache folder {real_root}; refusing to read it")
+    return p
+
+
+def select_layer(manifest: dict, layer: Any, path: Path) -> str:
+    """The layer key to read: `layer` if given, else the cache's only layer."""
+    layers = [str(k) for k in manifest["layers"]]
+    if layer is None:
+        if len(layers) != 1:
+            raise ConfigError(f"{path}: the cache holds layers {layers}; choose one with layer=K")
+        return layers[0]
+    key = layer_key(layer)
+    if key not in layers:
+        raise ConfigError(f"{path}: layer {key} is not in this cache (it holds {', '.join(layers)})")
+    return key
+
+
+def shard_paths(path: Path, manifest: dict, key: str) -> list[Path]:
+    return [cache_file(path, f"layers/{key}/{s['file']}") for s in manifest["shards"][key]]
+
+
+def open_shard(file: Path, rows: int, d: int, dtype: str) -> np.ndarray:
+    """Memory-map one shard and check its shape and dtype against the manifest."""
+    if not file.is_file():
+        raise ConfigError(f"{file}: shard is missing")
+    try:
+        arr = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ConfigError(f"{file}: cannot be read as .npy, truncated or altered ({e})") from None
+    if arr.shape != (rows, d) or arr.dtype != np.dtype(dtype):
+        raise ConfigError(
+            f"{file}: shape {arr.shape} {arr.dtype} does not match the manifest's ({rows}, {d}) {dtype}"
+        )
+    return arr
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics and manifest
+
+
+def layer_stats(files: list[Path], rows: list[int], d: int, dtype: str, chunk: int = 65536) -> dict:
+    """Mean row and mean squared norm over the finite rows of one layer, in float64."""
+    total = np.zeros(d, np.float64)
+    sq = 0.0
+    n_finite = 0
+    n_bad = 0
+    first_bad = None
+    for f, r in zip(files, rows):
+        arr = open_shard(f, r, d, dtype)
+        for s in range(0, r, chunk):
+            x = np.asarray(arr[s : s + chunk], dtype=np.float64)
+            ok = np.isfinite(x).all(axis=1)
+            if not ok.all():
+                if first_bad is None:
+                    first_bad = {"file": f.name, "row": int(s + np.flatnonzero(~ok)[0])}
+                n_bad += int((~ok).sum())
+                x = x[ok]
+            total += x.sum(axis=0)
+            sq += float(np.einsum("ij,ij->", x, x))
+            n_finite += x.shape[0]
+    mean = total / max(n_finite, 1)
+    msn = sq / max(n_finite, 1)
+    return {
+        "mean": mean,
+        "n_finite": n_finite,
+        "n_nonfinite": n_bad,
+        "first_nonfinite": first_bad,
+        "mean_sq_norm": msn,
+        "centered_mean_sq_norm": msn - float(mean @ mean),
+    }
+
+
+def finish_layer(out: Path, key: str, n_rows: int, rows_per_shard: int, d: int, dtype: str) -> dict:
+    """Manifest entries (shards with checksums, statistics) for a layer whose shards are all written."""
+    n_shards = -(-n_rows // rows_per_shard)
+    rows = [min(rows_per_shard, n_rows - i * rows_per_shard) for i in range(n_shards)]
+    files = [out / "layers" / key / shard_name(i) for i in range(n_shards)]
+    shards = []
+    for f, r in zip(files, rows):
+        digest = f.with_name(f.name + ".sha256").read_text().strip()
+        shards.append({"file": f.name, "rows": r, "sha256": digest})
+    st = layer_stats(files, rows, d, dtype)
+    mean_file = out / "layers" / key / "mean.npy"
+    write_npy(mean_file, st.pop("mean"))
+    st["mean_file"] = f"layers/{key}/mean.npy"
+    st["mean_sha256"] = sha256_file(mean_file)
+    return {"shards": shards, "stats": st}
+
+
+def write_manifest(out: Path, base: dict, layer_entries: dict[str, dict], old: Optional[dict] = None) -> dict:
+    """Merge new layers into the (old) manifest and write it atomically, last."""
+    m = dict(old) if old else {}
+    m.update(base)
+    m.setdefault("shards", {})
+    m.setdefault("stats", {})
+    m["shards"] = dict(m["shards"])
+    m["stats"] = dict(m["stats"])
+    for key, entry in layer_entries.items():
+        m["shards"][key] = entry["shards"]
+        m["stats"][key] = entry["stats"]
+    m["layers"] = sorted(m["shards"], key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+    m["format_version"] = FORMAT_VERSION
+    _atomic_write_json(out / "manifest.json", m)
+    return m
+
+
+# --------------------------------------------------------------------------------------------
+# Verification
+
+
+def verify(path: Path, layers: Optional[Iterable[str]] = None) -> dict:
+    """Check every listed file: present, right shape and dtype, sha256 as in the manifest.
+
+    Returns {"files": n, "bytes": n, "seconds": t}; raises ConfigError naming the first bad file.
+    """
+    path = Path(path)
+    t0 = time.time()
+    m = read_manifest(path)
+    keys = [str(k) for k in (layers if layers is not None else m["layers"])]
+    n_files = n_bytes = 0
+    for key in keys:
+        if key not in m["shards"]:
+            raise ConfigError(f"{path}/manifest.json: lists no shards for layer {key}")
+        entries = m["shards"][key]
+        if sum(e["rows"] for e in entries) != m["n_rows"]:
+            raise ConfigError(f"{path}/manifest.json: shards of layer {key} hold {sum(e['rows'] for e in entries)} "
+                              f"rows, the manifest says {m['n_rows']}")
+        for e in entries:
+            f = cache_file(path, f"layers/{key}/{e['file']}")
+            open_shard(f, e["rows"], m["d"], m["dtype"])
+            if sha256_file(f) != e["sha256"]:
+                raise ConfigError(f"{f}: sha256 does not match the manifest (the shard was altered or corrupted)")
+            n_files += 1
+            n_bytes += f.stat().st_size
+        st = m.get("stats", {}).get(key)
+        if st is None:
+            raise ConfigError(f"{path}/manifest.json: no statistics for layer {key}")
+        mf = cache_file(path, st["mean_file"])
+        if not mf.is_file() or sha256_file(mf) != st["mean_sha256"]:
+            raise ConfigError(f"{mf}: missing or its sha256 does not match the manifest")
+        read_mean(mf, m["d"])
+    tok = m.get("tokens")
+    if tok:
+        tf = cache_file(path, tok["file"])
+        if not tf.is_file() or sha256_file(tf) != tok["sha256"]:
+            raise ConfigError(f"{tf}: missing or its sha256 does not match the manifest")
+        n_files += 1
+    return {"files": n_files, "bytes": n_bytes, "seconds": round(time.time() - t0, 3)}
+
+
+def read_mean(file: Path, d: int) -> np.ndarray:
+    """A layer's stored mean row: a finite float vector of length d, or ConfigError."""
+    try:
+        mean = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ConfigError(f"{file}: cannot be read as .npy ({str(e).splitlines()[0][:120]}); rebuild the cache") from None
+    if mean.shape != (d,) or not np.issubdtype(mean.dtype, np.floating) or not np.isfinite(mean).all():
+        raise ConfigError(f"{file}: the mean row is {mean.shape} {mean.dtype}, not {d} finite floats; rebuild the cache")
+    return mean
+
+
+def ensure_verified(path: Path, layer: Optional[str] = None) -> dict:
+    """Check every shard of the layer(s) a run opens against the manifest's sha256, on every open.
+
+    Nothing about a file (size, mtime) is trusted: a shard altered in place with its mtime kept is
+    found here. The cost is one sequential read of the layer per open (sha256 runs at about
+    1.9 GB/s on one core here; the read itself is the page cache's or the disk's). `verified.json`
+    records the last result; it is never consulted.
+    """
+    path = Path(path)
+    m = read_manifest(path)
+    keys = [layer] if layer is not None else [str(k) for k in m["layers"]]
+    result = verify(path, keys)
+    record = {"manifest_sha256": sha256_file(path / "manifest.json"), "layers": keys,
+              "verified_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "last_result": result}
+    try:
+        _atomic_write_json(path / "verified.json", record)
+    except OSError:
+        pass  # a read-only cache: the record is optional
+    return {"verified": True, "skipped": False, **result}
