@@ -81,7 +81,8 @@ class ConvergenceConfig:
 
     Every `eval_every` training samples the held-out metrics are computed; the run has converged
     when normalized_loss and avg_coef_norm of every dictionary each moved by less than `tol`
-    (relative) over the last `window` evaluations and every auto-lambda has settled. With
+    (relative) between the means of the last `window` evaluations and the `window` before them, and
+    every auto-lambda has settled. With
     `stop: false` the run trains for its trainer budget (the paper's fixed protocol) and still
     reports whether it converged.
     """
