@@ -331,7 +331,8 @@ def test_claims_verdicts():
     def sp(a, nl, l0, **kw):
         return {**_row(0, nl, l0=l0, **kw), "a": a}
 
-    good = [sp(a, a / 2 * 1.2, 3 * a) for a in (2, 4, 8, 16, 20)] + [sp(64, 30.0, 100), sp(512, 36.0, 300)]
+    near_paper = {2: 2.64, 4: 4.0, 8: 5.64, 16: 9.84, 20: 11.76}  # 1.2x the paper's values, rising
+    good = [sp(a, nl, 3 * a) for a, nl in near_paper.items()] + [sp(64, 30.0, 100), sp(512, 36.0, 300)]
     assert claims.claim_tracks(good)[1] == claims.CONFIRMED
     assert claims.claim_l0(good)[1] == claims.CONFIRMED
     flat = [sp(a, 3.0 + a / 100, 3 * a) for a in (2, 4, 8, 16, 20)] + [sp(64, 30.0, 100), sp(512, 36.0, 300)]

@@ -9,11 +9,11 @@ measurement can neither confirm nor refute. The thresholds are stated in each ch
 from __future__ import annotations
 
 from sparse_coding.experiments.tables import (
-    CONTROL_ORDER, PAPER_MODELS_NOTE, control_groups, dict_size_groups, group, layer_groups, table,
+    CONTROL_ORDER, PAPER_SPARSITY, PAPER_MODELS_NOTE, control_groups, dict_size_groups, group, layer_groups, table,
 )
 
 CONFIRMED, NOT_CONFIRMED, INCONCLUSIVE = "confirmed", "not confirmed", "inconclusive"
-TRACK_BAND = (0.6, 1.67)  # "tracks a/2": within ~40% (SPEC §7's expected agreement), a ≤ 20
+PAPER_BAND = (0.6, 1.4)  # ours / the paper's value for a <= 20: SPEC §7's "within ~40 %" bar
 PLATEAU_GROWTH = 2.0  # "plateaus": the metric grows < 2× from a=64 to the largest a, while a/2 grows 8×
 ROBUST_SPREAD = 1.25  # "robust to dictionary size": max/min of normalized_loss over 4d–16d ≤ 1.25 (> 1.5: refuted)
 
@@ -31,6 +31,9 @@ def _flag_note(flagged: list[str]) -> str:
 
 
 def claim_tracks(rows: list[dict]) -> tuple[str, str, str]:
+    """The paper's own curve is not a/2 either (its normalized_loss is 2.2 at a=2, 2.2x a/2), so the check is
+    its shape, with SPEC §7's bar for the digits: the metric rises with a up to 20, sits within ~40 % of
+    the paper's values there (PAPER_BAND), and plateaus for a >= 64. The ratio to a/2 is reported."""
     claim = "Fig. 1a: normalized_loss and S₁ track the true sparsity a/2 up to a ≈ 20, then plateau"
     if not rows:
         return claim, INCONCLUSIVE, "not run at the paper's scale"
@@ -42,10 +45,15 @@ def claim_tracks(rows: list[dict]) -> tuple[str, str, str]:
     ratios = [r["normalized_loss"] / (r["a"] / 2) for r in small]
     mono = all(b["normalized_loss"] > a["normalized_loss"] for a, b in zip(small, small[1:]))
     growth = big[-1]["normalized_loss"] / big[0]["normalized_loss"]
-    ok = TRACK_BAND[0] <= min(ratios) and max(ratios) <= TRACK_BAND[1] and mono and growth < PLATEAU_GROWTH
+    vs_paper = [(r["a"], r["normalized_loss"] / PAPER_SPARSITY[int(r["a"])][1]) for r in small
+                if int(r["a"]) in PAPER_SPARSITY]
+    near_paper = all(PAPER_BAND[0] <= q <= PAPER_BAND[1] for _, q in vs_paper)
+    ok = mono and near_paper and growth < PLATEAU_GROWTH
     flagged = [f"a={r['a']:g}" for r in small + big if r["flagged"]]
-    nums = (f"normalized_loss/(a/2) for a ≤ 20: {min(ratios):.2f}–{max(ratios):.2f} (band {TRACK_BAND[0]}–"
-            f"{TRACK_BAND[1]}), rising with a: {'yes' if mono else 'no'}; a={big[0]['a']:g} → {big[-1]['a']:g}: "
+    nums = (f"rising with a for a ≤ 20: {'yes' if mono else 'no'}; ours / paper for a ≤ 20: "
+            + ", ".join(f"a={a:g}: {q:.2f}" for a, q in vs_paper)
+            + f" (bar {PAPER_BAND[0]}–{PAPER_BAND[1]}); normalized_loss/(a/2): {min(ratios):.2f}–{max(ratios):.2f} "
+            f"(the paper's own: 2.2 at a=2, 0.98 at a=20); a={big[0]['a']:g} → {big[-1]['a']:g}: "
             f"{big[0]['normalized_loss']:.3g} → {big[-1]['normalized_loss']:.3g} (×{growth:.2f}, plateau if < "
             f"{PLATEAU_GROWTH:g} while a/2 grows ×{big[-1]['a'] / big[0]['a']:g}).")
     return claim, _verdict(ok, flagged), nums + _flag_note(flagged)
