@@ -64,7 +64,22 @@ class AtomicCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return  # the epoch-end checkpoint follows, after the epoch-end lambda update
+        if self._validation_follows(trainer) and not self._should_save_on_train_epoch_end(trainer):
+            # A held-out evaluation runs after this batch: save when it ends (ModelCheckpoint.on_validation_end),
+            # so the checkpoint holds its history point and a kill during the evaluation loses nothing.
+            every = self._every_n_train_steps
+            if every >= 1 and trainer.global_step % every == 0:
+                self._defer_save_until_validation = True
+            return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @staticmethod
+    def _validation_follows(trainer) -> bool:
+        """Lightning's own test for a batch-count validation cadence (check_val_every_n_epoch=None)."""
+        every = trainer.val_check_batch
+        if trainer.check_val_every_n_epoch is not None or not isinstance(every, int) or every < 1:
+            return False
+        return (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % every == 0
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # Lightning calls this after the module's own on_train_epoch_end (checkpoint callbacks last).
