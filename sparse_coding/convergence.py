@@ -80,11 +80,12 @@ class ConvergenceMonitor(pl.Callback):
     """Stops the fit when the measurement has converged (with `stop`), times fit and evaluation."""
 
     def __init__(self, window: int, tol: float, stop: bool, max_samples: int = 0, max_minutes: float = 0.0,
-                 train_rows: Optional[int] = None, is_cache: bool = False,
+                 train_rows: Optional[int] = None, is_cache: bool = False, fixed_rows: bool = False,
                  max_steps_from: str = "trainer.max_steps") -> None:
         self.window, self.tol, self.stop = int(window), float(tol), bool(stop)
         self.max_samples, self.max_minutes = int(max_samples), float(max_minutes)
         self.train_rows, self.is_cache = train_rows, is_cache
+        self.fixed_rows = fixed_rows  # token embeddings: the vocabulary is all the data there is
         self.max_steps_from = max_steps_from
         self.converged = False
         self.stopped_by: Optional[str] = None
@@ -126,8 +127,10 @@ class ConvergenceMonitor(pl.Callback):
         self.passes += 1
         if self.is_cache and not self.converged and self.passes == 1 and not trainer.should_stop and trainer.is_global_zero:
             rows = f"{self.train_rows:,} " if self.train_rows else ""
+            hint = ("the vocabulary is the whole data set" if self.fixed_rows else
+                    "fresh tokens are better: build a larger cache with corpus.max_tokens=...")
             print(f"note: the cache's {rows}training rows are used up before convergence; passing over them "
-                  "again (fresh tokens are better: build a larger cache with corpus.max_tokens=...)")
+                  f"again ({hint})")
 
     def _budget_reason(self, trainer, pl_module) -> str:
         if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:

@@ -127,6 +127,7 @@ def _run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) 
     monitor = ConvergenceMonitor(c.window, c.tol, c.stop, c.max_samples, c.max_minutes,
                                  train_rows=getattr(datamodule, "train_rows", None),
                                  is_cache=not hasattr(datamodule, "train_x"),
+                                 fixed_rows=cfg.get("activation") == "token_embeddings",
                                  max_steps_from=schedule.pop("max_steps_from"))
     failed = True
     try:

@@ -103,6 +103,25 @@ def test_runner_rows_and_resume(tiny_results):
     assert runner.read_csv(results / "sparsity.csv")[0]["normalized_loss"] == pytest.approx(rows[0]["normalized_loss"], rel=1e-5)
 
 
+def test_a_point_cut_short_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    import sparse_coding.run
+
+    seen = []
+    def fake_run(cfg, out):
+        out.mkdir(parents=True, exist_ok=True)
+        seen.append(cfg.ckpt_path)
+
+    monkeypatch.setattr(sparse_coding.run, "run", fake_run)
+    point = runner.points_of("sparsity", "quick", TINY, 1)[0]
+    runner.run_point(point, "quick", tmp_path)  # nothing there yet: a fresh start
+    out = runner.run_dir(tmp_path, "quick", point)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints" / "last.ckpt").write_bytes(b"")
+    runner.run_point(point, "quick", tmp_path)
+    assert seen == [None, "last"]
+    assert json.loads((out / "point.json").read_text())["resumed"] is True
+
+
 def test_bank_experiments(tiny_results):
     _, _, out = tiny_results
     assert sorted(r["dict_mult"] for r in out["dict_size"]) == [2, 2, 4, 4, 8, 8, 16, 16]

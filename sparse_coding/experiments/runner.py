@@ -73,21 +73,27 @@ def resolve(point: Point, scale: str, root: Path) -> Point:
 
 
 def run_point(point: Point, scale: str, root: Path = DEFAULT_ROOT) -> Path:
-    """Train one point unless its metrics.json exists; returns the run directory."""
+    """Train one point unless its metrics.json exists; returns the run directory.
+
+    A point cut short (killed, out of session time) resumes from its last checkpoint; the run
+    refuses to resume if the point's settings changed since.
+    """
     out = run_dir(root, scale, point)
     if (out / "metrics.json").is_file():
         return out
     from sparse_coding.config import validate
     from sparse_coding.run import run
 
-    overrides = point.all_overrides(scale) + QUIET + [f"out_dir={out}"]
+    resumed = (out / "checkpoints" / "last.ckpt").is_file()
+    overrides = point.all_overrides(scale) + QUIET + [f"out_dir={out}"] + (["ckpt_path=last"] if resumed else [])
     cfg = compose(overrides)
     validate(cfg)
     load_start = os.getloadavg()[0]
     t0 = time.time()
     run(cfg, out)
     seconds = time.time() - t0
-    info = {"overrides": overrides, "x": point.x, "seconds": seconds, "load_start": load_start,
+    # a resumed point's `seconds` is this invocation's only; metrics.json's timing spans both
+    info = {"overrides": overrides, "x": point.x, "seconds": seconds, "resumed": resumed, "load_start": load_start,
             "load_end": os.getloadavg()[0], "cpus": os.cpu_count()}
     (out / "point.json").write_text(json.dumps(info, indent=2))
     return out
