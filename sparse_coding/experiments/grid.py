@@ -55,6 +55,10 @@ EMBED_GAUSSIAN_N = {"quick": {m: (3072, 1536) for m in EMBED_MODELS},
 
 # quick: every third SmolLM2 hidden state (0, 3, ..., 30); paper: the issue's "at least every third"
 LAYER_STRIDE = {"quick": {"minilm": 1, "smollm2": 3}, "paper": {"minilm": 1, "smollm2": 3}}
+# Dictionary size for the layer curves beyond conf/experiment/layers_<scale>.yaml's. Paper scale:
+# SmolLM2 (d=576) at 8d, as the issue allows when 16d is not affordable: 16d doubles the d*m work of
+# each solver step (~10 min a point here against ~5), i.e. ~5.5 h for 11 hidden states x 3 seeds.
+LAYER_MULT = {"quick": {}, "paper": {"smollm2": 8}}
 # The standard remedies for massive activations (see `python -m sparse_coding.experiments massive`):
 # drop the first context position (SmolLM2: an attention sink with 35-170x the norm of other tokens
 # and 95-99% of the centred variance at hidden states 12-28; `data.normalize=token` is the other switch).
@@ -158,7 +162,11 @@ def layers_points(scale: str, remedy: bool = False) -> list[Point]:
     """Seed-major order: a run cut short still covers every layer once."""
     extra = list(REMEDY) if remedy else []
     name = "layers_remedy" if remedy else "layers"
-    return [Point(name, "layers", [f"model={model}", f"layer={k}", *extra], s,
+    def mult(model: str) -> list[str]:
+        m = LAYER_MULT[scale].get(model)
+        return [f"dictionary.mult={m}"] if m else []
+
+    return [Point(name, "layers", [f"model={model}", f"layer={k}", *mult(model), *extra], s,
                   {"model": model, "layer": k, "preprocess": "remedy" if remedy else "raw"})
             for s in SEEDS for model, n in LAYER_MODELS.items() for k in range(0, n + 1, LAYER_STRIDE[scale][model])]
 
