@@ -13,12 +13,14 @@ from typing import Sequence
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
 from sparse_coding.checkpoints import AtomicCheckpoint, resume_checkpoint
 from sparse_coding.config import SYNTHETIC_DATA, dictionary_grid
 from sparse_coding.convergence import ConvergenceMonitor, eval_every_samples, trainer_schedule, unconverged_advice
 from sparse_coding.loggers import build_logger, finish_logger, log_run_files
 from sparse_coding.module import SparseCodingModule
+from sparse_coding.progress import PassProgressBar
 from sparse_coding.outputs import collect_results, print_table, write_outputs
 from sparse_coding.rundir import own_run_dir
 
@@ -52,6 +54,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, logger, callbacks: Sequence[pl
     # writes last.ckpt only when it saves some checkpoint (save_top_k=0 never writes one mid-run).
     checkpoint = AtomicCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=1,
                                   every_n_train_steps=t.checkpoint_every_n_steps or None)
+    bar = [PassProgressBar()] if t.enable_progress_bar and _RICH_AVAILABLE else []
     return pl.Trainer(
         max_epochs=t.max_epochs,
         max_steps=schedule["max_steps"],
@@ -71,7 +74,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, logger, callbacks: Sequence[pl
         use_distributed_sampler=False,  # the data modules split batches across ranks themselves
         default_root_dir=str(out_dir),
         logger=logger,
-        callbacks=[checkpoint, *callbacks],
+        callbacks=[checkpoint, *bar, *callbacks],
     )
 
 

@@ -366,5 +366,14 @@ def test_claims_verdicts():
         for name, v, l0, loss in (("gaussian", 40.0, 200, 0.5), ("rademacher", 40.0, 200, 2.0), ("heavy_tailed", 30.0, 20, 5.0))]
     verdicts = [v for _, v, _ in claims.claim_controls(ctrl)]
     assert verdicts == [claims.CONFIRMED, claims.CONFIRMED, claims.CONFIRMED]
+    # the layer shape needs the whole planned curve: a partial one is inconclusive, whatever its values
+    curve = [3.0, 5.0, 9.0, 10.0, 8.0, 6.0, 4.0]  # MiniLM hidden states 0..6: peak in the middle
+    layer_rows = [{**_row(0, v), "model": "minilm", "layer": k, "preprocess": "raw", "dict_mult": 16}
+                  for k, v in enumerate(curve)]
+    assert claims.claim_layers(layer_rows)[0][1] == claims.CONFIRMED
+    assert claims.claim_layers([{**r, "normalized_loss": 3.0 + r["layer"]} for r in layer_rows])[0][1] == \
+        claims.NOT_CONFIRMED  # rising to the last layer
+    verdict, numbers = claims.claim_layers(layer_rows[:3])[0][1:]
+    assert verdict == claims.INCONCLUSIVE and "3, 4, 5, 6 not run" in numbers
     text = claims.claims_section({"sparsity": good, "controls": ctrl})
     assert "**confirmed**" in text and "**inconclusive**" in text  # the missing experiments are inconclusive

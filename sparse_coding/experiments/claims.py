@@ -8,6 +8,7 @@ measurement can neither confirm nor refute. The thresholds are stated in each ch
 
 from __future__ import annotations
 
+from sparse_coding.experiments.grid import LAYER_MODELS, LAYER_STRIDE
 from sparse_coding.experiments.tables import (
     CONTROL_ORDER, PAPER_SPARSITY, PAPER_MODELS_NOTE, control_groups, dict_size_groups, group, layer_groups, table,
 )
@@ -121,6 +122,13 @@ def claim_embeddings(rows: list[dict]) -> tuple[str, str, str]:
         nums + _flag_note(flagged)
 
 
+def planned_layers(model: str) -> list[int]:
+    """The hidden states the paper-scale grid trains for `model` (a shape needs its whole curve)."""
+    if model not in LAYER_MODELS:
+        return []
+    return list(range(0, LAYER_MODELS[model] + 1, LAYER_STRIDE["paper"][model]))
+
+
 def claim_layers(rows: list[dict]) -> list[tuple[str, str, str]]:
     claim = "Fig. 3: sparsest at the embedding output and the last layer, least sparse in the middle"
     if not rows:
@@ -129,8 +137,11 @@ def claim_layers(rows: list[dict]) -> list[tuple[str, str, str]]:
     g = layer_groups(rows)
     for model, prep in sorted({(r["model"], r["preprocess"]) for r in g}):
         pts = [r for r in g if r["model"] == model and r["preprocess"] == prep]
-        if len(pts) < 3:
-            out.append((f"{claim} — {model} ({prep})", INCONCLUSIVE, "fewer than 3 hidden states"))
+        missing = sorted(set(planned_layers(model)) - {int(r["layer"]) for r in pts})
+        if len(pts) < 3 or missing:
+            have = ", ".join(f"{r['layer']}: {r['normalized_loss']:.3g}" for r in pts)
+            out.append((f"{claim} — {model} ({prep})", INCONCLUSIVE,
+                        f"the curve is incomplete: hidden states {', '.join(map(str, missing))} not run (have {have})."))
             continue
         mid = pts[1:-1]
         peak = max(r["normalized_loss"] for r in mid)

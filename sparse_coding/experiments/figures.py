@@ -152,7 +152,8 @@ def plot_layers(rows, out: Path) -> list[Path]:
         ax.set_ylabel("sparsity metric")
         ax2.set_ylabel("explained variance (1 - fvu)", color="C2")
         ax2.set_ylim(0, 1.02)
-        ax.set_title(f"{model} (dashed: position 0 dropped)", fontsize="small")
+        mults = "/".join(f"{m}d" for m in sorted({r["dict_mult"] for r in g if r["model"] == model}))
+        ax.set_title(f"{model}, {mults} dictionary (dashed: position 0 dropped)", fontsize="small")
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, fontsize="xx-small", loc="upper left")
@@ -160,7 +161,8 @@ def plot_layers(rows, out: Path) -> list[Path]:
     for i, (model, prep) in enumerate(curves):
         pts = [r for r in g if r["model"] == model and r["preprocess"] == prep]
         n = LAYER_MODELS.get(model) or max(r["layer"] for r in pts)
-        series(ax, [r["layer"] / n for r in pts], pts, "normalized_loss", f"C{i + 4}", f"{model} {prep} (ours)",
+        series(ax, [r["layer"] / n for r in pts], pts, "normalized_loss", f"C{i + 4}",
+               f"{model} {prep} {pts[0]['dict_mult']}d (ours)",
                ls="-" if prep == "raw" else "--", ms=3)
     ax.plot([i / 8 for i in range(9)], PAPER_BERT_MEDIUM, "k--", marker="x", label="BERT-Medium (paper)")
     ax.set_xlabel("relative depth (layer / number of blocks)")

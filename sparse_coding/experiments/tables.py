@@ -265,15 +265,15 @@ def layer_groups(rows: list[dict]) -> list[dict]:
         r.setdefault("preprocess", "raw")
         if r.get("preprocess") is None:
             r["preprocess"] = "raw"
-    return sorted(group(rows, ("model", "preprocess", "layer"), ("normalized_loss", "avg_coef_norm", "l0")),
+    return sorted(group(rows, ("model", "preprocess", "dict_mult", "layer"), ("normalized_loss", "avg_coef_norm", "l0")),
                   key=lambda r: (r["model"], r["preprocess"], r["layer"]))
 
 
 def section_layers(rows: list[dict]) -> str:
     g = layer_groups(rows)
-    body = [[r["model"], r["preprocess"], str(r["layer"]), ms(r, "normalized_loss"), ms(r, "avg_coef_norm"),
-             ms(r, "l0"), ms(r, "explained_variance"), fmt(r["lam"]), *status_cells(r)] for r in g]
-    out = table(["model", "data", "hidden state", "normalized_loss", "avg_coef_norm", "l0", "expl. var.", "λ (auto)",
+    body = [[r["model"], r["preprocess"], f"{r['dict_mult']}d", str(r["layer"]), ms(r, "normalized_loss"),
+             ms(r, "avg_coef_norm"), ms(r, "l0"), ms(r, "explained_variance"), fmt(r["lam"]), *status_cells(r)] for r in g]
+    out = table(["model", "data", "dictionary", "hidden state", "normalized_loss", "avg_coef_norm", "l0", "expl. var.", "λ (auto)",
                  *STATUS_HEADER], body)
     parts = []
     for model, prep in sorted({(r["model"], r["preprocess"]) for r in g}):
