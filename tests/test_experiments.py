@@ -7,6 +7,7 @@ against the paper here, only that each stage produces what the next one reads.
 import json
 
 import pytest
+import torch
 
 from sparse_coding.experiments import report, runner
 from sparse_coding.experiments.__main__ import main
@@ -150,6 +151,32 @@ def test_solver_gap_on_trained_dictionary(tiny_results):
     g = extras.code_metrics(x, phi, extras.solve(x, phi, lam, 256).alpha, lam)
     assert g["normalized_loss"] == pytest.approx(r["greedy_normalized_loss"])
     assert r["lasso_objective"] == pytest.approx(extras.code_metrics(x, phi, extras.exact_lasso(x, phi, lam)[0], lam)["loss"])
+
+
+def test_exact_lasso_matches_scikit_learn():
+    """The batched exact solver against scikit-learn's coordinate descent (alpha = lam / 2d), both in float64."""
+    from sklearn.linear_model import Lasso
+
+    from sparse_coding.exact_lasso import exact_lasso, kkt_violation
+
+    g = torch.Generator().manual_seed(0)
+    for d, m, n, lam in ((24, 96, 40, 0.05), (16, 16, 30, 0.3), (32, 200, 25, 0.01)):
+        phi = torch.nn.functional.normalize(torch.randn(d, m, generator=g, dtype=torch.float64), dim=0)
+        codes = torch.rand(n, m, generator=g, dtype=torch.float64) * (torch.rand(n, m, generator=g) < 0.05)
+        x = codes @ phi.T + 0.01 * torch.randn(n, d, generator=g, dtype=torch.float64)
+        a, viol = exact_lasso(x, phi, lam, tol=1e-8)
+        assert a.dtype == torch.float64 and viol.shape == (n,) and float(viol.max()) <= 1e-8 and bool((a >= 0).all())
+        ref = Lasso(alpha=lam / (2 * d), fit_intercept=False, positive=True, tol=1e-14, max_iter=1_000_000)
+        b = torch.from_numpy(ref.fit(phi.numpy(), x.T.numpy()).coef_.reshape(n, m))
+        assert float(kkt_violation(x, phi, b, lam).max()) / lam < 1e-6  # the reference is converged too
+
+        def objective(c):
+            return ((x - c @ phi.T) ** 2).sum(1) + lam * c.sum(1)
+
+        assert torch.allclose(objective(a), objective(b), rtol=1e-9, atol=0)
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="lam"):
+        exact_lasso(x, phi, 0.0)
 
 
 def test_figures_and_report(tiny_results, tmp_path):
