@@ -153,6 +153,19 @@ def test_solver_gap_on_trained_dictionary(tiny_results):
     assert r["lasso_objective"] == pytest.approx(extras.code_metrics(x, phi, extras.exact_lasso(x, phi, lam)[0], lam)["loss"])
 
 
+def test_solver_gap_rows_are_kept_per_run(tiny_results):
+    from sparse_coding.experiments import extras
+
+    root, _, _ = tiny_results
+    logged = []
+    rows = extras.solver_gap("quick", root, log=logged.append, extra=TINY)
+    assert rows and logged and all(r["lasso_converged"] and r["gap_ratio"] >= 1 - 1e-9 for r in rows)
+    assert {r["experiment"] for r in rows} >= {"sparsity", "controls", "dict_size"}
+    assert all((root / "quick" / "runs" / r["run"] / "solver_gap.json").is_file() for r in rows)
+    again = extras.solver_gap("quick", root, log=logged.append, extra=TINY)  # read back, not recomputed
+    assert again == rows and len(logged) == len({(r["run"], r["dict_mult"]) for r in rows})
+
+
 def test_exact_lasso_matches_scikit_learn():
     """The batched exact solver against scikit-learn's coordinate descent (alpha = lam / 2d), both in float64."""
     from sklearn.linear_model import Lasso

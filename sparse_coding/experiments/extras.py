@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,8 @@ from omegaconf import OmegaConf
 
 from sparse_coding.experiments.grid import LAYER_MODELS, SEEDS, Point
 from sparse_coding.experiments.runner import DEFAULT_ROOT, compose, points_of, run_dir
-from sparse_coding.exact_lasso import exact_lasso, kkt_violation  # noqa: F401 (kkt_violation: re-exported)
-from sparse_coding.solver import solve
+from sparse_coding.exact_lasso import exact_lasso
+from sparse_coding.solver import DEFAULT_TOL, solve
 
 GAP_SAMPLES = {"quick": 64, "paper": 256}
 GAP_LAYERS = {"minilm": (0, 3, 6), "smollm2": (0, 15, 30)}
@@ -73,9 +74,9 @@ def code_metrics(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, lam: f
             "fvu": float(resid.sum() / (x - x.mean(0)).pow(2).sum())}
 
 
-def lasso_gap(x: torch.Tensor, phi: torch.Tensor, lam: float, max_steps: int) -> dict:
+def lasso_gap(x: torch.Tensor, phi: torch.Tensor, lam: float, max_steps: int, tol: float = DEFAULT_TOL) -> dict:
     """Greedy vs exact non-negative lasso on the same rows, same Phi and lam: objective and the metrics."""
-    greedy = solve(x, phi, lam, max_steps)
+    greedy = solve(x, phi, lam, max_steps, tol=tol)
     a, kkt_rows = exact_lasso(x, phi, lam, tol=KKT_TOL)
     kkt = float(kkt_rows.max())
     g, e = code_metrics(x, phi, greedy.alpha, lam), code_metrics(x, phi, a, lam)
@@ -105,6 +106,8 @@ def gap_points(scale: str, extra: list[str] | None = None) -> list[Point]:
 
 
 def solver_gap(scale: str, root: Path = DEFAULT_ROOT, log=print, extra: list[str] | None = None) -> list[dict]:
+    """One row per dictionary of each finished gap point; each run's rows are kept in its directory
+    (solver_gap.json), so a campaign cut short resumes where it stopped."""
     rows = []
     seen = set()
     for p in gap_points(scale, extra):
@@ -112,16 +115,30 @@ def solver_gap(scale: str, root: Path = DEFAULT_ROOT, log=print, extra: list[str
         if not (out / "dictionary.json").is_file() or (p.experiment, out) in seen:
             continue
         seen.add((p.experiment, out))
-        config, dictionaries = load_dictionaries(out)
-        x = held_out_rows(config, GAP_SAMPLES[scale])
-        for label, phi, lam, mult in dictionaries:
-            r = lasso_gap(x, phi.float(), lam, int(config["solver"]["max_steps"]))
-            row = {"experiment": p.experiment, "scale": scale, **p.x, "dict_mult": mult, "lam": lam,
-                   "samples": x.shape[0], **r, "run": out.name}
-            log(f"[solver_gap] {p.experiment} {p.x} mult={mult}: greedy/exact = {r['gap_ratio']:.4f}, "
-                f"normalized_loss {r['greedy_normalized_loss']:.3g} / {r['lasso_normalized_loss']:.3g}, "
-                f"KKT/lam {r['kkt_violation_over_lam']:.1e}")
-            rows.append(row)
+        for r in _gap_of_run(out, GAP_SAMPLES[scale], log):
+            rows.append({"experiment": p.experiment, "scale": scale, **p.x, **r, "run": out.name})
+    return rows
+
+
+def _gap_of_run(out: Path, samples: int, log) -> list[dict]:
+    done = out / "solver_gap.json"
+    if done.is_file():
+        saved = json.loads(done.read_text())
+        if saved.get("samples") == samples and saved.get("kkt_tol") == KKT_TOL:
+            return saved["rows"]
+    config, dictionaries = load_dictionaries(out)
+    x = held_out_rows(config, samples)
+    rows = []
+    for label, phi, lam, mult in dictionaries:
+        t0 = time.perf_counter()
+        r = lasso_gap(x, phi.float(), lam, int(config["solver"]["max_steps"]),
+                      float(config["solver"].get("tol", DEFAULT_TOL)))
+        rows.append({"dict_mult": mult, "lam": lam, "samples": x.shape[0], **r,
+                     "seconds": time.perf_counter() - t0})
+        log(f"[solver_gap] {out.name} mult={mult}: greedy/exact = {r['gap_ratio']:.4f}, normalized_loss "
+            f"{r['greedy_normalized_loss']:.3g} / {r['lasso_normalized_loss']:.3g}, KKT/lam "
+            f"{r['kkt_violation_over_lam']:.1e}, {rows[-1]['seconds']:.0f} s")
+    done.write_text(json.dumps({"samples": samples, "kkt_tol": KKT_TOL, "rows": rows}, indent=1))
     return rows
 
 
