@@ -93,9 +93,10 @@ def lasso_gap(x: torch.Tensor, phi: torch.Tensor, lam: float, max_steps: int, to
 
 
 def gap_points(scale: str, extra: list[str] | None = None) -> list[Point]:
-    """Seed-0 points of every experiment (layers: a few per model)."""
+    """Seed-0 points of every experiment (layers: a few per model); the issue's cases (synthetic, the
+    controls, real layers) first, so that a campaign cut short has them."""
     pts = []
-    for name in ("sparsity", "controls", "dict_size", "embeddings", "layers"):
+    for name in ("sparsity", "controls", "layers", "embeddings", "dict_size"):
         for p in points_of(name, scale, extra):
             if p.seed != SEEDS[0]:
                 continue
