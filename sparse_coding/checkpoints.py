@@ -195,6 +195,13 @@ def resume_checkpoint(ckpt_path: Optional[str], out_dir: Path, module: torch.nn.
         path, ckpt = fallback[0]
     check_compatible(ckpt, path, module)
     own_run = path.resolve().parent.parent == out_dir.resolve()
+    ended = _converged(ckpt) or _finished(ckpt, trainer_cfg)
+    # A run that ended (converged or at its budget) but was stopped before it wrote metrics.json: its
+    # outputs are written from the checkpoint, without training further (ConvergenceMonitor keeps the stop).
+    if own_run and ended and not (out_dir / "metrics.json").exists():
+        print(f"[resume] {path}: this run ended before writing its outputs; writing them from this checkpoint",
+              file=sys.stderr)
+        return str(path)
     # A finished checkpoint of another directory is evaluated into this one; its own run would be overwritten.
     if own_run and _converged(ckpt):
         raise ConfigError(f"{path}: this run already converged; its outputs are in {out_dir}: start a new run "

@@ -94,11 +94,20 @@ class ConvergenceMonitor(pl.Callback):
         self.passes = 0
         self._fit_start: Optional[float] = None
         self._eval_start: Optional[float] = None
+        self._ended_converged = False
 
     # ---- timing ----
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_start = time.perf_counter()
-        self.stopped_by, self.converged = None, False  # a resumed run decides afresh
+        # a resumed run decides afresh, except one whose checkpoint was taken after it had converged
+        # (its outputs were never written): it stops before training any further
+        self._ended_converged = self.stop and self.stopped_by == "converged"
+        self.stopped_by, self.converged = None, False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._ended_converged:
+            trainer.should_stop = True
+            self.stopped_by, self.converged = "converged", True
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self._fit_start is not None:

@@ -75,10 +75,11 @@ def exact_lasso(x: torch.Tensor, phi: torch.Tensor, lam: float, tol: float = 1e-
         y = a_next + beta * (a_next - a)
         a, t = a_next, t_next
         if it % polish_every == 0 or it == max_iter:
-            a = polish_support(x[todo], phi, a, lam)
+            polished = polish_support(x[todo], phi, a, lam)
+            moved = (polished != a).any(1, keepdim=True)  # momentum restarts where the polish was kept
+            a, y, t = polished, torch.where(moved, polished, y), torch.where(moved, torch.ones_like(t), t)
             v = kkt_violation(x[todo], phi, a, lam)
             alpha[todo], viol[todo] = a, v
-            keep = v > tol * lam
+            keep = ~(v <= tol * lam)  # NaN rows stay (and come back with their NaN violation)
             todo, a, y, t = todo[keep], a[keep], y[keep], t[keep]
-            y, t = a.clone(), torch.ones_like(t)  # restart momentum from the polished point
     return alpha, viol / lam

@@ -127,6 +127,22 @@ def test_history_survives_resume(tmp_path):
     assert resumed["samples_seen"] == 4 * 2048
 
 
+@pytest.mark.parametrize("protocol", [[], ["convergence.stop=false", "trainer.max_epochs=2"]], ids=["converged", "fixed"])
+def test_a_run_killed_before_writing_its_outputs_resumes_to_them(tmp_path, protocol):
+    """Ended (converged or at its budget), checkpointed, then killed before metrics.json: resuming writes the
+    outputs from the checkpoint without training further, and only then refuses to resume it again."""
+    from sparse_coding.config import ConfigError
+
+    first = train(tmp_path, SMALL + protocol)
+    (tmp_path / "metrics.json").unlink()
+    again = train(tmp_path, SMALL + protocol + ["ckpt_path=last"])
+    for key in ("optimizer_steps", "samples_seen", "converged", "stopped_by", "normalized_loss", "avg_coef_norm"):
+        assert again[key] == first[key], key
+    assert (tmp_path / "metrics.json").is_file()
+    with pytest.raises(ConfigError, match="already (converged|finished)"):
+        train(tmp_path, SMALL + protocol + ["ckpt_path=last"])
+
+
 def test_sparse_training_step_matches_dense_gradient():
     """The training step's decode/gradient from the nonzeros equals the dense alpha @ Phi^T form."""
     from sparse_coding.solver import solve

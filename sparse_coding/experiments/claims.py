@@ -135,19 +135,23 @@ def claim_layers(rows: list[dict]) -> list[tuple[str, str, str]]:
         return [(claim, INCONCLUSIVE, "not run at the paper's scale")]
     out = []
     g = layer_groups(rows)
-    for model, prep in sorted({(r["model"], r["preprocess"]) for r in g}):
-        pts = [r for r in g if r["model"] == model and r["preprocess"] == prep]
+    for model, prep, mult in sorted({(r["model"], r["preprocess"], r["dict_mult"]) for r in g}):
+        pts = [r for r in g if (r["model"], r["preprocess"], r["dict_mult"]) == (model, prep, mult)]
+        name = f"{claim} — {model} ({prep}, {mult}d)"
         missing = sorted(set(planned_layers(model)) - {int(r["layer"]) for r in pts})
-        if len(pts) < 3 or missing:
-            have = ", ".join(f"{r['layer']}: {r['normalized_loss']:.3g}" for r in pts)
-            out.append((f"{claim} — {model} ({prep})", INCONCLUSIVE,
+        have = ", ".join(f"{r['layer']}: {r['normalized_loss']:.3g}" for r in pts)
+        if missing:
+            out.append((name, INCONCLUSIVE,
                         f"the curve is incomplete: hidden states {', '.join(map(str, missing))} not run (have {have})."))
+            continue
+        if len(pts) < 3:
+            out.append((name, INCONCLUSIVE, f"fewer than 3 hidden states (have {have})."))
             continue
         mid = pts[1:-1]
         peak = max(r["normalized_loss"] for r in mid)
         ok = pts[0]["normalized_loss"] < peak and pts[-1]["normalized_loss"] < peak
         flagged = [f"layer {r['layer']}" for r in pts if r["flagged"]]
-        out.append((f"{claim} — {model} ({prep})", _verdict(ok, flagged),
+        out.append((name, _verdict(ok, flagged),
                     f"first {pts[0]['normalized_loss']:.3g}, middle peak {peak:.3g}, last {pts[-1]['normalized_loss']:.3g}."
                     + _flag_note(flagged)))
     return out

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from sparse_coding.experiments.grid import LAYER_MODELS, SEEDS, Point
 from sparse_coding.experiments.runner import DEFAULT_ROOT, compose, points_of, run_dir
+from sparse_coding.atomic import atomic_write_bytes
 from sparse_coding.exact_lasso import exact_lasso
 from sparse_coding.solver import DEFAULT_TOL, solve
 
@@ -113,7 +114,7 @@ def solver_gap(scale: str, root: Path = DEFAULT_ROOT, log=print, extra: list[str
     seen = set()
     for p in gap_points(scale, extra):
         out = run_dir(root, scale, p)
-        if not (out / "dictionary.json").is_file() or (p.experiment, out) in seen:
+        if not (out / "metrics.json").is_file() or (p.experiment, out) in seen:  # finished runs only
             continue
         seen.add((p.experiment, out))
         for r in _gap_of_run(out, GAP_SAMPLES[scale], log):
@@ -123,10 +124,14 @@ def solver_gap(scale: str, root: Path = DEFAULT_ROOT, log=print, extra: list[str
 
 def _gap_of_run(out: Path, samples: int, log) -> list[dict]:
     done = out / "solver_gap.json"
-    if done.is_file():
+    dictionary = (out / "dictionary.safetensors").stat()
+    key = {"samples": samples, "kkt_tol": KKT_TOL, "dictionary": [dictionary.st_size, dictionary.st_mtime_ns]}
+    try:
         saved = json.loads(done.read_text())
-        if saved.get("samples") == samples and saved.get("kkt_tol") == KKT_TOL:
+        if {k: saved.get(k) for k in key} == key:
             return saved["rows"]
+    except (OSError, ValueError, KeyError):
+        pass  # absent, unreadable or another dictionary's: compute afresh
     config, dictionaries = load_dictionaries(out)
     x = held_out_rows(config, samples)
     rows = []
@@ -139,7 +144,7 @@ def _gap_of_run(out: Path, samples: int, log) -> list[dict]:
         log(f"[solver_gap] {out.name} mult={mult}: greedy/exact = {r['gap_ratio']:.4f}, normalized_loss "
             f"{r['greedy_normalized_loss']:.3g} / {r['lasso_normalized_loss']:.3g}, KKT/lam "
             f"{r['kkt_violation_over_lam']:.1e}, {rows[-1]['seconds']:.0f} s")
-    done.write_text(json.dumps({"samples": samples, "kkt_tol": KKT_TOL, "rows": rows}, indent=1))
+    atomic_write_bytes(done, json.dumps({**key, "rows": rows}, indent=1).encode())
     return rows
 
 

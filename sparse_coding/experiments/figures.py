@@ -135,19 +135,18 @@ def plot_embeddings(rows, out: Path) -> list[Path]:
 
 def plot_layers(rows, out: Path) -> list[Path]:
     g = layer_groups(rows)
-    curves = sorted({(r["model"], r["preprocess"]) for r in g})
-    models = sorted({m for m, _ in curves})
+    models = sorted({r["model"] for r in g})
     fig, axes = plt.subplots(1, len(models) + 1, figsize=(5.2 * (len(models) + 1), 4.2))
     for ax, model in zip(axes, models):
         ax2 = ax.twinx()
-        for prep, ls in (("raw", "-"), ("remedy", "--")):
-            pts = [r for r in g if r["model"] == model and r["preprocess"] == prep]
-            if not pts:
-                continue
+        for prep, mult in sorted({(r["preprocess"], r["dict_mult"]) for r in g if r["model"] == model}):
+            pts = [r for r in g if (r["model"], r["preprocess"], r["dict_mult"]) == (model, prep, mult)]
+            ls = "--" if prep == "remedy" else "-"
+            tag = prep if len({r["dict_mult"] for r in g if r["model"] == model}) == 1 else f"{prep}, {mult}d"
             xs = [r["layer"] for r in pts]
             for m, c in (("normalized_loss", "C0"), ("avg_coef_norm", "C1")):
-                series(ax, xs, pts, m, c, f"{m} ({prep})", ls=ls, ms=3)
-            series(ax2, xs, pts, "explained_variance", "C2", f"explained variance ({prep})", marker=".", ls=":", ms=3)
+                series(ax, xs, pts, m, c, f"{m} ({tag})", ls=ls, ms=3)
+            series(ax2, xs, pts, "explained_variance", "C2", f"explained variance ({tag})", marker=".", ls=":", ms=3)
         ax.set_xlabel("hidden state (0 = embedding output, i = after block i)")
         ax.set_ylabel("sparsity metric")
         ax2.set_ylabel("explained variance (1 - fvu)", color="C2")
@@ -158,11 +157,11 @@ def plot_layers(rows, out: Path) -> list[Path]:
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, fontsize="xx-small", loc="upper left")
     ax = axes[-1]
-    for i, (model, prep) in enumerate(curves):
-        pts = [r for r in g if r["model"] == model and r["preprocess"] == prep]
+    for i, (model, prep, mult) in enumerate(sorted({(r["model"], r["preprocess"], r["dict_mult"]) for r in g})):
+        pts = [r for r in g if (r["model"], r["preprocess"], r["dict_mult"]) == (model, prep, mult)]
         n = LAYER_MODELS.get(model) or max(r["layer"] for r in pts)
         series(ax, [r["layer"] / n for r in pts], pts, "normalized_loss", f"C{i + 4}",
-               f"{model} {prep} {pts[0]['dict_mult']}d (ours)",
+               f"{model} {prep} {mult}d (ours)",
                ls="-" if prep == "raw" else "--", ms=3)
     ax.plot([i / 8 for i in range(9)], PAPER_BERT_MEDIUM, "k--", marker="x", label="BERT-Medium (paper)")
     ax.set_xlabel("relative depth (layer / number of blocks)")
