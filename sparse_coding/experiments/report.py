@@ -121,22 +121,33 @@ def fmt_load(v: dict) -> str:
 
 
 def not_done_section(paper_dir: Path) -> str:
-    """Every paper-scale experiment: points planned, finished, and the measured cost of what remains."""
-    body = []
+    """Every paper-scale experiment (layer curves per model): points planned, finished, and the measured
+    cost of what remains."""
+    body, measured = [], {}
     for name in PAPER_ORDER:
-        planned = len(EXPERIMENTS[name]("paper")) if name in EXPERIMENTS else None
+        points = EXPERIMENTS[name]("paper") if name in EXPERIMENTS else None
         path = paper_dir / f"{name}.csv"
         rows = read_csv(path) if path.is_file() else []
-        runs = {r.get("run"): r for r in rows}
-        secs = [r["seconds"] for r in runs.values() if isinstance(r.get("seconds"), (int, float))]
-        per = statistics.fmean(secs) if secs else math.nan
-        done = len(runs)
-        if planned is not None and done >= planned:
-            continue
-        left = (planned - done) if planned is not None else None
-        body.append([name, str(planned if planned is not None else "extra"), str(done),
-                     f"{per / 60:.1f}" if secs else "no point measured yet",
-                     f"{left * per / 3600:.1f}" if secs and left is not None else "—"])
+        models = sorted({p.x["model"] for p in points if "model" in p.x}) if points and name != "sensitivity" else []
+        for model in models or [None]:
+            mine = [r for r in rows if model is None or r.get("model") == model]
+            planned = None if points is None else sum(1 for p in points if model is None or p.x.get("model") == model)
+            runs = {r.get("run"): r for r in mine}
+            secs = [r["seconds"] for r in runs.values() if isinstance(r.get("seconds"), (int, float))]
+            per = statistics.fmean(secs) if secs else math.nan
+            measured[(name, model)] = per
+            note = ""
+            if not secs and name == "layers_remedy" and math.isfinite(measured.get(("layers", model), math.nan)):
+                per, note = measured[("layers", model)], " (the raw curve's)"  # same data, one position fewer
+            done = len(runs)
+            if planned is not None and done >= planned:
+                continue
+            left = (planned - done) if planned is not None else None
+            known = math.isfinite(per)
+            body.append([name if model is None else f"{name} ({model})",
+                         str(planned if planned is not None else "extra"), str(done),
+                         f"{per / 60:.1f}{note}" if known else "no point measured yet",
+                         f"{left * per / 3600:.1f}" if known and left is not None else "—"])
     if not body:
         return "Every paper-scale experiment is complete."
     return (tables.table(["experiment", "points planned", "finished", "measured minutes per point",
