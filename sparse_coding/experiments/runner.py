@@ -92,7 +92,9 @@ def run_point(point: Point, scale: str, root: Path = DEFAULT_ROOT) -> Path:
     t0 = time.time()
     run(cfg, out)
     seconds = time.time() - t0
-    # a resumed point's `seconds` is this invocation's only; metrics.json's timing spans both
+    if resumed and (out / "metrics.json").is_file():  # this invocation is only the end: the fit's clock spans all
+        fit = json.loads((out / "metrics.json").read_text()).get("timing", {}).get("fit_seconds") or 0.0
+        seconds = max(seconds, float(fit))
     info = {"overrides": overrides, "x": point.x, "seconds": seconds, "resumed": resumed, "load_start": load_start,
             "load_end": os.getloadavg()[0], "cpus": os.cpu_count()}
     (out / "point.json").write_text(json.dumps(info, indent=2))
