@@ -56,8 +56,9 @@ EMBED_GAUSSIAN_N = {"quick": {m: (3072, 1536) for m in EMBED_MODELS},
 # quick: every third SmolLM2 hidden state (0, 3, ..., 30); paper: the issue's "at least every third"
 LAYER_STRIDE = {"quick": {"minilm": 1, "smollm2": 3}, "paper": {"minilm": 1, "smollm2": 3}}
 # Dictionary size for the layer curves beyond conf/experiment/layers_<scale>.yaml's. Paper scale:
-# SmolLM2 (d=576) at 8d, as the issue allows when 16d is not affordable: 16d doubles the d*m work of
-# each solver step (~10 min a point here against ~5), i.e. ~5.5 h for 11 hidden states x 3 seeds.
+# SmolLM2 (d=576) at 8d, as the issue allows when 16d is not affordable: 8d measured 2.4 min a point
+# here (2 cores); 16d doubles the d*m work of each solver step, and the 3 seeds x 11 hidden states x
+# raw/remedy curves (66 points) did not fit a session at either size, so the cheaper one goes first.
 LAYER_MULT = {"quick": {}, "paper": {"smollm2": 8}}
 # The standard remedies for massive activations (see `python -m sparse_coding.experiments massive`):
 # drop the first context position (SmolLM2: an attention sink with 35-170x the norm of other tokens
