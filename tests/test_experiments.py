@@ -420,6 +420,10 @@ def test_claims_verdicts():
     assert claims.claim_layers(layer_rows)[0][1] == claims.CONFIRMED
     assert claims.claim_layers([{**r, "normalized_loss": 3.0 + r["layer"]} for r in layer_rows])[0][1] == \
         claims.NOT_CONFIRMED  # rising to the last layer
+    sunk = [dict(r) for r in layer_rows]
+    sunk[3].update(normalized_loss=1.5, dead_fraction=0.8)  # one seed, most features dead: collapsed
+    verdict, numbers = claims.claim_layers(sunk)[0][1:]
+    assert verdict == claims.INCONCLUSIVE and "layer 3 (collapsed)" in numbers
     verdict, numbers = claims.claim_layers(layer_rows[:3])[0][1:]
     assert verdict == claims.INCONCLUSIVE and "3, 4, 5, 6 not run" in numbers
     text = claims.claims_section({"sparsity": good, "controls": ctrl})

@@ -28,7 +28,7 @@ def _verdict(ok: bool | None, flagged: list[str]) -> str:
 
 
 def _flag_note(flagged: list[str]) -> str:
-    return f" Unconverged or capped points it rests on: {', '.join(flagged)}." if flagged else ""
+    return f" Unconverged, capped or collapsed points it rests on: {', '.join(flagged)}." if flagged else ""
 
 
 def claim_tracks(rows: list[dict]) -> tuple[str, str, str]:
@@ -122,6 +122,11 @@ def claim_embeddings(rows: list[dict]) -> tuple[str, str, str]:
         nums + _flag_note(flagged)
 
 
+def all_collapsed(r: dict) -> bool:
+    """Every seed of this grouped point collapsed (`tables.group` then shows the collapsed values)."""
+    return bool(r.get("collapsed")) and len(r["collapsed"]) >= r["n_seeds"]
+
+
 def planned_layers(model: str) -> list[int]:
     """The hidden states the paper-scale grid trains for `model` (a shape needs its whole curve)."""
     if model not in LAYER_MODELS:
@@ -150,7 +155,10 @@ def claim_layers(rows: list[dict]) -> list[tuple[str, str, str]]:
         mid = pts[1:-1]
         peak = max(r["normalized_loss"] for r in mid)
         ok = pts[0]["normalized_loss"] < peak and pts[-1]["normalized_loss"] < peak
-        flagged = [f"layer {r['layer']}" for r in pts if r["flagged"]]
+        # a point whose every seed collapsed (most features dead: e.g. a massive activation taking the whole
+        # dictionary) is not a sparsity measurement: the curve's verdict waits for the remedy curve
+        flagged = [f"layer {r['layer']}" + (" (collapsed)" if all_collapsed(r) else "")
+                   for r in pts if r["flagged"] or all_collapsed(r)]
         out.append((name, _verdict(ok, flagged),
                     f"first {pts[0]['normalized_loss']:.3g}, middle peak {peak:.3g}, last {pts[-1]['normalized_loss']:.3g}."
                     + _flag_note(flagged)))

@@ -126,6 +126,8 @@ STATUS_HEADER = ["converged", "λ conv.", "capped", "dead", "samples seen", "ste
 
 
 def status_cells(g: dict) -> list[str]:
+    if g.get("collapsed") and len(g["collapsed"]) >= g["n_seeds"]:  # nothing left to exclude: shown, marked
+        return [*status_cells({**g, "collapsed": []})[:-1], f"{g['n_seeds']}, all collapsed (shown)"]
     seeds = str(g["n_seeds"]) + (f" (+{len(g['collapsed'])} collapsed: seed {', '.join(map(str, g['collapsed']))})"
                                  if g.get("collapsed") else "")
     return [g.get("converged") or "n/r", g.get("lam_converged") or "n/r", fmt(g.get("capped_fraction"), digits=2),
@@ -138,7 +140,8 @@ STATUS_NOTE = ("Status columns: converged = seeds whose held-out metrics stopped
                "solver.max_steps, dead = features unused on the held-out set, samples seen and optimizer steps per "
                "run. Values: mean ± sd over seeds (± the run's standard error with one seed); median [min–max] with "
                f"≥ {ROBUST_MIN_SEEDS} seeds. A collapsed seed (dead fraction > {COLLAPSE_DEAD}, or explained variance "
-               f"more than {COLLAPSE_EV_DROP} below the other seeds' median) is listed and excluded.")
+               f"more than {COLLAPSE_EV_DROP} below the other seeds' median) is listed and excluded; a point whose every seed collapsed is shown and marked "
+               "'all collapsed'.")
 
 
 def control_label(r: dict) -> str:
