@@ -22,7 +22,7 @@ from sparse_coding.experiments.tables import (  # noqa: E402
     dict_size_groups, group, layer_groups, sensitivity_factor,
 )
 
-HOLLOW_NOTE = "hollow: not converged on every seed or capped ≥ 1%"
+HOLLOW_NOTE = "hollow: not converged on every seed or capped ≥ 1%; X: every seed collapsed"
 
 
 def _save(fig, path: Path) -> Path:
@@ -44,12 +44,13 @@ def yerr(g: dict, m: str) -> tuple[float, float]:
 
 
 def series(ax, xs, g: list[dict], m: str, color, label: str, marker="o", ls="-", ms=5):
-    """A line through the points, each with its error bar, hollow when flagged."""
+    """A line through the points, each with its error bar, hollow when flagged, a cross when every seed collapsed."""
     ax.plot(xs, [r[m] for r in g], ls=ls, color=color, label=label)
     for x, r in zip(xs, g):
         lo, hi = yerr(r, m)
-        ax.errorbar([x], [r[m]], yerr=[[lo], [hi]], fmt=marker, ms=ms, color=color, capsize=3,
-                    mfc="none" if r.get("flagged") else color)
+        sunk = bool(r.get("collapsed")) and len(r["collapsed"]) >= r.get("n_seeds", 1)
+        ax.errorbar([x], [r[m]], yerr=[[lo], [hi]], fmt="X" if sunk else marker, ms=ms * 1.6 if sunk else ms,
+                    color=color, capsize=3, mfc="none" if r.get("flagged") else color)
 
 
 def plot_sparsity(rows, out: Path) -> list[Path]:
