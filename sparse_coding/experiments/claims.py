@@ -160,7 +160,8 @@ def claim_layers(rows: list[dict]) -> list[tuple[str, str, str]]:
         flagged = [f"layer {r['layer']}" + (" (collapsed)" if all_collapsed(r) else "")
                    for r in pts if r["flagged"] or all_collapsed(r)]
         out.append((name, _verdict(ok, flagged),
-                    f"first {pts[0]['normalized_loss']:.3g}, middle peak {peak:.3g}, last {pts[-1]['normalized_loss']:.3g}."
+                    f"first {pts[0]['normalized_loss']:.3g}, middle peak {peak:.3g}, last {pts[-1]['normalized_loss']:.3g} "
+                    f"({min(r['n_seeds'] for r in pts)}–{max(r['n_seeds'] for r in pts)} seeds a point)."
                     + _flag_note(flagged)))
     return out
 
@@ -199,4 +200,4 @@ def claims_section(paper: dict[str, list[dict]]) -> str:
     return (table(["claim", "verdict", "numbers (paper scale)"], body) + "\n\n" + ", ".join(
         f"{n} {v}" for v, n in counts.items()) + ". Verdicts are computed from docs/results/paper/*.csv by "
         "`sparse_coding/experiments/claims.py` (thresholds stated there and in each row); a claim resting on a point "
-        "that did not converge, or whose solver hit its cap, is inconclusive.")
+        "that did not converge, whose solver hit its cap, or whose every seed collapsed, is inconclusive.")
