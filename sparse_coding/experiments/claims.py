@@ -122,6 +122,11 @@ def claim_embeddings(rows: list[dict]) -> tuple[str, str, str]:
         nums + _flag_note(flagged)
 
 
+def _seeds(pts: list[dict]) -> str:
+    lo, hi = min(r["n_seeds"] for r in pts), max(r["n_seeds"] for r in pts)
+    return f"{lo} seed{'s' if lo > 1 else ''}" if lo == hi else f"{lo}–{hi} seeds"
+
+
 def all_collapsed(r: dict) -> bool:
     """Every seed of this grouped point collapsed (`tables.group` then shows the collapsed values)."""
     return bool(r.get("collapsed")) and len(r["collapsed"]) >= r["n_seeds"]
@@ -161,7 +166,7 @@ def claim_layers(rows: list[dict]) -> list[tuple[str, str, str]]:
                    for r in pts if r["flagged"] or all_collapsed(r)]
         out.append((name, _verdict(ok, flagged),
                     f"first {pts[0]['normalized_loss']:.3g}, middle peak {peak:.3g}, last {pts[-1]['normalized_loss']:.3g} "
-                    f"({min(r['n_seeds'] for r in pts)}–{max(r['n_seeds'] for r in pts)} seeds a point)."
+                    f"({_seeds(pts)} a point)."
                     + _flag_note(flagged)))
     return out
 
