@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from sparse_coding.experiments.grid import LAYER_MODELS, LAYER_STRIDE
 from sparse_coding.experiments.tables import (
-    CONTROL_ORDER, PAPER_SPARSITY, PAPER_MODELS_NOTE, control_groups, dict_size_groups, group, layer_groups, table,
+    CONTROL_ORDER, PAPER_SPARSITY, PAPER_MODELS_NOTE, all_collapsed, control_groups, dict_size_groups, group,
+    layer_curves, layer_groups, table,
 )
 
 CONFIRMED, NOT_CONFIRMED, INCONCLUSIVE = "confirmed", "not confirmed", "inconclusive"
@@ -127,11 +128,6 @@ def _seeds(pts: list[dict]) -> str:
     return f"{lo} seed{'s' if lo > 1 else ''}" if lo == hi else f"{lo}–{hi} seeds"
 
 
-def all_collapsed(r: dict) -> bool:
-    """Every seed of this grouped point collapsed (`tables.group` then shows the collapsed values)."""
-    return bool(r.get("collapsed")) and len(r["collapsed"]) >= r["n_seeds"]
-
-
 def planned_layers(model: str) -> list[int]:
     """The hidden states the paper-scale grid trains for `model` (a shape needs its whole curve)."""
     if model not in LAYER_MODELS:
@@ -145,8 +141,7 @@ def claim_layers(rows: list[dict]) -> list[tuple[str, str, str]]:
         return [(claim, INCONCLUSIVE, "not run at the paper's scale")]
     out = []
     g = layer_groups(rows)
-    for model, prep, mult in sorted({(r["model"], r["preprocess"], r["dict_mult"]) for r in g}):
-        pts = [r for r in g if (r["model"], r["preprocess"], r["dict_mult"]) == (model, prep, mult)]
+    for (model, prep, mult), pts in layer_curves(g):
         name = f"{claim} — {model} ({prep}, {mult}d)"
         missing = sorted(set(planned_layers(model)) - {int(r["layer"]) for r in pts})
         have = ", ".join(f"{r['layer']}: {r['normalized_loss']:.3g}" for r in pts)

@@ -19,7 +19,7 @@ from sparse_coding.experiments.grid import LAYER_MODELS  # noqa: E402
 from sparse_coding.experiments.runner import read_csv  # noqa: E402
 from sparse_coding.experiments.tables import (  # noqa: E402
     CONTROL_ORDER, METRICS4, PAPER_BERT_MEDIUM, PAPER_CONTROLS, PAPER_EMBEDDINGS, PAPER_SPARSITY, control_groups,
-    dict_size_groups, group, layer_groups, sensitivity_factor,
+    all_collapsed, dict_size_groups, group, layer_curves, layer_groups, sensitivity_factor,
 )
 
 HOLLOW_NOTE = "hollow: not converged on every seed or capped ≥ 1%; X: every seed collapsed"
@@ -48,7 +48,7 @@ def series(ax, xs, g: list[dict], m: str, color, label: str, marker="o", ls="-",
     ax.plot(xs, [r[m] for r in g], ls=ls, color=color, label=label)
     for x, r in zip(xs, g):
         lo, hi = yerr(r, m)
-        sunk = bool(r.get("collapsed")) and len(r["collapsed"]) >= r.get("n_seeds", 1)
+        sunk = all_collapsed(r)
         ax.errorbar([x], [r[m]], yerr=[[lo], [hi]], fmt="X" if sunk else marker, ms=ms * 1.6 if sunk else ms,
                     color=color, capsize=3, mfc="none" if r.get("flagged") else color)
 
@@ -140,8 +140,7 @@ def plot_layers(rows, out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(models) + 1, figsize=(5.2 * (len(models) + 1), 4.2))
     for ax, model in zip(axes, models):
         ax2 = ax.twinx()
-        for prep, mult in sorted({(r["preprocess"], r["dict_mult"]) for r in g if r["model"] == model}):
-            pts = [r for r in g if (r["model"], r["preprocess"], r["dict_mult"]) == (model, prep, mult)]
+        for (_, prep, mult), pts in [c for c in layer_curves(g) if c[0][0] == model]:
             ls = "--" if prep == "remedy" else "-"
             tag = prep if len({r["dict_mult"] for r in g if r["model"] == model}) == 1 else f"{prep}, {mult}d"
             xs = [r["layer"] for r in pts]
@@ -158,8 +157,7 @@ def plot_layers(rows, out: Path) -> list[Path]:
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, fontsize="xx-small", loc="upper left")
     ax = axes[-1]
-    for i, (model, prep, mult) in enumerate(sorted({(r["model"], r["preprocess"], r["dict_mult"]) for r in g})):
-        pts = [r for r in g if (r["model"], r["preprocess"], r["dict_mult"]) == (model, prep, mult)]
+    for i, ((model, prep, mult), pts) in enumerate(layer_curves(g)):
         n = LAYER_MODELS.get(model) or max(r["layer"] for r in pts)
         series(ax, [r["layer"] / n for r in pts], pts, "normalized_loss", f"C{i + 4}",
                f"{model} {prep} {mult}d (ours)",

@@ -125,8 +125,13 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 STATUS_HEADER = ["converged", "λ conv.", "capped", "dead", "samples seen", "steps", "seeds"]
 
 
+def all_collapsed(g: dict) -> bool:
+    """Every seed of this grouped point collapsed (`group` then shows the collapsed values)."""
+    return bool(g.get("collapsed")) and len(g["collapsed"]) >= g.get("n_seeds", 1)
+
+
 def status_cells(g: dict) -> list[str]:
-    if g.get("collapsed") and len(g["collapsed"]) >= g["n_seeds"]:  # nothing left to exclude: shown, marked
+    if all_collapsed(g):  # nothing left to exclude: shown, marked
         return [*status_cells({**g, "collapsed": []})[:-1], f"{g['n_seeds']}, all collapsed (shown)"]
     seeds = str(g["n_seeds"]) + (f" (+{len(g['collapsed'])} collapsed: seed {', '.join(map(str, g['collapsed']))})"
                                  if g.get("collapsed") else "")
@@ -272,6 +277,12 @@ def layer_groups(rows: list[dict]) -> list[dict]:
                   key=lambda r: (r["model"], r["preprocess"], r["layer"]))
 
 
+def layer_curves(g: list[dict]) -> list[tuple[tuple, list[dict]]]:
+    """The grouped layer points split into curves: ((model, preprocess, dict_mult), points by layer)."""
+    keys = sorted({(r["model"], r["preprocess"], r["dict_mult"]) for r in g})
+    return [(k, [r for r in g if (r["model"], r["preprocess"], r["dict_mult"]) == k]) for k in keys]
+
+
 def section_layers(rows: list[dict]) -> str:
     g = layer_groups(rows)
     body = [[r["model"], r["preprocess"], f"{r['dict_mult']}d", str(r["layer"]), ms(r, "normalized_loss"),
@@ -279,11 +290,10 @@ def section_layers(rows: list[dict]) -> str:
     out = table(["model", "data", "dictionary", "hidden state", "normalized_loss", "avg_coef_norm", "l0", "expl. var.", "λ (auto)",
                  *STATUS_HEADER], body)
     parts = []
-    for model, prep in sorted({(r["model"], r["preprocess"]) for r in g}):
-        pts = [r for r in g if r["model"] == model and r["preprocess"] == prep]
+    for (model, prep, mult), pts in layer_curves(g):
         lo = min(pts, key=lambda r: r["normalized_loss"])
         hi = max(pts, key=lambda r: r["normalized_loss"])
-        parts.append(f"{model} ({prep}): lowest normalized_loss at hidden state {lo['layer']} "
+        parts.append(f"{model} ({prep}, {mult}d): lowest normalized_loss at hidden state {lo['layer']} "
                      f"({lo['normalized_loss']:.3g}), highest at {hi['layer']} ({hi['normalized_loss']:.3g}); first "
                      f"{pts[0]['normalized_loss']:.3g}, last {pts[-1]['normalized_loss']:.3g}")
     return (out + "\n\n" + "; ".join(parts) + ".\n\nBERT-Medium (paper, layers 0–8): "
@@ -311,7 +321,7 @@ def section_sensitivity(rows: list[dict]) -> str:
 
 
 def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
+    return _num(v) and math.isfinite(v)
 
 
 def section_solver_gap(rows: list[dict]) -> str:
