@@ -44,6 +44,7 @@ class DataConfig:
     num_workers: int = 0
     center: bool = True  # subtract the stored cache mean from real activations (SPEC §6)
     drop_positions: int = 0  # leave out context positions 0..K-1 (attention sink / BOS; sparse_coding.preprocess)
+    max_norm_ratio: float = 0.0  # > 1: leave out rows with norm > ratio x the layer's median row norm; 0: off
     normalize: str = "none"  # "token": every (centred) row scaled to norm sqrt(d) (sparse_coding.preprocess)
 
 
@@ -337,11 +338,15 @@ def validate_data(cfg: DataConfig, *, uses_model: bool) -> None:
     if cfg.name == "cache" and (not uses_model or cfg.path is not None):
         validate_cache_path(cfg.path)
     _integer("data.drop_positions", cfg.drop_positions, 0)
+    ratio = cfg.max_norm_ratio
+    if not _number(ratio) or not (ratio == 0 or ratio > 1):
+        raise ConfigError(f"data.max_norm_ratio={ratio!r} must be 0 (off) or a number above 1 (a multiple of the "
+                          "median row norm; 10 drops attention-sink rows)")
     if cfg.normalize not in NORMALIZE:
         raise ConfigError(f"data.normalize={cfg.normalize!r}: choose one of {', '.join(NORMALIZE)}")
-    if (cfg.drop_positions or cfg.normalize != "none") and not uses_model and cfg.name != "cache":
-        raise ConfigError(f"data.drop_positions / data.normalize apply to real activations, not data={cfg.name}: "
-                          "add model=NAME or use data=cache")
+    if (cfg.drop_positions or ratio or cfg.normalize != "none") and not uses_model and cfg.name != "cache":
+        raise ConfigError(f"data.drop_positions / data.max_norm_ratio / data.normalize apply to real activations, "
+                          f"not data={cfg.name}: add model=NAME or use data=cache")
 
 
 def validate(cfg: Any) -> None:

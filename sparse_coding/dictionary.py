@@ -64,6 +64,10 @@ def describe(cfg: Any, module, datamodule: Any = None) -> dict:
         "preprocessing": {
             "center_mean": None if mean is None else [float(v) for v in np.asarray(mean, dtype=np.float32)],
             "normalize": str(getattr(dm, "normalize", "none")),
+            # rows the run left out (massive-activation remedies); encode/measure apply neither: select rows yourself
+            "drop_positions": int(getattr(dm, "drop_positions", 0)),
+            "max_norm_ratio": float(getattr(dm, "max_norm_ratio", 0.0)),
+            "median_row_norm": getattr(dm, "median_norm", None),
         },
         "layout": "phi is (d, m); columns are unit-norm features",
     }

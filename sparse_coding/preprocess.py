@@ -1,5 +1,5 @@
 """Optional preprocessing of cached activations against massive activations (`data.drop_positions`,
-`data.normalize`); one step in the streaming reader's row path.
+`data.max_norm_ratio`, `data.normalize`); one step in the streaming reader's row path.
 
 Some models put a huge norm on the first position of every context (an attention sink, or a BOS
 token) and carry a few "massive" dimensions; the sparse-coding metrics then describe those few rows
@@ -12,6 +12,13 @@ it). The standard remedies, off by default:
   `corpus.keep_positions`, so row i is at position `keep_positions[i % rows_per_context]`. The
   dropped rows are left out of training, evaluation, Φ's data init and the centring mean (which is
   then recomputed over the kept rows: the stored mean includes the dropped ones).
+- `data.max_norm_ratio=R`: leave out the rows whose norm (as stored, before centring) exceeds R times
+  the median row norm of the layer. Attention sinks are not only at position 0: SmolLM2 puts the
+  same ~25,000-norm activation (180x the median) on the first delimiter-like token of some contexts
+  (position 1 or 2), and those ~20 rows in 100k still carry half the centred variance once position
+  0 is gone. The norm rule catches every such row whatever its position; the gap is wide (SmolLM2
+  hidden states 12-27: sinks at 60-190x the median, every other row below 10x), so R=10 is not a
+  fine-tuned value. Dropped rows are handled as for `drop_positions`.
 - `data.normalize=token`: after centring, scale every row to norm √d. S₁ and normalized_loss are
   invariant to one global scale (auto-λ scales with the data), so the target norm is immaterial
   and the option is well defined; what it changes is the weighting: both metrics are ratios of
@@ -67,6 +74,27 @@ def merge_skips(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> dict[int,
     return out
 
 
+def norm_outliers(read_block, n_blocks: int, ratio: float) -> tuple[dict[int, np.ndarray], float]:
+    """({block: row indices whose norm exceeds ratio x the median row norm}, that median).
+
+    `read_block(i)` returns block i's raw rows; norms are taken as stored (before centring: the
+    outliers would distort the mean), the median over the finite rows (NaN/Inf rows are skipped
+    elsewhere).
+    """
+    norms = [np.linalg.norm(np.asarray(read_block(i), dtype=np.float64), axis=1) for i in range(n_blocks)]
+    finite = np.concatenate(norms)
+    finite = finite[np.isfinite(finite)]
+    if len(finite) == 0:
+        return {}, float("nan")
+    median = float(np.median(finite))
+    out = {}
+    for i, nb in enumerate(norms):
+        idx = np.flatnonzero(np.isfinite(nb) & (nb > ratio * median))
+        if len(idx):
+            out[i] = idx
+    return out, median
+
+
 def kept_mean(read_block, n_blocks: int, skips: dict[int, np.ndarray], d: int) -> np.ndarray:
     """float64 mean of the kept rows; `read_block(i)` returns block i's raw rows (before any skip)."""
     total, count = np.zeros(d, np.float64), 0
@@ -80,7 +108,8 @@ def kept_mean(read_block, n_blocks: int, skips: dict[int, np.ndarray], d: int) -
         total += x.sum(0)
         count += len(x)
     if count == 0:
-        raise ConfigError("data.drop_positions leaves no rows in the cache: lower it")
+        raise ConfigError("data.drop_positions / data.max_norm_ratio leave no rows in the cache: lower "
+                          "drop_positions or raise max_norm_ratio")
     return total / count
 
 
@@ -93,8 +122,13 @@ def normalize_rows(x: np.ndarray, how: str) -> np.ndarray:
     return x
 
 
-def describe(drop_positions: int, normalize: str, mean_recomputed: Optional[bool] = None) -> dict:
-    out = {"drop_positions": int(drop_positions), "normalize": normalize}
+def describe(drop_positions: int, normalize: str, mean_recomputed: Optional[bool] = None,
+             max_norm_ratio: float = 0.0, norm_dropped: Optional[int] = None,
+             median_norm: Optional[float] = None) -> dict:
+    out = {"drop_positions": int(drop_positions), "max_norm_ratio": float(max_norm_ratio), "normalize": normalize}
     if mean_recomputed is not None:
         out["mean_over_kept_rows"] = bool(mean_recomputed)
+    if max_norm_ratio > 0:
+        out["norm_outliers_dropped"] = int(norm_dropped or 0)  # rows of the whole layer (train + held-out)
+        out["median_row_norm"] = median_norm
     return out

@@ -12,8 +12,8 @@
   (±1 row), one per rank: disjoint, together complete, and every rank yields the same number of
   batches (a rank never waits on another). DataLoader workers split a rank's part the same way.
   `batch_size` is the global batch, as for synthetic data: each rank's batches hold ⌈B / W⌉ rows;
-- rows are centred with the cache's stored mean when `center` is true; `drop_positions` and
-  `normalize` apply the massive-activation remedies of `sparse_coding.preprocess` (dropped rows are
+- rows are centred with the cache's stored mean when `center` is true; `drop_positions`,
+  `max_norm_ratio` and `normalize` apply the massive-activation remedies of `sparse_coding.preprocess` (dropped rows are
   skipped like NaN rows, the mean is then taken over the kept rows; normalisation follows centring);
 - the training loader is resumable: a checkpoint stores (epoch, batches done), and a restored run
   regenerates that epoch's seeded stream and drops the batches already trained on, so a run resumed
@@ -266,7 +266,7 @@ class CacheDataModule(pl.LightningDataModule):
                  shuffle_buffer: int = 65536, seed: int = 0, center: bool = True, skip_nonfinite: bool = False,
                  num_workers: int = 0, *, rank: Optional[int] = None, world_size: Optional[int] = None,
                  expected_dim: Optional[int] = None, verify: bool = True, drop_positions: int = 0,
-                 normalize: str = "none"):
+                 normalize: str = "none", max_norm_ratio: float = 0.0):
         super().__init__()
         self.path = Path(path)
         m = cache_mod.read_manifest(self.path)
@@ -320,15 +320,24 @@ class CacheDataModule(pl.LightningDataModule):
         self.train_blocks = [b for b, v in zip(self.blocks, is_val) if not v]
         self._bad = self._scan_nonfinite() if self.n_nonfinite else ({}, {})
         self.drop_positions, self.normalize = int(drop_positions), str(normalize)
-        if self.drop_positions > 0:  # rows at the first positions are skipped like NaN rows (preprocess.py)
-            drops = [preprocess.dropped_rows(m, self.shard_rows, blocks, self.drop_positions)
-                     for blocks in (self.train_blocks, self.val_blocks)]
-            self._bad = (preprocess.merge_skips(self._bad[0], drops[0]), preprocess.merge_skips(self._bad[1], drops[1]))
+        self.max_norm_ratio, self.norm_dropped, self.median_norm = float(max_norm_ratio), None, None
+        drops = {}  # {index in self.blocks: rows left out by the massive-activation remedies (preprocess.py)}
+        if self.drop_positions > 0:
+            drops = preprocess.dropped_rows(m, self.shard_rows, self.blocks, self.drop_positions)
+        if self.max_norm_ratio > 0:
+            outliers, self.median_norm = preprocess.norm_outliers(
+                lambda i: self._raw_block(self.blocks[i]), len(self.blocks), self.max_norm_ratio)
+            self.norm_dropped = sum(len(v) for v in outliers.values())
+            drops = preprocess.merge_skips(drops, outliers)
+        if drops:  # skipped like NaN rows; the centring mean is then taken over the kept rows
+            index = {b: i for i, b in enumerate(self.blocks)}
+            def split(blocks):
+                return {j: drops[index[b]] for j, b in enumerate(blocks) if index[b] in drops}
+            self._bad = (preprocess.merge_skips(self._bad[0], split(self.train_blocks)),
+                         preprocess.merge_skips(self._bad[1], split(self.val_blocks)))
             if self.center:
-                self.mean = preprocess.kept_mean(
-                    lambda i: self._raw_block(self.blocks[i]), len(self.blocks),
-                    preprocess.dropped_rows(m, self.shard_rows, self.blocks, self.drop_positions), self.dim,
-                ).astype(np.float32)
+                self.mean = preprocess.kept_mean(lambda i: self._raw_block(self.blocks[i]), len(self.blocks),
+                                                 drops, self.dim).astype(np.float32)
         self.train_rows = sum(hi - lo for _, lo, hi in self.train_blocks) - sum(len(v) for v in self._bad[0].values())
         self.val_rows = sum(hi - lo for _, lo, hi in self.val_blocks) - sum(len(v) for v in self._bad[1].values())
         if self.val_rows < MIN_VAL_ROWS or self.train_rows < 1:
@@ -377,7 +386,7 @@ class CacheDataModule(pl.LightningDataModule):
         return cls(path, layer, batch_size=d.batch_size, val_fraction=d.val_fraction, shuffle_buffer=d.shuffle_buffer,
                    seed=d.seed, center=d.center, skip_nonfinite=d.skip_nonfinite, num_workers=d.num_workers,
                    expected_dim=expected, drop_positions=d.get("drop_positions", 0),
-                   normalize=d.get("normalize", "none"))
+                   normalize=d.get("normalize", "none"), max_norm_ratio=d.get("max_norm_ratio", 0.0))
 
     # -- distributed and epochs
 
@@ -466,6 +475,7 @@ class CacheDataModule(pl.LightningDataModule):
             "nonfinite_rows_skipped": self.n_nonfinite,
             "centered": self.center,
             **preprocess.describe(self.drop_positions, self.normalize,
-                                  self.center and self.drop_positions > 0 if self.drop_positions else None),
+                                  self.center if self.drop_positions or self.max_norm_ratio else None,
+                                  self.max_norm_ratio, self.norm_dropped, self.median_norm),
             "checksums_verified": bool(self.verification.get("verified")),
         }

@@ -36,7 +36,8 @@ def test_grid_covers_the_issue():
     assert len(layers) == 7 + 11  # quick: every third SmolLM2 hidden state
     assert {(p.x["model"], p.x["layer"]) for p in paper["layers"]} == layers
     # item 5: the same curve again with the massive-activation remedy
-    assert all("data.drop_positions=1" in p.overrides for p in paper["layers_remedy"])
+    assert all({"data.drop_positions=1", "data.max_norm_ratio=10"} <= set(p.overrides) for p in paper["layers_remedy"])
+    assert {p.x["model"] for p in paper["layers_remedy"]} == {"smollm2"}  # MiniLM's data is unchanged by it
     assert {p.key("paper") for p in paper["layers_remedy"]}.isdisjoint({p.key("paper") for p in paper["layers"]})
     for name, pts in quick.items():  # every point has 3 seeds
         seeds = {}
@@ -315,12 +316,40 @@ def test_drop_positions_and_token_normalisation(gpt2_cache):
     np.testing.assert_allclose(norms, np.sqrt(m["d"]), rtol=1e-5)
 
 
+def test_max_norm_ratio_leaves_out_massive_rows(tmp_path):
+    """Sink-like rows (any position) above ratio x the median norm are left out of both splits and the mean."""
+    import numpy as np
+
+    from sparse_coding import cache
+    from sparse_coding.streaming import CacheDataModule
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 8)).astype(np.float32)
+    sinks = rng.choice(3000, size=17, replace=False)
+    x[sinks, 3] += 400.0  # ~140x the median norm (about 2.8), in one dimension
+    np.save(tmp_path / "a.npy", x)
+    path = cache.import_array(tmp_path / "a.npy", tmp_path / "c")
+    dm = CacheDataModule(path, batch_size=64, max_norm_ratio=10)
+    kept = np.delete(x, sinks, axis=0).astype(np.float64)
+    assert dm.norm_dropped == 17 and dm.train_rows + dm.val_rows == len(kept)
+    assert dm.median_norm == pytest.approx(np.median(np.linalg.norm(x, axis=1)), rel=1e-5)
+    np.testing.assert_allclose(dm.mean, kept.mean(0), atol=1e-5)
+    rows = np.concatenate([b.numpy() for b in list(dm.train_dataloader()) + list(dm.val_dataloader())])
+    assert np.abs(rows).max() < 10  # no sink row is streamed
+    np.testing.assert_allclose(np.sort(rows, axis=0), np.sort(kept - kept.mean(0), axis=0), atol=1e-4)
+    d = dm.describe()
+    assert d["max_norm_ratio"] == 10 and d["norm_outliers_dropped"] == 17 and d["mean_over_kept_rows"]
+    plain = CacheDataModule(path, batch_size=64)
+    assert plain.train_rows + plain.val_rows == 3000 and "norm_outliers_dropped" not in plain.describe()
+
+
 def test_preprocess_switches_are_validated(tmp_path):
     from sparse_coding.config import validate
     from sparse_coding.errors import ConfigError
 
     for bad, what in ((["data.drop_positions=1"], "real activations"), (["data.normalize=l2"], "data.normalize"),
-                      (["data.drop_positions=-1"], "data.drop_positions")):
+                      (["data.drop_positions=-1"], "data.drop_positions"), (["data.max_norm_ratio=10"], "real activations"),
+                      (["model=gpt2", "data.max_norm_ratio=0.5"], "data.max_norm_ratio")):
         with pytest.raises(ConfigError, match=what):
             validate(runner.compose(bad))
     # an imported array has no context positions: a one-line error when the data module opens it

@@ -12,8 +12,12 @@ in the manifest's `corpus.keep_positions` (special tokens such as [CLS]/[SEP] ar
   Σ‖x − x̄‖² that the first position's rows carry;
 - the dimensions with the largest mean |x| and their share of Σ‖x‖² (raw) and of Σ‖x − x̄‖²
   (centred, what the dictionary is trained on): a few massive dimensions carry most of it;
+- the share of Σ‖x − x̄‖² carried by the 1 % of rows with the largest centred norm (a heavy row
+  tail: the metrics are ratios of sums over rows, so a few rows can decide them);
+- the rows whose norm exceeds NORM_RATIO x the median row norm (the `data.max_norm_ratio` rule)
+  and how many of them are not at the first position (attention sinks elsewhere in a context);
 - the same centred shares after the remedies of `sparse_coding.preprocess`
-  (`data.drop_positions`, `data.normalize=token`).
+  (`data.drop_positions=1`, `data.max_norm_ratio`, `data.normalize=token`).
 
 Cheap: numpy only, the first `max_rows` rows of each layer.
 """
@@ -29,6 +33,7 @@ from sparse_coding import cache as cache_mod
 from sparse_coding.preprocess import context_positions
 
 TOP_DIMS = 5
+NORM_RATIO = 10.0  # the data.max_norm_ratio reported (and used by the experiments' remedy curve)
 
 
 def layer_rows(path: Path, manifest: dict, key: str, max_rows: int) -> np.ndarray:
@@ -66,6 +71,13 @@ def top_dims(x: np.ndarray, k: int = TOP_DIMS) -> dict:
             "top_centred_share": float(np.sort(cen)[::-1][:k].sum() / cen.sum())}
 
 
+def top_rows_share(x: np.ndarray, fraction: float = 0.01) -> float:
+    """Share of Σ‖x − x̄‖² carried by the `fraction` of rows with the largest centred norm."""
+    c = x - x.mean(0)
+    sq = np.sort((c * c).sum(1))[::-1]
+    return float(sq[: max(1, int(len(sq) * fraction))].sum() / sq.sum())
+
+
 def analyse_layer(x: np.ndarray, positions: np.ndarray) -> dict:
     norms = np.linalg.norm(x, axis=1)
     first = positions == positions.min()
@@ -75,6 +87,8 @@ def analyse_layer(x: np.ndarray, positions: np.ndarray) -> dict:
     # after the remedies: drop the first kept position, then scale every token to unit norm
     kept = x[~first] if (~first).any() else x
     unit = kept / np.maximum(np.linalg.norm(kept, axis=1, keepdims=True), 1e-12)
+    massive = norms > NORM_RATIO * np.median(norms)
+    below = x[~massive]
     return {
         "rows": int(x.shape[0]),
         "first_position": int(positions.min()),
@@ -87,10 +101,16 @@ def analyse_layer(x: np.ndarray, positions: np.ndarray) -> dict:
         "max_norm_position": max(per_pos, key=per_pos.get),
         "norm_p99_over_median": float(np.quantile(norms, 0.99) / np.median(norms)),
         "dims": dims,
-        "drop_first": {"top_centred_share": top_dims(kept)["top_centred_share"],
+        "drop_first": {"top_centred_share": top_dims(kept)["top_centred_share"], "top_rows_share": top_rows_share(kept),
                        "norm_max_over_median": float(np.linalg.norm(kept, axis=1).max()
                                                      / np.median(np.linalg.norm(kept, axis=1)))},
         "drop_first_token_norm": {"top_centred_share": top_dims(unit)["top_centred_share"]},
+        "top_rows_share": top_rows_share(x),
+        "norm_rule": {"ratio": NORM_RATIO, "rows": int(massive.sum()), "rows_not_first": int((massive & ~first).sum()),
+                      "positions_not_first": sorted({int(p) for p in positions[massive & ~first]}),
+                      "top_centred_share": top_dims(below)["top_centred_share"],
+                      "top_rows_share": top_rows_share(below),
+                      "norm_max_over_median": float(norms[~massive].max() / np.median(norms))},
     }
 
 
@@ -113,7 +133,8 @@ def format_report(result: dict) -> str:
              f"{result['keep_positions_first']}) — {result['cache']}",
              "layer | ‖x‖ first pos | ‖x‖ rest (mean) | ratio | first pos share of centred var | top-5 |x| dims "
              "(mean |x|; median dim) | their raw / centred share of Σ‖x‖² | top-5 centred share: raw, -pos0, "
-             "-pos0+token norm"]
+             f"-pos0+token norm, -rows>{NORM_RATIO:g}x median norm | rows>{NORM_RATIO:g}x (not at first pos) | "
+             "top-1% rows' centred share: raw, -pos0, -norm rule"]
     for key, r in result["layers"].items():
         d = r["dims"]
         lines.append(
@@ -121,7 +142,9 @@ def format_report(result: dict) -> str:
             f"{r['first_variance_share']:.3f} (rows {r['first_row_share']:.3f}) | "
             f"{d['dims']} ({', '.join(f'{v:.3g}' for v in d['mean_abs'][:3])}…; {d['median_mean_abs']:.3g}) | "
             f"{d['raw_share']:.3f} / {d['centred_share']:.3f} | {d['top_centred_share']:.3f}, "
-            f"{r['drop_first']['top_centred_share']:.3f}, {r['drop_first_token_norm']['top_centred_share']:.3f}")
+            f"{r['drop_first']['top_centred_share']:.3f}, {r['drop_first_token_norm']['top_centred_share']:.3f}, "
+            f"{r['norm_rule']['top_centred_share']:.3f} | {r['norm_rule']['rows']} ({r['norm_rule']['rows_not_first']}) | "
+            f"{r['top_rows_share']:.3f}, {r['drop_first']['top_rows_share']:.3f}, {r['norm_rule']['top_rows_share']:.3f}")
     return "\n".join(lines)
 
 

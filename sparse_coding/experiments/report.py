@@ -212,10 +212,13 @@ def write_report(results: Path, output: Path) -> Path:
     massive = results / "massive.json"
     if massive.is_file():
         parts += ["", "## 5b. Massive activations (SmolLM2's mid-layer collapse)", "",
-                  "`python -m sparse_coding.experiments massive CACHE…` on the small (4,096-token) wiki caches, saved "
-                  "as docs/results/massive.json. The remedy switch is `data.drop_positions=K` (leave out context "
-                  "positions < K) and `data.normalize=token` (every centred row to norm √d); `layers_remedy` is the "
-                  "layer curve with `data.drop_positions=1`.", "",
+                  "`python -m sparse_coding.experiments massive CACHE…` on the wiki caches the layer curves train "
+                  "on, saved as docs/results/massive.json. The remedy switches are `data.drop_positions=K` (leave out "
+                  "context positions < K), `data.max_norm_ratio=R` (leave out every row whose norm exceeds R × the "
+                  "layer's median row norm, wherever it sits) and `data.normalize=token` (every centred row to norm "
+                  "√d); `layers_remedy` is the layer curve with `data.drop_positions=1 data.max_norm_ratio=10`. "
+                  "The tiny GPT-2 of the tests has random weights, so its position 0 says nothing about GPT-2; the "
+                  "analysis runs on that path in the test suite only.", "",
                   tables.section_massive(json.loads(massive.read_text()))]
     parts += ["", "## Extra: the quick scale (d=64 synthetic, short fixed training)", "",
               "The earlier report's runs, kept for comparison; they are not converged measurements."]

@@ -30,7 +30,7 @@ METRIC_COLUMNS = ("normalized_loss", "normalized_loss_se", "avg_coef_norm", "avg
 RUN_COLUMNS = ("converged", "samples_seen", "optimizer_steps")
 TIMING_COLUMNS = ("fit_seconds", "eval_seconds", "samples_per_second")
 TRUTH_COLUMNS = ("ground_truth", "true_l0", "true_avg_coef_norm")
-DATA_COLUMNS = ("drop_positions", "normalize")  # the preprocessing of real activations (sparse_coding.preprocess)
+DATA_COLUMNS = ("drop_positions", "max_norm_ratio", "norm_outliers_dropped", "normalize")  # the preprocessing of real activations (sparse_coding.preprocess)
 
 
 def compose(overrides: list[str]):
