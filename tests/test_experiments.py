@@ -211,6 +211,12 @@ def test_figures_and_report(tiny_results, tmp_path):
         assert heading in text
     assert "sparsity.png)" in text and "not run" in text  # missing experiments are said to be missing
     assert "| converged | λ conv. | capped | dead | samples seen | steps | seeds |" in text
+    # a quick table from before the convergence check is named, never shown as a measurement
+    (results / "functional.csv").write_text("model,layer,normalized_loss\nsmollm2,3,1.5\n")
+    text = report.write_report(results, tmp_path / "RESULTS.md").read_text()
+    quick = text.split("## Extra: the quick scale")[1]
+    assert "Not shown: `functional.csv`" in quick and "Functional check" not in quick and "Metric vs true sparsity" in quick
+    (results / "functional.csv").unlink()
     # the paper-scale tables sit in results/paper/: the same rows there feed the claims
     (results / "paper").mkdir(exist_ok=True)
     for name in ("sparsity", "controls"):
