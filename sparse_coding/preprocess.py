@@ -129,6 +129,6 @@ def describe(drop_positions: int, normalize: str, mean_recomputed: Optional[bool
     if mean_recomputed is not None:
         out["mean_over_kept_rows"] = bool(mean_recomputed)
     if max_norm_ratio > 0:
-        out["norm_outliers_dropped"] = int(norm_dropped or 0)  # rows of the whole layer (train + held-out)
+        out["norm_outliers_dropped"] = int(norm_dropped or 0)  # beyond drop_positions, train + held-out
         out["median_row_norm"] = median_norm
     return out

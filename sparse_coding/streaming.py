@@ -321,14 +321,18 @@ class CacheDataModule(pl.LightningDataModule):
         self._bad = self._scan_nonfinite() if self.n_nonfinite else ({}, {})
         self.drop_positions, self.normalize = int(drop_positions), str(normalize)
         self.max_norm_ratio, self.norm_dropped, self.median_norm = float(max_norm_ratio), None, None
+        if not (self.max_norm_ratio == 0 or 1 < self.max_norm_ratio < math.inf):
+            raise ConfigError(f"data.max_norm_ratio={max_norm_ratio!r} must be 0 (off) or a number above 1")
         drops = {}  # {index in self.blocks: rows left out by the massive-activation remedies (preprocess.py)}
         if self.drop_positions > 0:
             drops = preprocess.dropped_rows(m, self.shard_rows, self.blocks, self.drop_positions)
         if self.max_norm_ratio > 0:
             outliers, self.median_norm = preprocess.norm_outliers(
                 lambda i: self._raw_block(self.blocks[i]), len(self.blocks), self.max_norm_ratio)
-            self.norm_dropped = sum(len(v) for v in outliers.values())
-            drops = preprocess.merge_skips(drops, outliers)
+            merged = preprocess.merge_skips(drops, outliers)
+            # the rows the norm rule leaves out beyond drop_positions (the whole layer: train + held-out)
+            self.norm_dropped = sum(len(v) for v in merged.values()) - sum(len(v) for v in drops.values())
+            drops = merged
         if drops:  # skipped like NaN rows; the centring mean is then taken over the kept rows
             index = {b: i for i, b in enumerate(self.blocks)}
             def split(blocks):

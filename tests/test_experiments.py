@@ -327,26 +327,59 @@ def test_max_norm_ratio_leaves_out_massive_rows(tmp_path):
     import numpy as np
 
     from sparse_coding import cache
+    from sparse_coding.errors import ConfigError
     from sparse_coding.streaming import CacheDataModule
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3000, 8)).astype(np.float32)
-    sinks = rng.choice(3000, size=17, replace=False)
+    # blocks of 150 rows; blocks 9 and 19 (rows 1350-1499, 2850-2999) are held out: sinks in both splits,
+    # before and after a held-out block
+    sinks = np.array([5, 140, 1400, 1420, 1600, 2200, 2900, 2999])
     x[sinks, 3] += 400.0  # ~140x the median norm (about 2.8), in one dimension
     np.save(tmp_path / "a.npy", x)
     path = cache.import_array(tmp_path / "a.npy", tmp_path / "c")
     dm = CacheDataModule(path, batch_size=64, max_norm_ratio=10)
     kept = np.delete(x, sinks, axis=0).astype(np.float64)
-    assert dm.norm_dropped == 17 and dm.train_rows + dm.val_rows == len(kept)
+    assert dm.norm_dropped == len(sinks) and dm.val_rows == 300 - 4 and dm.train_rows == 2700 - 4
     assert dm.median_norm == pytest.approx(np.median(np.linalg.norm(x, axis=1)), rel=1e-5)
     np.testing.assert_allclose(dm.mean, kept.mean(0), atol=1e-5)
-    rows = np.concatenate([b.numpy() for b in list(dm.train_dataloader()) + list(dm.val_dataloader())])
-    assert np.abs(rows).max() < 10  # no sink row is streamed
+    val = np.concatenate([b.numpy() for b in dm.val_dataloader()])
+    held_out = np.r_[1350:1500, 2850:3000]
+    want = np.delete(x[held_out], [np.flatnonzero(held_out == s)[0] for s in sinks if s in held_out], axis=0)
+    np.testing.assert_allclose(val, want - dm.mean, atol=1e-5)  # in order, the sinks gone
+    rows = np.concatenate([b.numpy() for b in dm.train_dataloader()] + [val])
     np.testing.assert_allclose(np.sort(rows, axis=0), np.sort(kept - kept.mean(0), axis=0), atol=1e-4)
     d = dm.describe()
-    assert d["max_norm_ratio"] == 10 and d["norm_outliers_dropped"] == 17 and d["mean_over_kept_rows"]
+    assert d["max_norm_ratio"] == 10 and d["norm_outliers_dropped"] == len(sinks) and d["mean_over_kept_rows"]
     plain = CacheDataModule(path, batch_size=64)
     assert plain.train_rows + plain.val_rows == 3000 and "norm_outliers_dropped" not in plain.describe()
+    for bad in (0.5, 1, -2, float("inf")):
+        with pytest.raises(ConfigError, match="max_norm_ratio"):
+            CacheDataModule(path, max_norm_ratio=bad)
+
+
+def test_max_norm_ratio_with_drop_positions(gpt2_cache):
+    """Both rules together: the union is left out, the norm rule counts only what it adds; ranks agree."""
+    import numpy as np
+
+    from sparse_coding import cache
+    from sparse_coding.preprocess import context_positions
+    from sparse_coding.streaming import CacheDataModule
+
+    _, path = gpt2_cache
+    m = cache.read_manifest(path)
+    raw = np.concatenate([np.load(f) for f in cache.shard_paths(path, m, "1")]).astype(np.float64)
+    pos = context_positions(m, np.arange(len(raw)))
+    norms = np.linalg.norm(raw, axis=1)
+    high = norms > 1.02 * np.median(norms)  # a low ratio, so that the rule leaves out many rows at every position
+    keep = (pos >= 2) & ~high
+    assert (high & (pos < 2)).any() and (high & (pos >= 2)).any()
+    dm = CacheDataModule(path, "1", batch_size=32, drop_positions=2, max_norm_ratio=1.02)
+    assert dm.train_rows + dm.val_rows == keep.sum() and dm.norm_dropped == (high & (pos >= 2)).sum()
+    np.testing.assert_allclose(dm.mean, raw[keep].mean(0), rtol=1e-5, atol=1e-6)
+    other = CacheDataModule(path, "1", batch_size=32, drop_positions=2, max_norm_ratio=1.02, rank=1, world_size=2)
+    for a, b in zip(dm._bad, other._bad):
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
 def test_preprocess_switches_are_validated(tmp_path):
@@ -355,7 +388,10 @@ def test_preprocess_switches_are_validated(tmp_path):
 
     for bad, what in ((["data.drop_positions=1"], "real activations"), (["data.normalize=l2"], "data.normalize"),
                       (["data.drop_positions=-1"], "data.drop_positions"), (["data.max_norm_ratio=10"], "real activations"),
-                      (["model=gpt2", "data.max_norm_ratio=0.5"], "data.max_norm_ratio")):
+                      (["model=gpt2", "data.max_norm_ratio=0.5"], "data.max_norm_ratio"),
+                      (["model=gpt2", "data.max_norm_ratio=1"], "data.max_norm_ratio"),
+                      (["model=gpt2", "data.max_norm_ratio=-3"], "data.max_norm_ratio"),
+                      (["model=gpt2", "data.max_norm_ratio=inf"], "data.max_norm_ratio")):
         with pytest.raises(ConfigError, match=what):
             validate(runner.compose(bad))
     # an imported array has no context positions: a one-line error when the data module opens it

@@ -117,8 +117,9 @@ def solver_gap(scale: str, root: Path = DEFAULT_ROOT, log=print, extra: list[str
         if not (out / "metrics.json").is_file() or (p.experiment, out) in seen:  # finished runs only
             continue
         seen.add((p.experiment, out))
+        converged = json.loads((out / "metrics.json").read_text()).get("converged")  # the dictionary's, not the lasso's
         for r in _gap_of_run(out, GAP_SAMPLES[scale], log):
-            rows.append({"experiment": p.experiment, "scale": scale, **p.x, **r, "run": out.name})
+            rows.append({"experiment": p.experiment, "scale": scale, **p.x, **r, "converged": converged, "run": out.name})
     return rows
 
 
@@ -278,7 +279,7 @@ def functional_check(scale: str, root: Path = DEFAULT_ROOT, log=print, model_nam
                                            if losses["mean"] > clean else math.nan),
             "heldout_fvu": stats.get("fvu"), "heldout_l0": stats.get("l0"),
             "normalized_loss": metrics["normalized_loss"], "avg_coef_norm": metrics["avg_coef_norm"],
-            "hook": type(target).__name__, "run": out.name,
+            "converged": metrics.get("converged"), "hook": type(target).__name__, "run": out.name,
         }
         log(f"[functional] layer {k}: +{row['loss_increase']:.4f} nats, recovered {row['fraction_recovered']:.3f}")
         rows.append(row)

@@ -16,8 +16,9 @@ in the manifest's `corpus.keep_positions` (special tokens such as [CLS]/[SEP] ar
   tail: the metrics are ratios of sums over rows, so a few rows can decide them);
 - the rows whose norm exceeds NORM_RATIO x the median row norm (the `data.max_norm_ratio` rule)
   and how many of them are not at the first position (attention sinks elsewhere in a context);
-- the same centred shares after the remedies of `sparse_coding.preprocess`
-  (`data.drop_positions=1`, `data.max_norm_ratio`, `data.normalize=token`).
+- the same centred shares after the remedies of `sparse_coding.preprocess`: `data.drop_positions=1`;
+  that and `data.normalize=token`; and the remedy curve's (`data.drop_positions=1` with
+  `data.max_norm_ratio=NORM_RATIO`).
 
 Cheap: numpy only, the first `max_rows` rows of each layer.
 """
@@ -88,7 +89,7 @@ def analyse_layer(x: np.ndarray, positions: np.ndarray) -> dict:
     kept = x[~first] if (~first).any() else x
     unit = kept / np.maximum(np.linalg.norm(kept, axis=1, keepdims=True), 1e-12)
     massive = norms > NORM_RATIO * np.median(norms)
-    below = x[~massive]
+    remedied = x[~first & ~massive]  # the remedy curve's data: position 0 and the norm rule's rows left out
     return {
         "rows": int(x.shape[0]),
         "first_position": int(positions.min()),
@@ -108,9 +109,10 @@ def analyse_layer(x: np.ndarray, positions: np.ndarray) -> dict:
         "top_rows_share": top_rows_share(x),
         "norm_rule": {"ratio": NORM_RATIO, "rows": int(massive.sum()), "rows_not_first": int((massive & ~first).sum()),
                       "positions_not_first": sorted({int(p) for p in positions[massive & ~first]}),
-                      "top_centred_share": top_dims(below)["top_centred_share"],
-                      "top_rows_share": top_rows_share(below),
                       "norm_max_over_median": float(norms[~massive].max() / np.median(norms))},
+        "remedy": {"rows_left_out": int((first | massive).sum()),
+                   "top_centred_share": top_dims(remedied)["top_centred_share"],
+                   "top_rows_share": top_rows_share(remedied)},
     }
 
 
@@ -133,8 +135,8 @@ def format_report(result: dict) -> str:
              f"{result['keep_positions_first']}) — {result['cache']}",
              "layer | ‖x‖ first pos | ‖x‖ rest (mean) | ratio | first pos share of centred var | top-5 |x| dims "
              "(mean |x|; median dim) | their raw / centred share of Σ‖x‖² | top-5 centred share: raw, -pos0, "
-             f"-pos0+token norm, -rows>{NORM_RATIO:g}x median norm | rows>{NORM_RATIO:g}x (not at first pos) | "
-             "top-1% rows' centred share: raw, -pos0, -norm rule"]
+             f"-pos0+token norm, remedy (-pos0 -rows>{NORM_RATIO:g}x median norm) | rows>{NORM_RATIO:g}x (not at first "
+             "pos) | top-1% rows' centred share: raw, -pos0, remedy"]
     for key, r in result["layers"].items():
         d = r["dims"]
         lines.append(
@@ -143,8 +145,8 @@ def format_report(result: dict) -> str:
             f"{d['dims']} ({', '.join(f'{v:.3g}' for v in d['mean_abs'][:3])}…; {d['median_mean_abs']:.3g}) | "
             f"{d['raw_share']:.3f} / {d['centred_share']:.3f} | {d['top_centred_share']:.3f}, "
             f"{r['drop_first']['top_centred_share']:.3f}, {r['drop_first_token_norm']['top_centred_share']:.3f}, "
-            f"{r['norm_rule']['top_centred_share']:.3f} | {r['norm_rule']['rows']} ({r['norm_rule']['rows_not_first']}) | "
-            f"{r['top_rows_share']:.3f}, {r['drop_first']['top_rows_share']:.3f}, {r['norm_rule']['top_rows_share']:.3f}")
+            f"{r['remedy']['top_centred_share']:.3f} | {r['norm_rule']['rows']} ({r['norm_rule']['rows_not_first']}) | "
+            f"{r['top_rows_share']:.3f}, {r['drop_first']['top_rows_share']:.3f}, {r['remedy']['top_rows_share']:.3f}")
     return "\n".join(lines)
 
 

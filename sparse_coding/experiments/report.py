@@ -17,7 +17,7 @@ from pathlib import Path
 from sparse_coding.experiments import tables
 from sparse_coding.experiments.claims import claims_section
 from sparse_coding.experiments.figures import PLOTS, plot_experiment  # noqa: F401  (re-exported for the CLI)
-from sparse_coding.experiments.grid import EXPERIMENTS
+from sparse_coding.experiments.grid import EXPERIMENTS, REMEDY
 from sparse_coding.experiments.runner import read_csv
 
 SECTIONS = [
@@ -140,7 +140,7 @@ def not_done_section(paper_dir: Path) -> str:
             measured[(name, model)] = per
             note = ""
             if not secs and name == "layers_remedy" and math.isfinite(measured.get(("layers", model), math.nan)):
-                per, note = measured[("layers", model)], " (the raw curve's)"  # same data, one position fewer
+                per, note = measured[("layers", model)], " (the raw curve's)"  # a rough guide: fewer rows, other passes
             done = len(runs)
             if planned is not None and done >= planned:
                 continue
@@ -185,13 +185,15 @@ def _experiment_sections(results: Path, output: Path, scale: str, names: list[st
 
 
 def quick_tables(results: Path) -> tuple[list[str], list[str]]:
-    """The quick-scale tables in `results`: (with a `converged` column, without one: not measurements)."""
+    """The quick-scale tables in `results`: (every row says whether it converged, the others: not measurements).
+
+    The layers table also holds layers_remedy.csv's rows, so both must pass."""
     checked, unchecked = [], []
     for name, _, _ in SECTIONS:
-        path = results / f"{name}.csv"
-        if path.is_file():
-            rows = read_csv(path)
-            (checked if rows and all("converged" in r for r in rows) else unchecked).append(name)
+        paths = [results / f"{n}.csv" for n in ((name, "layers_remedy") if name == "layers" else (name,))]
+        rows = [r for p in paths if p.is_file() for r in read_csv(p)]
+        if rows:
+            (checked if all(r.get("converged") is not None for r in rows) else unchecked).append(name)
     return checked, unchecked
 
 
@@ -229,7 +231,7 @@ def write_report(results: Path, output: Path) -> Path:
                   "on, saved as docs/results/massive.json. The remedy switches are `data.drop_positions=K` (leave out "
                   "context positions < K), `data.max_norm_ratio=R` (leave out every row whose norm exceeds R × the "
                   "layer's median row norm, wherever it sits) and `data.normalize=token` (every centred row to norm "
-                  "√d); `layers_remedy` is the layer curve with `data.drop_positions=1 data.max_norm_ratio=10`. "
+                  "√d); `layers_remedy` is the layer curve with `" + " ".join(REMEDY) + "`. "
                   "The tiny GPT-2 of the tests has random weights, so its position 0 says nothing about GPT-2; the "
                   "analysis runs on that path in the test suite only.", "",
                   tables.section_massive(json.loads(massive.read_text()))]
@@ -237,7 +239,7 @@ def write_report(results: Path, output: Path) -> Path:
     parts += ["", "## Extra: the quick scale (d=64 synthetic, short fixed training)", ""]
     if unchecked:
         parts.append(f"Not shown: {', '.join(f'`{n}.csv`' for n in unchecked)} in docs/results/ predate the convergence "
-                     "check (no `converged` column): their dictionaries were trained for a fixed short time and never "
+                     "check (rows without `converged`): their dictionaries were trained for a fixed short time and never "
                      "checked, so their numbers are not measurements. `python -m sparse_coding.experiments run NAME "
                      "--scale quick` reruns one with the current code, and it then appears here.")
     if checked:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from sparse_coding.experiments.grid import ALL_SENSITIVITY_FACTORS
+from sparse_coding.experiments.grid import ALL_SENSITIVITY_FACTORS, REMEDY
 
 # SPEC §7: the paper's values read off its figures (±5%)
 PAPER_SPARSITY = {  # a -> (avg_coef_norm, normalized_loss, l0)
@@ -298,8 +298,8 @@ def section_layers(rows: list[dict]) -> str:
                      f"{pts[0]['normalized_loss']:.3g}, last {pts[-1]['normalized_loss']:.3g}")
     return (out + "\n\n" + "; ".join(parts) + ".\n\nBERT-Medium (paper, layers 0–8): "
             + ", ".join(f"{v:g}" for v in PAPER_BERT_MEDIUM) + ". " + PAPER_MODELS_NOTE + " `raw` is the cache as "
-            "stored; `remedy` drops context position 0 and every row above 10× the median row norm (`data.drop_positions=1 "
-            "data.max_norm_ratio=10`, see the massive-activation section; MiniLM has no remedy curve: the remedy leaves "
+            "stored; `remedy` drops context position 0 and every row above R× the median row norm (`"
+            + " ".join(REMEDY) + "`, see the massive-activation section; MiniLM has no remedy curve: the remedy leaves "
             "none of its rows out). "
             "Explained variance is shown beside each point: a low normalized_loss with a poor reconstruction would not "
             "mean sparse features.\n\n" + STATUS_NOTE)
@@ -376,16 +376,16 @@ def section_massive(results: list[dict]) -> str:
     for res in results:
         body = []
         for key, r in res["layers"].items():
-            rule = r.get("norm_rule")  # analyses saved before the norm rule lack these columns
+            rule, remedy = r.get("norm_rule"), r.get("remedy")  # analyses saved before the norm rule lack these
             rows = "n/a" if rule is None else f"{rule['rows']} ({rule['rows_not_first']})"
             body.append([key, fmt(r["norm_first"]), fmt(r["norm_rest_mean"]), fmt(r["first_over_rest"]),
                          fmt(r["first_variance_share"], digits=2), f"{r['dims']['dims'][0]} ({r['dims']['mean_abs'][0]:.3g} "
                          f"vs median {r['dims']['median_mean_abs']:.2g})", fmt(r["dims"]["top_centred_share"], digits=2),
                          fmt(r["drop_first"]["top_centred_share"], digits=2),
                          fmt(r["drop_first_token_norm"]["top_centred_share"], digits=2), rows,
-                         "n/a" if rule is None else fmt(rule["top_centred_share"], digits=2),
-                         "n/a" if rule is None else " / ".join(fmt(v, digits=2) for v in (
-                             r["top_rows_share"], r["drop_first"]["top_rows_share"], rule["top_rows_share"]))])
+                         "n/a" if remedy is None else fmt(remedy["top_centred_share"], digits=2),
+                         "n/a" if remedy is None else " / ".join(fmt(v, digits=2) for v in (
+                             r["top_rows_share"], r["drop_first"]["top_rows_share"], remedy["top_rows_share"]))])
         first = res["keep_positions_first"][0]
         ratio = next((r["norm_rule"]["ratio"] for r in res["layers"].values() if "norm_rule" in r), None)
         parts.append(f"**{res['model']}** (d={res['d']}, {next(iter(res['layers'].values()))['rows']} cached tokens, "
@@ -395,6 +395,6 @@ def section_massive(results: list[dict]) -> str:
                           "first position's share of Σ‖x−x̄‖²", "largest mean |x| dim", "top-5 dims' share of Σ‖x−x̄‖²",
                           "… without position 0", "… and per-token normalised",
                           f"rows > {ratio:g}× median norm (not at the first position)" if ratio else "rows > R× median norm",
-                          "top-5 dims' share without those rows",
-                          "top 1 % rows' share of Σ‖x−x̄‖²: raw / without position 0 / without the norm-rule rows"], body))
+                          "top-5 dims' share under the remedy (position 0 and those rows left out)",
+                          "top 1 % rows' share of Σ‖x−x̄‖²: raw / without position 0 / under the remedy"], body))
     return "\n\n".join(parts)
