@@ -396,5 +396,27 @@ def section_massive(results: list[dict]) -> str:
                           "… without position 0", "… and per-token normalised",
                           f"rows > {ratio:g}× median norm (not at the first position)" if ratio else "rows > R× median norm",
                           "top-5 dims' share under the remedy (position 0 and those rows left out)",
-                          "top 1 % rows' share of Σ‖x−x̄‖²: raw / without position 0 / under the remedy"], body))
+                          "top 1 % rows' share of Σ‖x−x̄‖²: raw / without position 0 / under the remedy"], body)
+                     + massive_summary(res))
     return "\n\n".join(parts)
+
+
+def massive_summary(res: dict) -> str:
+    """One generated sentence: where the norm rule finds sinks away from the first position, and what the
+    remedy leaves of the heavy row tail."""
+    layers = {k: r for k, r in res["layers"].items() if "norm_rule" in r}
+    if not layers:
+        return ""
+    away = {k: r["norm_rule"] for k, r in layers.items() if r["norm_rule"]["rows_not_first"]}
+    ratio = next(iter(layers.values()))["norm_rule"]["ratio"]
+    if away:
+        where = "; ".join(f"{k}: {v['rows_not_first']} at positions {', '.join(map(str, v['positions_not_first']))}"
+                          for k, v in away.items())
+        found = f"Rows above {ratio:g}× the median norm away from the first position, by hidden state: {where}."
+    else:
+        found = f"No row away from the first position exceeds {ratio:g}× the median norm."
+    raw = [r["top_rows_share"] for r in layers.values()]
+    fixed = [r["remedy"]["top_rows_share"] for r in layers.values()]
+    return (f"\n\n{found} The top 1 % of rows carry {min(raw):.2g}–{max(raw):.2g} of Σ‖x−x̄‖² as stored and "
+            f"{min(fixed):.2g}–{max(fixed):.2g} under the remedy (1 % of rows would carry 0.01 with no tail).")
+
