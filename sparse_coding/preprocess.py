@@ -16,9 +16,11 @@ it). The standard remedies, off by default:
   the median row norm of the layer. Attention sinks are not only at position 0: SmolLM2 puts the
   same ~25,000-norm activation (180x the median) on the first delimiter-like token of some contexts
   (position 1 or 2), and those ~20 rows in 100k still carry half the centred variance once position
-  0 is gone. The norm rule catches every such row whatever its position; the gap is wide (SmolLM2
-  hidden states 12-27: sinks at 60-190x the median, every other row below 10x), so R=10 is not a
-  fine-tuned value. Dropped rows are handled as for `drop_positions`.
+  0 is gone. The norm rule catches every such row whatever its position. At SmolLM2 hidden states
+  12-28 the gap is wide (sinks at 60-190x the median, every other row below 10x), so R=10 is not a
+  tuned value there; at hidden states 3-8 the norms form a continuous tail crossing 10x (597 rows
+  of 100k at hidden state 3) and the rule trims that tail (`norm_outliers_dropped` in the data
+  description says how many rows it left out). Dropped rows are handled as for `drop_positions`.
 - `data.normalize=token`: after centring, scale every row to norm √d. S₁ and normalized_loss are
   invariant to one global scale (auto-λ scales with the data), so the target norm is immaterial
   and the option is well defined; what it changes is the weighting: both metrics are ratios of

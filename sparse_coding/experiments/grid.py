@@ -66,11 +66,12 @@ LAYER_MULT = {"quick": {}, "paper": {"smollm2": 8}}
 # drop the first context position (SmolLM2: an attention sink with 35-170x the norm of other tokens
 # and 95-99% of the centred variance at hidden states 12-28) and every other row above 10x the median
 # row norm (on 100k tokens SmolLM2 also puts the sink on position 1-2 of 21 contexts that start on a
-# newline or inside a word: those 21 rows alone still carry 50-93% of the centred variance at hidden
-# states 12-27 once position 0 is gone). `data.normalize=token` is the other switch.
+# newline or inside a word: once position 0 is gone the top 1% of rows still carry 41-92% of the
+# centred variance at hidden states 12-28, 2-3% after the norm rule; docs/results/massive.json).
+# `data.normalize=token` is the other switch.
 REMEDY = ("data.drop_positions=1", f"data.max_norm_ratio={NORM_RATIO:g}")
 # MiniLM's cache keeps no [CLS] row (position 0) and no row above 10x the median norm (at most 3.7x,
-# docs/results/massive.json): the remedy leaves its data unchanged, so its remedy curve is its raw curve.
+# docs/results/massive.json, 100k tokens): the remedy leaves its data unchanged, so its remedy curve is its raw curve.
 REMEDY_MODELS = ("smollm2",)
 
 
