@@ -153,14 +153,16 @@ def claim_layers(rows: list[dict]) -> list[tuple[str, str, str]]:
             out.append((name, INCONCLUSIVE, f"fewer than 3 hidden states (have {have})."))
             continue
         mid = pts[1:-1]
-        peak = max(r["normalized_loss"] for r in mid)
+        top = max(mid, key=lambda r: r["normalized_loss"])
+        peak = top["normalized_loss"]
         ok = pts[0]["normalized_loss"] < peak and pts[-1]["normalized_loss"] < peak
         # a point whose every seed collapsed (most features dead: e.g. a massive activation taking the whole
         # dictionary) is not a sparsity measurement: the curve's verdict waits for the remedy curve
         flagged = [f"layer {r['layer']}" + (" (collapsed)" if all_collapsed(r) else "")
                    for r in pts if r["flagged"] or all_collapsed(r)]
         out.append((name, _verdict(ok, flagged),
-                    f"first {pts[0]['normalized_loss']:.3g}, middle peak {peak:.3g}, last {pts[-1]['normalized_loss']:.3g} "
+                    f"first {pts[0]['normalized_loss']:.3g}, middle peak {peak:.3g} (hidden state {top['layer']} of "
+                    f"{pts[-1]['layer']}), last {pts[-1]['normalized_loss']:.3g} "
                     f"({_seeds(pts)} a point)."
                     + _flag_note(flagged)))
     return out
