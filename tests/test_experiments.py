@@ -161,6 +161,7 @@ def test_solver_gap_rows_are_kept_per_run(tiny_results):
     logged = []
     rows = extras.solver_gap("quick", root, log=logged.append, extra=TINY)
     assert rows and logged and all(r["lasso_converged"] and r["gap_ratio"] >= 1 - 2 * extras.KKT_TOL for r in rows)
+    assert all(isinstance(r["converged"], bool) for r in rows)  # the dictionary's own convergence, beside the lasso's
     assert {r["experiment"] for r in rows} >= {"sparsity", "controls", "dict_size"}
     assert all((root / "quick" / "runs" / r["run"] / "solver_gap.json").is_file() for r in rows)
     again = extras.solver_gap("quick", root, log=logged.append, extra=TINY)  # read back, not recomputed

@@ -97,11 +97,11 @@ def gap_points(scale: str, extra: list[str] | None = None) -> list[Point]:
     """Seed-0 points of every experiment (layers: a few per model); the issue's cases (synthetic, the
     controls, real layers) first, so that a campaign cut short has them."""
     pts = []
-    for name in ("sparsity", "controls", "layers", "embeddings", "dict_size"):
+    for name in ("sparsity", "controls", "layers", "embeddings", "dict_size", "layers_remedy"):
         for p in points_of(name, scale, extra):
             if p.seed != SEEDS[0]:
                 continue
-            if name == "layers" and p.x["layer"] not in GAP_LAYERS[p.x["model"]]:
+            if name in ("layers", "layers_remedy") and p.x["layer"] not in GAP_LAYERS[p.x["model"]]:
                 continue
             pts.append(p)
     return pts

@@ -334,9 +334,11 @@ def section_solver_gap(rows: list[dict]) -> str:
                      fmt(r.get("greedy_normalized_loss")), fmt(r.get("lasso_normalized_loss")),
                      fmt(r.get("greedy_avg_coef_norm")), fmt(r.get("lasso_avg_coef_norm")), fmt(r.get("greedy_l0")),
                      fmt(r.get("lasso_l0")), fmt(r["kkt_violation_over_lam"], digits=2),
-                     {True: "yes", False: "no"}.get(r.get("lasso_converged"), "n/r")])
+                     {True: "yes", False: "no"}.get(r.get("lasso_converged"), "n/r"),
+                     {True: "yes", False: "**no**"}.get(r.get("converged"), "n/r")])
     out = table(["experiment", "point (seed 0)", "dict", "greedy / exact objective", "L_norm greedy", "L_norm exact",
-                 "S1 greedy", "S1 exact", "l0 greedy", "l0 exact", "KKT viol. / λ", "exact converged"], body)
+                 "S1 greedy", "S1 exact", "l0 greedy", "l0 exact", "KKT viol. / λ", "exact converged",
+                 "dictionary converged"], body)
     spans = []
     for exp in dict.fromkeys(r["experiment"] for r in rows):
         ok = [r for r in rows if r["experiment"] == exp and r.get("lasso_converged") is True]
