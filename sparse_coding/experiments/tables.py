@@ -320,8 +320,8 @@ def section_sensitivity(rows: list[dict]) -> str:
         spans.append(f"{case}: normalized_loss {lo:.3g} at λ×{v[0]['factor']:g} to {hi:.3g} at λ×{v[-1]['factor']:g} "
                       f"(×{max(lo, hi) / min(lo, hi):.2g} over a ×{v[-1]['factor'] / v[0]['factor']:g} range of λ)")
     return (out + "\n\nEach bank trains fixed-λ dictionaries on the same batches around the seed's auto value. "
-            + "; ".join(spans) + ". The metric is a measurement at the auto-λ operating point: compare numbers only under the same λ rule."
-            "\n\n" + STATUS_NOTE)
+            + "; ".join(spans) + ". The metric is a measurement at the auto-λ operating point: compare numbers "
+            "only under the same λ rule.\n\n" + STATUS_NOTE)
 
 
 def _finite(v) -> bool:
