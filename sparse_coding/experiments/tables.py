@@ -273,8 +273,13 @@ def layer_groups(rows: list[dict]) -> list[dict]:
         r.setdefault("preprocess", "raw")
         if r.get("preprocess") is None:
             r["preprocess"] = "raw"
-    return sorted(group(rows, ("model", "preprocess", "dict_mult", "layer"), ("normalized_loss", "avg_coef_norm", "l0")),
-                  key=lambda r: (r["model"], r["preprocess"], r["layer"]))
+    keys = ("model", "preprocess", "dict_mult", "layer")
+    out = group(rows, keys, ("normalized_loss", "avg_coef_norm", "l0"))
+    for g in out:  # the same cache layer and rule for every seed: the largest count recorded
+        n = [r["norm_outliers_dropped"] for r in rows
+             if _num(r.get("norm_outliers_dropped")) and all(r.get(k) == g[k] for k in keys)]
+        g["norm_outliers_dropped"] = max(n) if n else None
+    return sorted(out, key=lambda r: (r["model"], r["preprocess"], r["layer"]))
 
 
 def layer_curves(g: list[dict]) -> list[tuple[tuple, list[dict]]]:
@@ -283,9 +288,15 @@ def layer_curves(g: list[dict]) -> list[tuple[tuple, list[dict]]]:
     return [(k, [r for r in g if (r["model"], r["preprocess"], r["dict_mult"]) == k]) for k in keys]
 
 
+def _layer_data(r: dict) -> str:
+    """raw / remedy, with the rows the norm rule left out beyond position 0 (the whole cache layer)."""
+    extra = r.get("norm_outliers_dropped")
+    return r["preprocess"] + (f" (−{int(extra)} rows > R×)" if _num(extra) and extra > 0 else "")
+
+
 def section_layers(rows: list[dict]) -> str:
     g = layer_groups(rows)
-    body = [[r["model"], r["preprocess"], f"{r['dict_mult']}d", str(r["layer"]), ms(r, "normalized_loss"),
+    body = [[r["model"], _layer_data(r), f"{r['dict_mult']}d", str(r["layer"]), ms(r, "normalized_loss"),
              ms(r, "avg_coef_norm"), ms(r, "l0"), ms(r, "explained_variance"), fmt(r["lam"]), *status_cells(r)] for r in g]
     out = table(["model", "data", "dictionary", "hidden state", "normalized_loss", "avg_coef_norm", "l0", "expl. var.", "λ (auto)",
                  *STATUS_HEADER], body)
@@ -299,8 +310,9 @@ def section_layers(rows: list[dict]) -> str:
     return (out + "\n\n" + "; ".join(parts) + ".\n\nBERT-Medium (paper, layers 0–8): "
             + ", ".join(f"{v:g}" for v in PAPER_BERT_MEDIUM) + ". " + PAPER_MODELS_NOTE + " `raw` is the cache as "
             "stored; `remedy` drops context position 0 and every row above R× the median row norm (`"
-            + " ".join(REMEDY) + "`, see the massive-activation section; MiniLM has no remedy curve: the remedy leaves "
-            "none of its rows out). "
+            + " ".join(REMEDY) + "`; '−N rows > R×' counts the rows of the cache layer the norm rule left out beyond "
+            "position 0; see the massive-activation section; MiniLM has no remedy curve: the remedy leaves none of its "
+            "rows out). "
             "Explained variance is shown beside each point: a low normalized_loss with a poor reconstruction would not "
             "mean sparse features.\n\n" + STATUS_NOTE)
 
