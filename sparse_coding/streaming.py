@@ -13,8 +13,9 @@
   batches (a rank never waits on another). DataLoader workers split a rank's part the same way.
   `batch_size` is the global batch, as for synthetic data: each rank's batches hold ⌈B / W⌉ rows;
 - rows are centred with the cache's stored mean when `center` is true; `drop_positions`,
-  `max_norm_ratio` and `normalize` apply the massive-activation remedies of `sparse_coding.preprocess` (dropped rows are
-  skipped like NaN rows, the mean is then taken over the kept rows; normalisation follows centring);
+  `max_norm_ratio` and `normalize` apply the massive-activation remedies of `sparse_coding.preprocess`
+  (dropped rows are skipped like NaN rows, the mean is then taken over the kept rows; normalisation
+  follows centring);
 - the training loader is resumable: a checkpoint stores (epoch, batches done), and a restored run
   regenerates that epoch's seeded stream and drops the batches already trained on, so a run resumed
   mid-epoch (`ckpt_path=last`) sees exactly the batches an uninterrupted run sees;
