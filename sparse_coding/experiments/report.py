@@ -123,17 +123,18 @@ def fmt_load(v: dict) -> str:
 
 
 def not_done_section(paper_dir: Path) -> str:
-    """Every paper-scale experiment (layer curves per model): points planned, finished, and the measured
-    cost of what remains."""
+    """Every paper-scale experiment (per model; sensitivity per case): points planned, finished, and the
+    measured cost of what remains."""
     body, measured = [], {}
     for name in PAPER_ORDER:
         points = EXPERIMENTS[name]("paper") if name in EXPERIMENTS else None
         path = paper_dir / f"{name}.csv"
         rows = read_csv(path) if path.is_file() else []
-        models = sorted({p.x["model"] for p in points if "model" in p.x}) if points and name != "sensitivity" else []
+        split = "case" if name == "sensitivity" else "model"  # costs differ by model (sensitivity: by case)
+        models = sorted({p.x[split] for p in points if split in p.x}) if points else []
         for model in models or [None]:
-            mine = [r for r in rows if model is None or r.get("model") == model]
-            planned = None if points is None else sum(1 for p in points if model is None or p.x.get("model") == model)
+            mine = [r for r in rows if model is None or r.get(split) == model]
+            planned = None if points is None else sum(1 for p in points if model is None or p.x.get(split) == model)
             runs = {r.get("run"): r for r in mine}
             secs = [r["seconds"] for r in runs.values() if isinstance(r.get("seconds"), (int, float))]
             per = statistics.fmean(secs) if secs else math.nan
