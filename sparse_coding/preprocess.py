@@ -77,6 +77,16 @@ def merge_skips(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> dict[int,
     return out
 
 
+def norm_outlier_mask(norms: np.ndarray, ratio: float) -> tuple[np.ndarray, float]:
+    """(rows whose norm exceeds ratio x the median of the finite norms, that median); the
+    `data.max_norm_ratio` rule, also used by `python -m sparse_coding.experiments massive`."""
+    finite = np.isfinite(norms)
+    if not finite.any():
+        return np.zeros(len(norms), bool), float("nan")
+    median = float(np.median(norms[finite]))
+    return finite & (norms > ratio * median), median
+
+
 def norm_outliers(read_block, n_blocks: int, ratio: float) -> tuple[dict[int, np.ndarray], float]:
     """({block: row indices whose norm exceeds ratio x the median row norm}, that median).
 
@@ -85,14 +95,11 @@ def norm_outliers(read_block, n_blocks: int, ratio: float) -> tuple[dict[int, np
     elsewhere).
     """
     norms = [np.linalg.norm(np.asarray(read_block(i), dtype=np.float64), axis=1) for i in range(n_blocks)]
-    finite = np.concatenate(norms)
-    finite = finite[np.isfinite(finite)]
-    if len(finite) == 0:
-        return {}, float("nan")
-    median = float(np.median(finite))
-    out = {}
+    mask, median = norm_outlier_mask(np.concatenate(norms) if norms else np.zeros(0), ratio)
+    out, start = {}, 0
     for i, nb in enumerate(norms):
-        idx = np.flatnonzero(np.isfinite(nb) & (nb > ratio * median))
+        idx = np.flatnonzero(mask[start:start + len(nb)])
+        start += len(nb)
         if len(idx):
             out[i] = idx
     return out, median

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from sparse_coding import cache as cache_mod
-from sparse_coding.preprocess import context_positions
+from sparse_coding.preprocess import context_positions, norm_outlier_mask
 
 TOP_DIMS = 5
 NORM_RATIO = 10.0  # the data.max_norm_ratio reported (and used by the experiments' remedy curve)
@@ -88,7 +88,7 @@ def analyse_layer(x: np.ndarray, positions: np.ndarray) -> dict:
     # after the remedies: drop the first kept position, then scale every token to unit norm
     kept = x[~first] if (~first).any() else x
     unit = kept / np.maximum(np.linalg.norm(kept, axis=1, keepdims=True), 1e-12)
-    massive = norms > NORM_RATIO * np.median(norms)
+    massive = norm_outlier_mask(norms, NORM_RATIO)[0]
     remedied = x[~first & ~massive]  # the remedy curve's data: position 0 and the norm rule's rows left out
     return {
         "rows": int(x.shape[0]),
