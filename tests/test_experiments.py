@@ -224,6 +224,12 @@ def test_figures_and_report(tiny_results, tmp_path):
         (results / "paper" / f"{name}.csv").write_text((results / f"{name}.csv").read_text())
     text = report.write_report(results, tmp_path / "RESULTS.md").read_text()
     assert "Fig. 1a: L0 over-estimates" in text and "not run at the paper's scale" in text  # dict_size etc.
+    # only paper-scale tables: the quick scale is said to be not run, never left blank
+    only_paper = tmp_path / "only_paper"
+    (only_paper / "paper").mkdir(parents=True)
+    (only_paper / "paper" / "sparsity.csv").write_text((results / "sparsity.csv").read_text())
+    text = report.write_report(only_paper, tmp_path / "RESULTS2.md").read_text()
+    assert "Not run with the current code" in text.split("## Extra: the quick scale")[1]
 
 
 def test_cli_runs_a_tiny_experiment(tmp_path):

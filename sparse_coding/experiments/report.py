@@ -3,7 +3,7 @@ then every experiment's figure and table (paper scale first, the quick d=64 scal
 its rows carry a `converged` column: older quick tables, never checked, are named and not shown).
 
 Paper-scale tables live in docs/results/paper/, quick-scale ones in docs/results/; nothing here is
-typed by hand except the prose around the numbers (tables.py, claims.py) and docs/results/NOTES.md.
+typed by hand except the prose around the numbers (tables.py, claims.py).
 Also: the run-time bookkeeping (timing.json) and the W&B logging of a finished experiment.
 """
 
@@ -246,9 +246,9 @@ def write_report(results: Path, output: Path) -> Path:
     if checked:
         parts += ["", "Short fixed training at d=64; each row says whether its dictionary converged."]
         parts += _experiment_sections(results, output, "quick", checked)
-        notes = results / "NOTES.md"
-        if notes.is_file():
-            parts += ["", "## Notes on the quick scale", "", notes.read_text().strip()]
+    if not checked and not unchecked:
+        parts.append("Not run with the current code: `python -m sparse_coding.experiments run NAME --scale quick` "
+                     "writes docs/results/NAME.csv (every row with `converged`), and it then appears here.")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(parts) + "\n")
     return output
