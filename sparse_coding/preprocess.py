@@ -11,7 +11,7 @@ it). The standard remedies, off by default:
   to drop). A cache stores contexts back to back, keeping the positions in its manifest's
   `corpus.keep_positions`, so row i is at position `keep_positions[i % rows_per_context]`. The
   dropped rows are left out of training, evaluation, Φ's data init and the centring mean (which is
-  then recomputed over the kept rows: the stored mean includes the dropped ones).
+  then recomputed over the kept rows: the stored mean minus the dropped rows, read alone).
 - `data.max_norm_ratio=R`: leave out the rows whose norm (as stored, before centring) exceeds R times
   the median row norm of the layer. Attention sinks are not only at position 0: in 21 of the ~780
   contexts of a 100k-token wiki cache (contexts that start on a newline or inside a word) SmolLM2
@@ -105,19 +105,16 @@ def norm_outliers(read_block, n_blocks: int, ratio: float) -> tuple[dict[int, np
     return out, median
 
 
-def kept_mean(read_block, n_blocks: int, skips: dict[int, np.ndarray], d: int) -> np.ndarray:
-    """float64 mean of the kept rows; `read_block(i)` returns block i's raw rows (before any skip)."""
-    total, count = np.zeros(d, np.float64), 0
-    for i in range(n_blocks):
-        x = np.asarray(read_block(i), dtype=np.float64)
-        if i in skips:
-            keep = np.ones(len(x), bool)
-            keep[skips[i]] = False
-            x = x[keep]
-        x = x[np.isfinite(x).all(axis=1)]
-        total += x.sum(0)
-        count += len(x)
-    if count == 0:
+def kept_mean(mean: np.ndarray, n_finite: int, read_block, skips: dict[int, np.ndarray]) -> np.ndarray:
+    """float64 mean of the finite rows left after `skips`, from the cache's stored float64 mean of all
+    `n_finite` finite rows; reads only the skipped rows (`read_block(i)` returns block i's raw rows)."""
+    total, count = np.asarray(mean, np.float64) * n_finite, n_finite
+    for i, idx in skips.items():
+        x = np.asarray(read_block(i)[np.asarray(idx)], dtype=np.float64)
+        x = x[np.isfinite(x).all(axis=1)]  # non-finite rows are not in the stored mean
+        total -= x.sum(0)
+        count -= len(x)
+    if count <= 0:
         raise ConfigError("data.drop_positions / data.max_norm_ratio leave no rows in the cache: lower "
                           "drop_positions or raise max_norm_ratio")
     return total / count

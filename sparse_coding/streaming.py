@@ -306,7 +306,8 @@ class CacheDataModule(pl.LightningDataModule):
             raise ConfigError(f"{self.path}: every row of layer {self.layer} is {what}: there is nothing to code; "
                               "check how the cache was made")
         mean_file = cache_mod.cache_file(self.path, st["mean_file"])
-        self.mean = cache_mod.read_mean(mean_file, self.dim).astype(np.float32) if self.center else None
+        stored_mean = cache_mod.read_mean(mean_file, self.dim) if self.center else None
+        self.mean = None if stored_mean is None else stored_mean.astype(np.float32)
         n = int(m["n_rows"])
         block = max(1, min(BLOCK_ROWS, n // 20))
         self.blocks = [(s, lo, min(lo + block, r)) for s, r in enumerate(self.shard_rows) for lo in range(0, r, block)]
@@ -341,8 +342,8 @@ class CacheDataModule(pl.LightningDataModule):
             self._bad = (preprocess.merge_skips(self._bad[0], split(self.train_blocks)),
                          preprocess.merge_skips(self._bad[1], split(self.val_blocks)))
             if self.center:
-                self.mean = preprocess.kept_mean(lambda i: self._raw_block(self.blocks[i]), len(self.blocks),
-                                                 drops, self.dim).astype(np.float32)
+                self.mean = preprocess.kept_mean(stored_mean, n - self.n_nonfinite,
+                                                 lambda i: self._raw_block(self.blocks[i]), drops).astype(np.float32)
         self.train_rows = sum(hi - lo for _, lo, hi in self.train_blocks) - sum(len(v) for v in self._bad[0].values())
         self.val_rows = sum(hi - lo for _, lo, hi in self.val_blocks) - sum(len(v) for v in self._bad[1].values())
         if self.val_rows < MIN_VAL_ROWS or self.train_rows < 1:

@@ -365,6 +365,31 @@ def test_max_norm_ratio_leaves_out_massive_rows(tmp_path):
             CacheDataModule(path, max_norm_ratio=bad)
 
 
+def test_kept_mean_reads_only_the_left_out_rows(tmp_path):
+    """The mean of the kept rows, from the stored mean minus the left-out rows: NaN rows are in neither."""
+    import numpy as np
+
+    from sparse_coding import cache, preprocess
+    from sparse_coding.streaming import CacheDataModule
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2000, 6)).astype(np.float32)
+    x[[3, 700, 1999], 2] += 300.0
+    x[[10, 1500]] = np.nan
+    np.save(tmp_path / "a.npy", x)
+    path = cache.import_array(tmp_path / "a.npy", tmp_path / "c")
+    dm = CacheDataModule(path, batch_size=64, max_norm_ratio=10, skip_nonfinite=True)
+    kept = np.delete(x, [3, 700, 1999, 10, 1500], axis=0).astype(np.float64)
+    assert dm.norm_dropped == 3 and dm.train_rows + dm.val_rows == len(kept)
+    np.testing.assert_allclose(dm.mean, kept.mean(0), rtol=1e-6, atol=1e-6)
+    # a left-out NaN row (as drop_positions can leave out) is not subtracted from the finite rows' mean
+    finite = x[np.isfinite(x).all(1)].astype(np.float64)
+    blocks = [x[:1000], x[1000:]]
+    got = preprocess.kept_mean(finite.mean(0), len(finite), blocks.__getitem__, {0: np.array([3, 10]), 1: np.array([999])})
+    want = np.delete(x, [3, 1999], axis=0).astype(np.float64)
+    np.testing.assert_allclose(got, want[np.isfinite(want).all(1)].mean(0), rtol=1e-9, atol=1e-12)
+
+
 def test_max_norm_ratio_with_drop_positions(gpt2_cache):
     """Both rules together: the union is left out, the norm rule counts only what it adds; ranks agree."""
     import numpy as np
