@@ -290,6 +290,25 @@ def test_massive_analysis_finds_an_outlier_position_and_dimension():
     assert r["drop_first"]["top_centred_share"] < 0.5  # without position 0 no dimension dominates
 
 
+def test_massive_summary_names_the_layers_a_few_rows_rule():
+    import numpy as np
+
+    from sparse_coding.experiments.massive import analyse_layer
+    from sparse_coding.experiments.tables import layer_ranges, massive_summary
+
+    rng = np.random.default_rng(0)
+    pos = np.arange(1280) % 128  # 10 sinks: under 1 % of the rows
+    layers = {}
+    for k in range(4):
+        x = rng.standard_normal((1280, 16))
+        if k in (1, 2):
+            x[pos == 0, 5] += 100.0
+        layers[str(k)] = analyse_layer(x, pos)
+    text = massive_summary({"layers": layers})
+    assert "Above half at hidden states 1–2 as stored" in text and "No row away from the first position" in text
+    assert layer_ranges(["7", "3", "4", "5", "12"]) == "3–5, 7, 12"
+
+
 def test_massive_analysis_on_the_gpt2_path(gpt2_cache):
     from sparse_coding import cache
     from sparse_coding.experiments.massive import analyse_cache, format_report

@@ -432,7 +432,23 @@ def massive_summary(res: dict) -> str:
     else:
         found = f"No row away from the first position exceeds {ratio:g}× the median norm."
     raw = [r["top_rows_share"] for r in layers.values()]
-    fixed = [r["remedy"]["top_rows_share"] for r in layers.values()]
+    fixed = {k: r["remedy"]["top_rows_share"] for k, r in layers.items()}
+    worst = max(fixed, key=fixed.get)
+    ruled = [k for k, r in layers.items() if r["top_rows_share"] > 0.5]
+    ruled_by = (f" Above half at hidden states {layer_ranges(ruled)} as stored: there the metric measures those few "
+                "rows, not the typical token." if ruled else "")
     return (f"\n\n{found} The top 1 % of rows carry {min(raw):.2g}–{max(raw):.2g} of Σ‖x−x̄‖² as stored and "
-            f"{min(fixed):.2g}–{max(fixed):.2g} under the remedy (1 % of rows would carry 0.01 with no tail).")
+            f"{min(fixed.values()):.2g}–{fixed[worst]:.2g} under the remedy (the most at hidden state {worst}; 1 % of "
+            f"rows would carry 0.01 with no tail).{ruled_by}")
+
+
+def layer_ranges(keys: list[str]) -> str:
+    """'3–8, 12–29' from layer keys (runs of consecutive integers joined)."""
+    nums = sorted(int(k) for k in keys)
+    runs, start = [], nums[0]
+    for a, b in zip(nums, nums[1:] + [None]):
+        if b != a + 1:
+            runs.append(f"{start}" if start == a else f"{start}–{a}")
+            start = b
+    return ", ".join(runs)
 
