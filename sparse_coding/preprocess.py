@@ -110,7 +110,7 @@ def kept_mean(mean: np.ndarray, n_finite: int, read_block, skips: dict[int, np.n
     `n_finite` finite rows; reads only the skipped rows (`read_block(i)` returns block i's raw rows)."""
     total, count = np.asarray(mean, np.float64) * n_finite, n_finite
     for i, idx in skips.items():
-        x = np.asarray(read_block(i)[np.asarray(idx)], dtype=np.float64)
+        x = np.asarray(read_block(i)[np.unique(idx)], dtype=np.float64)  # a row listed twice is one row
         x = x[np.isfinite(x).all(axis=1)]  # non-finite rows are not in the stored mean
         total -= x.sum(0)
         count -= len(x)

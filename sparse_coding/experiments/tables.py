@@ -445,6 +445,8 @@ def massive_summary(res: dict) -> str:
 def layer_ranges(keys: list[str]) -> str:
     """'3–8, 12–29' from layer keys (runs of consecutive integers joined)."""
     nums = sorted(int(k) for k in keys)
+    if not nums:
+        return ""
     runs, start = [], nums[0]
     for a, b in zip(nums, nums[1:] + [None]):
         if b != a + 1:
