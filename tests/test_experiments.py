@@ -232,6 +232,20 @@ def test_figures_and_report(tiny_results, tmp_path):
     assert "Not run with the current code" in text.split("## Extra: the quick scale")[1]
 
 
+def test_not_done_lists_unfinished_grids_and_unrun_extras(tmp_path):
+    from sparse_coding.experiments.grid import EXPERIMENTS
+
+    text = report.not_done_section(tmp_path)  # nothing run: every experiment, the extra too
+    assert "| solver_gap | extra | 0 | no point measured yet |" in text
+    assert f"| sparsity | {len(EXPERIMENTS['sparsity']('paper'))} | 0 |" in text
+    (tmp_path / "solver_gap.csv").write_text("experiment,run,seconds\nsolver_gap,a,6.0\n")
+    (tmp_path / "sparsity.csv").write_text("experiment,run,seconds\nsparsity,r0,60.0\n")
+    text = report.not_done_section(tmp_path)
+    assert "solver_gap" not in text  # an extra that has run is done
+    left = len(EXPERIMENTS["sparsity"]("paper")) - 1
+    assert f"| sparsity | {left + 1} | 1 | 1.0 | {left / 60:.1f} |" in text
+
+
 def test_cli_runs_a_tiny_experiment(tmp_path):
     rc = main(["run", "sparsity", "--scale", "quick", "--root", str(tmp_path / "runs"), "--results",
                str(tmp_path / "res"), "--limit", "1", "--no-wandb", *[f"--set={o}" for o in TINY]])

@@ -143,7 +143,7 @@ def not_done_section(paper_dir: Path) -> str:
             if not secs and name == "layers_remedy" and math.isfinite(measured.get(("layers", model), math.nan)):
                 per, note = measured[("layers", model)], " (the raw curve's)"  # a rough guide: fewer rows, other passes
             done = len(runs)
-            if planned is not None and done >= planned:
+            if done >= (planned if planned is not None else 1):  # an extra (no planned grid) is done once run
                 continue
             left = (planned - done) if planned is not None else None
             known = math.isfinite(per)
