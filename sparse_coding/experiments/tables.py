@@ -275,10 +275,13 @@ def layer_groups(rows: list[dict]) -> list[dict]:
             r["preprocess"] = "raw"
     keys = ("model", "preprocess", "dict_mult", "layer")
     out = group(rows, keys, ("normalized_loss", "avg_coef_norm", "l0"))
-    for g in out:  # the same cache layer and rule for every seed: the largest count recorded
-        n = [r["norm_outliers_dropped"] for r in rows
-             if _num(r.get("norm_outliers_dropped")) and all(r.get(k) == g[k] for k in keys)]
-        g["norm_outliers_dropped"] = max(n) if n else None
+    dropped: dict[tuple, float] = {}  # the same cache layer and rule for every seed: the largest count recorded
+    for r in rows:
+        if _num(r.get("norm_outliers_dropped")):
+            k = tuple(r.get(key) for key in keys)
+            dropped[k] = max(dropped.get(k, r["norm_outliers_dropped"]), r["norm_outliers_dropped"])
+    for g in out:
+        g["norm_outliers_dropped"] = dropped.get(tuple(g[key] for key in keys))
     return sorted(out, key=lambda r: (r["model"], r["preprocess"], r["layer"]))
 
 
