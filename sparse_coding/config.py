@@ -30,7 +30,8 @@ class DataConfig:
 
     name: str = "sparse_linear"
     dim: int = 256
-    n: int = 16384  # training samples (synthetic)
+    fresh: bool = True  # synthetic: draw every training batch anew (population value); false: a fixed sample of n rows
+    n: int = 16384  # training samples (synthetic; with fresh=true the rows of one epoch)
     n_val: int = 4096  # held-out samples drawn from the same generator (synthetic)
     active: float = 10.0  # a: mean number of active ground-truth features (sparse data)
     noise: float = 0.1  # sigma: noise variance per coordinate is active * sigma^2 / dim
@@ -94,6 +95,8 @@ class ConvergenceConfig:
     window: int = 3
     max_samples: int = 4_000_000  # budget in training samples (all ranks); 0: none
     max_minutes: float = 120.0  # budget in wall-clock minutes of fitting; 0: none
+    # sample sufficiency: held-out normalized_loss within gap_tol (relative) of the in-sample one
+    gap_tol: float = 0.02
 
 
 @dataclass
@@ -166,11 +169,12 @@ class RunConfig:
     seed: int = 0
     out_dir: Optional[str] = None  # defaults to Hydra's run directory
     ckpt_path: Optional[str] = None  # "last" or a checkpoint file to resume from
+    overwrite: bool = False  # a fresh run in a finished run's directory: its files are moved to replaced-<time>/
 
 
 # The composed config carries only the data fields that apply: conf/data/cache.yaml (and every model
 # config, which selects it) uses this schema, without the synthetic generator's fields.
-SYNTHETIC_FIELDS = ("dim", "n", "n_val", "active", "noise", "scale")
+SYNTHETIC_FIELDS = ("dim", "fresh", "n", "n_val", "active", "noise", "scale")
 CacheDataConfig = make_dataclass(
     "CacheDataConfig",
     [(f.name, get_type_hints(DataConfig)[f.name], field(default=f.default))
@@ -309,6 +313,8 @@ def validate_cache_path(path: Any) -> dict:
 
 
 def validate_synthetic_fields(cfg: DataConfig) -> None:
+    if not isinstance(cfg.fresh, bool):
+        raise ConfigError(f"data.fresh={cfg.fresh!r} must be true (fresh batches) or false (a fixed sample of data.n rows)")
     for key in ("dim", "n", "n_val"):
         _integer(f"data.{key}", getattr(cfg, key), 1)
     _positive("data.noise", cfg.noise, allow_zero=True)
@@ -418,6 +424,8 @@ def validate_convergence(c: Any) -> None:
     _integer("convergence.max_samples", c.max_samples, 0)
     if not _number(c.tol) or not 0 < c.tol < 1:
         raise ConfigError(f"convergence.tol={c.tol!r} must be a number in (0, 1) (relative change)")
+    if not _number(c.gap_tol) or not 0 < c.gap_tol < 1:
+        raise ConfigError(f"convergence.gap_tol={c.gap_tol!r} must be a number in (0, 1) (relative held-out vs in-sample gap)")
     if not _number(c.max_minutes) or c.max_minutes < 0:
         raise ConfigError(f"convergence.max_minutes={c.max_minutes!r} must be a number >= 0 (0: no time budget)")
 

@@ -200,3 +200,47 @@ def unconverged_advice(report: dict) -> Optional[str]:
     }.get(report.get("stopped_by") or "", "rerun with a larger budget")
     return (f"warning: the measurement has NOT converged (stopped by {report.get('stopped_by')} after "
             f"{report.get('samples_seen', 0):,} samples): {raise_what}; the numbers above are not final")
+
+
+def sample_sufficiency(result: dict, gap_tol: float) -> dict:
+    """`sample_sufficient`: every dictionary's held-out normalized_loss is within `gap_tol` (relative) of its
+    in-sample value, i.e. the dictionary has not memorised the rows it was fitted on (docs/method.md §5.4)."""
+    entries = result.get("dictionaries", [result])
+    gaps = [e.get("generalization_gap") for e in entries]
+    if any(g is None or not math.isfinite(g) for g in gaps):
+        return {"sample_sufficient": None, "gap_tol": gap_tol}
+    return {"sample_sufficient": all(abs(g) <= gap_tol for g in gaps), "gap_tol": gap_tol}
+
+
+def insufficient_sample_advice(result: dict, cfg: Any, datamodule: Any) -> Optional[str]:
+    """One line for a run whose held-out and in-sample measurements differ by more than gap_tol: what to raise."""
+    if result.get("sample_sufficient") is not False:
+        return None
+    entries = result.get("dictionaries", [result])
+    worst = max(entries, key=lambda e: abs(e["generalization_gap"]))
+    if cfg.model is None and cfg.data.name != "cache":
+        what = "raise data.n or use data.fresh=true (fresh batches from the generator)"
+    elif cfg.get("activation") == "token_embeddings":
+        what = "the vocabulary is all the data there is: report both numbers, or use a smaller dictionary.mult"
+    elif cfg.model is not None and not (cfg.data.name == "cache" and cfg.data.get("path")):
+        what = f"raise corpus.max_tokens (now {int(cfg.corpus.max_tokens):,}) for a larger cache"
+    else:
+        what = "use a larger cache"
+    rows = getattr(datamodule, "train_rows", None)
+    fitted = f"its {rows:,} training rows" if rows else "the rows it was fitted on"
+    return (f"warning: the sample is too small for this dictionary: held-out normalized_loss is "
+            f"{worst['generalization_gap']:+.1%} off the in-sample value on {fitted} ({worst['label']}; "
+            f"convergence.gap_tol={result['gap_tol']:g}): {what}; the held-out number is not the population value")
+
+
+def resolution_note(result: dict, tol: float) -> Optional[str]:
+    """A note when the held-out set resolves normalized_loss more coarsely than convergence.tol: convergence
+    then means 'stopped moving within the measurement's own uncertainty'."""
+    entries = result.get("dictionaries", [result])
+    rel = max((e["normalized_loss_se"] / e["normalized_loss"] for e in entries
+               if e.get("normalized_loss") and math.isfinite(e.get("normalized_loss_se", math.nan))), default=0.0)
+    if rel <= tol:
+        return None
+    return (f"note: the held-out set resolves normalized_loss to +/-{rel:.1%} (1 SE, clustered), coarser than "
+            f"convergence.tol={tol:g}: differences below that are not resolved; a larger held-out set "
+            "(data.val_fraction, a larger cache) measures more finely")

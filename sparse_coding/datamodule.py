@@ -1,4 +1,9 @@
-"""LightningDataModule for in-memory data (the synthetic sets), with an exact DDP batch split.
+"""LightningDataModules for the synthetic sets, with an exact DDP batch split.
+
+`SyntheticDataModule` holds one fixed sample in memory (`data.fresh=false`: n training rows, the
+fixed-sample protocol); `FreshSyntheticDataModule` (`data.fresh=true`) draws every training batch
+anew from the generator, keyed by (seed, epoch, batch), so no row is seen twice and the measurement
+is the population value (docs/method.md §7). Both keep a fixed held-out set.
 
 Every rank draws the same seeded permutation of the training rows each epoch and cuts the same
 global batches; rank r takes its own contiguous share of each global batch. So a run on W
@@ -15,7 +20,17 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sparse_coding.synthetic import generate
+from sparse_coding.synthetic import SyntheticSource, generate
+
+NO_GROUP = -1  # evaluation rows of synthetic data are independent: no cluster ids (sparse_coding.metrics)
+
+
+def stream_seed(*key: int) -> int:
+    """One 63-bit generator seed from a tuple of integers (numpy's SeedSequence mixing)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint32).astype(np.uint64)
+               .view(np.uint64)[0] >> np.uint64(1))
 
 
 def _rank_and_world(trainer: "pl.Trainer | None") -> tuple[int, int]:
@@ -35,6 +50,13 @@ class RowBatches(Dataset):
 
     def __getitem__(self, rows: Tensor) -> Tensor:
         return self.x[rows]
+
+
+class EvalBatches(RowBatches):
+    """Evaluation batches: (rows, cluster ids); synthetic rows are independent, so every id is NO_GROUP."""
+
+    def __getitem__(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        return self.x[rows], torch.full((len(rows),), NO_GROUP, dtype=torch.int64)
 
 
 def trainer_position(trainer: "pl.Trainer | None") -> dict:
@@ -115,10 +137,14 @@ class SyntheticDataModule(pl.LightningDataModule):
         x = data.x * scale
         self.train_x, self.val_x = x[:n].contiguous(), x[n:].contiguous()
         self.train_rows, self.val_rows = n, n_val
+        # in-sample rows: as many training rows as held-out ones, spread over the whole training set
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(stream_seed(seed, 11)))[:n_val]
+        self.in_sample_x = self.train_x[pick.sort().values]
+        self.eval_groups, self.group_unit = 0, "rows"
         self.dim = dim
         self.truth = data.truth or None
         self.seed, self.batch_size, self.eval_batch_size = seed, batch_size, eval_batch_size
-        self.info = {"data": name, "n_train": n, "n_val": n_val, "seed": seed}
+        self.info = {"data": name, "fresh": False, "n_train": n, "n_val": n_val, "seed": seed}
         if name in ("sparse_linear", "sparse_nonlinear"):
             self.info.update(active=active)
         if name == "sparse_linear":
@@ -127,13 +153,14 @@ class SyntheticDataModule(pl.LightningDataModule):
     @classmethod
     def from_config(cls, cfg) -> "SyntheticDataModule":
         d = cfg.data
-        return cls(
+        kind = FreshSyntheticDataModule if d.get("fresh", False) else SyntheticDataModule
+        return kind(
             d.name, d.dim, d.n, d.n_val, seed=d.seed, active=d.active, noise=d.noise, scale=d.scale,
             batch_size=d.batch_size, eval_batch_size=cfg.solver.eval_batch_size,
         )
 
     def describe(self) -> dict:
-        return dict(self.info)
+        return {**self.info, "se_unit": self.group_unit}
 
     def init_rows(self, k: int, seed: int) -> Tensor:
         """k training rows chosen by `seed` (with replacement only when k exceeds the data)."""
@@ -152,5 +179,90 @@ class SyntheticDataModule(pl.LightningDataModule):
                                sampler=sampler, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(RowBatches(self.val_x), sampler=self._sampler(self.val_x, self.eval_batch_size, False),
-                          batch_size=None)
+        return self._eval_loader(self.val_x)
+
+    def in_sample_dataloader(self) -> DataLoader:
+        """Training rows (as many as held out), evaluated like the held-out set: the in-sample measurement."""
+        return self._eval_loader(self.in_sample_x)
+
+    def _eval_loader(self, x: Tensor) -> DataLoader:
+        return DataLoader(EvalBatches(x), sampler=self._sampler(x, self.eval_batch_size, False), batch_size=None)
+
+
+class FreshBatchSampler(GlobalBatchSampler):
+    """Like GlobalBatchSampler over `n` rows an epoch, but yields (epoch, batch, rows, rank's slice) keys:
+    the rows themselves are drawn fresh by FreshBatches."""
+
+    def __iter__(self):
+        skip = 0
+        if self._resume is not None:
+            if self._resume[0] == self.epoch:
+                skip = self._resume[1]
+            self._resume = None
+        for j in range(skip, len(self)):
+            rows = min(self.batch_size, self.n - j * self.batch_size)
+            share = torch.arange(rows).tensor_split(self.world_size)[self.rank]
+            yield (self.epoch, j, rows, int(share[0]) if len(share) else 0, len(share))
+
+
+class FreshBatches(Dataset):
+    """Training batch (epoch, j): a global batch drawn from the source with seed (data seed, epoch, j); this
+    rank's contiguous share of it. Every rank draws the same global batch, so DDP sees 1-process batches."""
+
+    def __init__(self, source: SyntheticSource, seed: int, scale: float) -> None:
+        self.source, self.seed, self.scale = source, seed, scale
+
+    def __len__(self) -> int:
+        return 0
+
+    def __getitem__(self, key: tuple) -> Tensor:
+        epoch, j, rows, lo, count = key
+        x = self.source.draw(rows, stream_seed(self.seed, 1, epoch, j)).x * self.scale
+        return x[lo:lo + count]
+
+
+class FreshSyntheticDataModule(SyntheticDataModule):
+    """`data.fresh=true`: training batches drawn fresh from the generator (an epoch is `n` rows); the
+    held-out set (`n_val` rows) and the in-sample rows (the first `n_val` rows trained on) are fixed."""
+
+    def __init__(self, name: str, dim: int, n: int, n_val: int, seed: int = 0, active: float = 10.0,
+                 noise: float = 0.1, scale: float = 1.0, batch_size: int = 1024, eval_batch_size: int = 4096) -> None:
+        pl.LightningDataModule.__init__(self)
+        self.source = SyntheticSource(name, dim, seed, active=active, noise=noise)
+        held_out = self.source.draw(n_val, stream_seed(seed, 2))
+        self.val_x = held_out.x * scale
+        self.scale = scale
+        self.train_rows, self.val_rows = None, n_val  # no finite training set
+        self.epoch_rows = n
+        self.dim = dim
+        self.truth = held_out.truth or None
+        self.seed, self.batch_size, self.eval_batch_size = seed, batch_size, eval_batch_size
+        self.eval_groups, self.group_unit = 0, "rows"
+        self.info = {"data": name, "fresh": True, "rows_per_epoch": n, "n_val": n_val, "seed": seed}
+        if name in ("sparse_linear", "sparse_nonlinear"):
+            self.info.update(active=active)
+        if name == "sparse_linear":
+            self.info.update(noise=noise)
+        first = FreshBatches(self.source, seed, scale)
+        batches, got = [], 0
+        for j in range(-(-n_val // batch_size)):  # the first rows of epoch 0, as training sees them
+            rows = min(batch_size, n - j * batch_size) if j * batch_size < n else 0
+            if rows <= 0:
+                break
+            batches.append(first[(0, j, rows, 0, rows)])
+            got += rows
+        self.in_sample_x = torch.cat(batches)[:n_val] if batches else self.val_x[:0]
+
+    def init_rows(self, k: int, seed: int) -> Tensor:
+        """k fresh rows for Phi's data init, drawn in fixed chunks keyed by `seed`: the first j rows do not
+        depend on k (a dictionary starts alike alone and in a bank)."""
+        chunk = 4096
+        parts = [self.source.draw(chunk, stream_seed(self.seed, 3, seed, i)).x for i in range(-(-k // chunk))]
+        return torch.cat(parts)[:k] * self.scale if parts else self.val_x[:0]
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = _rank_and_world(self.trainer)
+        sampler = FreshBatchSampler(self.epoch_rows, self.batch_size, shuffle=False, seed=self.seed, rank=rank,
+                                    world_size=world)
+        return ResumableLoader(FreshBatches(self.source, self.seed, self.scale), lambda: trainer_position(self.trainer),
+                               sampler, sampler=sampler, batch_size=None)

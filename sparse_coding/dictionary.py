@@ -209,15 +209,26 @@ class SparseDictionary:
         return x + self.mean if self.mean is not None and self.normalize == "none" else x
 
     @torch.no_grad()
-    def measure(self, x: Tensor) -> dict:
-        """The held-out metrics of metrics.json (normalized_loss, avg_coef_norm, l0, ...) on rows x."""
+    def measure(self, x: Tensor, clusters: Optional[Tensor] = None) -> dict:
+        """The metrics of metrics.json (normalized_loss, avg_coef_norm, l0, ...) on rows x: the held-out
+        ones on the held-out rows, `in_sample` on the training rows. `clusters` (n,) groups rows that are
+        not independent (e.g. the context each token came from): the standard errors are then
+        cluster-robust, as a cache run's are; without it rows count as independent."""
         from sparse_coding.metrics import SparsityMetrics
 
-        metric = SparsityMetrics(self.dim, self.dict_size).to(self.phi.device)
+        ids = None
+        if clusters is not None:
+            clusters = torch.as_tensor(clusters).reshape(-1)
+            if clusters.shape[0] != torch.as_tensor(x).shape[0]:
+                raise ConfigError(f"clusters must hold one id per row of x ({torch.as_tensor(x).shape[0]}), "
+                                  f"got {clusters.shape[0]}")
+            _, ids = torch.unique(clusters, return_inverse=True)
+        metric = SparsityMetrics(self.dim, self.dict_size, 0 if ids is None else int(ids.max()) + 1).to(self.phi.device)
         gram = self.phi.T @ self.phi
-        for batch in self._batches(x):
+        for start, batch in zip(range(0, torch.as_tensor(x).shape[0], self.batch_size), self._batches(x)):
             result = self._solve(batch, gram)
-            metric.update(batch, result, result.decode(self.phi))
+            group = None if ids is None else ids[start:start + batch.shape[0]]
+            metric.update(batch, result, result.decode(self.phi), group)
         metric.lam = self.lam
         values = {key: float(v) for key, v in metric.compute().items()}
         values.update(lam=self.lam, dict_mult=self.dict_mult, dict_size=self.dict_size, label=self.label)

@@ -35,6 +35,21 @@ def dictionary_label(mult: int, lam: "float | str") -> str:
     return f"mult{mult}_lam{lam}"
 
 
+IN_SAMPLE_KEYS = ("normalized_loss", "normalized_loss_se", "normalized_loss_se_rows", "avg_coef_norm",
+                  "avg_coef_norm_se", "avg_coef_norm_se_rows", "se_clusters", "l0", "loss", "fvu",
+                  "explained_variance", "mean_l1", "mean_max", "dead_fraction", "capped_fraction", "n_samples")
+
+
+def in_sample_entry(held_out: dict, in_sample: dict) -> dict:
+    """`in_sample` (the metrics on training rows) and `generalization_gap` = held-out normalized_loss /
+    in-sample - 1, with its standard error (the two row sets are independent given Phi; docs/method.md §5)."""
+    h, i = held_out["normalized_loss"], in_sample["normalized_loss"]
+    ratio = h / i
+    rel = math.hypot(held_out["normalized_loss_se"] / h, in_sample["normalized_loss_se"] / i)
+    return {"in_sample": {key: in_sample[key] for key in IN_SAMPLE_KEYS},
+            "generalization_gap": ratio - 1, "generalization_gap_se": ratio * rel}
+
+
 class SparseCodingModule(pl.LightningModule):
     def __init__(
         self,
@@ -53,6 +68,8 @@ class SparseCodingModule(pl.LightningModule):
         init: str = "data",
         seed: int = 0,
         init_rows: Tensor | None = None,
+        eval_groups: int = 0,
+        in_sample_groups: int = 0,
     ) -> None:
         super().__init__()
         if int(lam_round_every) != lam_round_every or lam_round_every < 0:
@@ -87,7 +104,11 @@ class SparseCodingModule(pl.LightningModule):
             self.register_buffer(f"since_active_{k}", torch.zeros(mult * dim, dtype=torch.float64))
         self.lam_history: list[list[float]] = [[] for _ in self.grid]
         self.history: list[dict] = []  # held-out metrics at every evaluation (see on_validation_epoch_end)
-        self.val_metrics = nn.ModuleList(SparsityMetrics(dim, m * dim) for m, _ in self.grid)
+        # held-out metrics (every evaluation) and in-sample metrics (training rows, the final evaluation only);
+        # `*_groups`: clusters of the evaluation rows (contexts of a cache) for cluster-robust SEs, 0: independent rows
+        self.val_metrics = nn.ModuleList(SparsityMetrics(dim, m * dim, eval_groups) for m, _ in self.grid)
+        self.in_sample_metrics = nn.ModuleList(SparsityMetrics(dim, m * dim, in_sample_groups) for m, _ in self.grid)
+        self._in_sample_seen = False
         self.final_metrics: list[dict] = []
         self._val_grams: list[Tensor] = []
 
@@ -262,23 +283,28 @@ class SparseCodingModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_grams = [phi.detach().T @ phi.detach() for phi in self.phis]  # one Gram per pass
 
-    def validation_step(self, x: Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """An evaluation batch is (rows, cluster ids); loader 0 is the held-out set, loader 1 (the final
+        evaluation only) the in-sample rows."""
+        x, groups = batch
         if torch.isnan(self.lams).any():  # validating before any training step
             self._initial_lams(x)
+        metrics = self.val_metrics if dataloader_idx == 0 else self.in_sample_metrics
+        self._in_sample_seen |= dataloader_idx == 1
         with torch.no_grad():
             for k, phi in enumerate(self.phis):
                 result = self._solve(x, phi, self.lam(k), gram=self._val_grams[k])
-                self.val_metrics[k].update(x, result, result.decode(phi.detach()))
+                metrics[k].update(x, result, result.decode(phi.detach()), groups)
 
     def on_validation_epoch_end(self) -> None:
         self._val_grams = []
         self.final_metrics = []
         for k, metric in enumerate(self.val_metrics):
-            metric.lam = self.lam(k)
-            values = {key: float(v) for key, v in metric.compute().items()}
-            metric.reset()
+            values = self._compute(metric, k)
             for key, value in values.items():
                 self.log(self.name(k, f"val/{key}"), value, prog_bar=key == "normalized_loss" and len(self.grid) == 1)
+            if self._in_sample_seen:
+                values.update(in_sample_entry(values, self._compute(self.in_sample_metrics[k], k)))
             mult, lam = self.grid[k]
             values.update(
                 lam=self.lam(k), lam_mode="auto" if self.auto[k] else "fixed", lam_history=list(self.lam_history[k]),
@@ -286,7 +312,14 @@ class SparseCodingModule(pl.LightningModule):
                 label=self.labels[k],
             )
             self.final_metrics.append(values)
+        self._in_sample_seen = False
         self._record_history()
+
+    def _compute(self, metric: SparsityMetrics, k: int) -> dict:
+        metric.lam = self.lam(k)
+        values = {key: float(v) for key, v in metric.compute().items()}
+        metric.reset()
+        return values
 
     def _record_history(self) -> None:
         """One history point per evaluation (a repeated evaluation at the same position replaces it)."""

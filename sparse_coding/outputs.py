@@ -30,6 +30,7 @@ def flatten_for_summary(result: dict) -> dict:
     for entry in entries:
         prefix = "final" if len(entries) == 1 else f"final/{entry['label']}"
         flat.update({f"{prefix}/{k}": v for k, v in entry.items() if isinstance(v, (int, float))})
+        flat.update({f"{prefix}/in_sample/{k}": v for k, v in entry.get("in_sample", {}).items()})
     return flat
 
 
@@ -96,7 +97,8 @@ def print_table(result: dict) -> None:
     from rich.table import Table
 
     entries = result.get("dictionaries", [result])
-    table = Table(title=f"Held-out sparsity metrics (d={result['dim']})")
+    unit = (result.get("data") or {}).get("se_unit", "rows")
+    table = Table(title=f"Held-out sparsity metrics (d={result['dim']}; standard errors over {unit})")
     table.add_column("metric")
     for e in entries:
         table.add_column(e["label"], justify="right")
@@ -104,6 +106,13 @@ def print_table(result: dict) -> None:
             "explained_variance", "lam", "lam_converged", "dict_size", "dead_fraction", "capped_fraction", "mean_steps"]
     for row in rows:
         table.add_row(row, *[f"{e[row]:.4g}" if isinstance(e[row], float) else str(e[row]) for e in entries])
+    if all("in_sample" in e for e in entries):
+        for row in ("normalized_loss", "normalized_loss_se", "avg_coef_norm", "l0"):
+            table.add_row(f"in-sample {row}", *[f"{e['in_sample'][row]:.4g}" for e in entries])
+        table.add_row("generalization_gap", *[f"{e['generalization_gap']:+.2%} ± {e['generalization_gap_se']:.2%}"
+                                              for e in entries])
+    if "sample_sufficient" in result:
+        table.add_row("sample_sufficient", *[str(result["sample_sufficient"])] * len(entries))
     if "converged" in result:
         table.add_row("converged", *[str(result["converged"])] * len(entries))
         table.add_row("samples_seen", *[f"{result['samples_seen']:,}"] * len(entries))

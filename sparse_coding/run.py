@@ -17,7 +17,8 @@ from pytorch_lightning.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
 from sparse_coding.checkpoints import AtomicCheckpoint, resume_checkpoint
 from sparse_coding.config import SYNTHETIC_DATA, dictionary_grid
-from sparse_coding.convergence import ConvergenceMonitor, eval_every_samples, trainer_schedule, unconverged_advice
+from sparse_coding.convergence import (ConvergenceMonitor, eval_every_samples, insufficient_sample_advice,
+                                      resolution_note, sample_sufficiency, trainer_schedule, unconverged_advice)
 from sparse_coding.loggers import build_logger, finish_logger, log_run_files
 from sparse_coding.module import SparseCodingModule
 from sparse_coding.progress import PassProgressBar
@@ -99,6 +100,8 @@ def build_module(cfg: DictConfig, datamodule) -> SparseCodingModule:
         init=d.init,
         seed=cfg.seed,
         init_rows=init_rows,
+        eval_groups=datamodule.eval_groups,
+        in_sample_groups=datamodule.in_sample_groups if hasattr(datamodule, "in_sample_groups") else datamodule.eval_groups,
     )
 
 
@@ -129,7 +132,7 @@ def _run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) 
     schedule = trainer_schedule(cfg, datamodule.val_rows, int(cfg.data.batch_size))
     monitor = ConvergenceMonitor(c.window, c.tol, c.stop, c.max_samples, c.max_minutes,
                                  train_rows=getattr(datamodule, "train_rows", None),
-                                 is_cache=not hasattr(datamodule, "train_x"),
+                                 is_cache=cfg.model is not None or cfg.data.name == "cache",
                                  fixed_rows=cfg.get("activation") == "token_embeddings",
                                  max_steps_from=schedule.pop("max_steps_from"))
     failed = True
@@ -137,9 +140,12 @@ def _run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) 
         trainer = build_trainer(cfg, out_dir, logger, [monitor, *callbacks], schedule)
         trainer.fit(module, datamodule=datamodule,
                     ckpt_path=resume_checkpoint(cfg.ckpt_path, out_dir, module, cfg.trainer))
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+        # the final measurement: held-out rows and, beside them, as many training rows (in-sample)
+        trainer.validate(module, dataloaders=[datamodule.val_dataloader(), datamodule.in_sample_dataloader()],
+                         verbose=False)
         result = collect_results(cfg, datamodule, module)
         result.update(monitor.report(module))
+        result.update(sample_sufficiency(result, c.gap_tol))
         if trainer.world_size > 1:
             result["ddp"] = {"world_size": trainer.world_size,
                              "phi_max_rank_difference": phi_rank_difference(trainer, module)}
@@ -148,9 +154,10 @@ def _run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) 
             if cfg.logger.name == "wandb":
                 log_run_files(logger, out_dir, result)
             print_table(result)
-            advice = unconverged_advice(result)
-            if advice:
-                print(advice)
+            for advice in (unconverged_advice(result), insufficient_sample_advice(result, cfg, datamodule),
+                           resolution_note(result, c.tol)):
+                if advice:
+                    print(advice)
         failed = False
     finally:
         finish_logger(logger, failed)  # each run (multirun job, agent run) gets its own W&B run

@@ -196,7 +196,8 @@ def memory_estimate(cfg: Any, dim: int) -> dict[str, int]:
         "evaluation scores and coefficients": 3 * eval_batch * m_max * f32,
     }
     if cfg.model is None and cfg.data.name != "cache":
-        rows = int(cfg.data.n) + int(cfg.data.n_val)
+        # a fixed sample holds n + n_val rows; fresh data the held-out set, as many in-sample rows and a batch
+        rows = (2 * int(cfg.data.n_val) + batch) if cfg.data.get("fresh", False) else int(cfg.data.n) + int(cfg.data.n_val)
         width = 4 * dim if cfg.data.name in ("sparse_linear", "sparse_nonlinear") else dim
         parts["generated data"] = rows * dim * f32 + rows * width * 8
     else:

@@ -20,6 +20,10 @@
   regenerates that epoch's seeded stream and drops the batches already trained on, so a run resumed
   mid-epoch (`ckpt_path=last`) sees exactly the batches an uninterrupted run sees;
 - `init_rows(k, seed)`: k seeded, centred training rows, the same on every rank (Phi's data init);
+- evaluation batches are (rows, cluster ids): the held-out blocks and, for the final in-sample
+  measurement, as many evenly spaced training blocks (`in_sample_dataloader`); a row's cluster is
+  the context it came from (hidden-state caches record rows per context), so standard errors are
+  cluster-robust (sparse_coding.metrics); caches without contexts have independent rows (id -1);
 - every shard of the layer is checked against the manifest's sha256 each time a cache is opened
   (`cache.ensure_verified`: nothing about a file is trusted); a bad
   shard, a manifest that does not match, a width that does not match the model or NaN/Inf rows
@@ -92,9 +96,12 @@ class RowStream(IterableDataset):
     def __init__(self, files: list[Path], shard_rows: list[int], d: int, dtype: str, blocks: list[tuple[int, int, int]],
                  bad_rows: dict[int, np.ndarray], batch_size: int, shuffle: bool, shuffle_buffer: int, seed: int,
                  rank: int, world_size: int, mean: Optional[np.ndarray], skip_nonfinite: bool,
-                 normalize: str = "none"):
+                 normalize: str = "none", evaluation: bool = False, group_of=None):
         self.files, self.shard_rows, self.d, self.dtype = files, shard_rows, d, dtype
         self.normalize = normalize
+        # evaluation streams yield (rows, cluster ids); group_of maps global row indices to ids (None: -1)
+        self.evaluation, self.group_of = evaluation, group_of
+        self.row_offsets = np.concatenate([[0], np.cumsum(shard_rows)]).astype(np.int64)
         self.blocks, self.bad_rows = blocks, bad_rows
         self.batch_size, self.shuffle, self.shuffle_buffer, self.seed = batch_size, shuffle, shuffle_buffer, seed
         self.rank, self.world_size, self.mean, self.skip_nonfinite = rank, world_size, mean, skip_nonfinite
@@ -143,13 +150,18 @@ class RowStream(IterableDataset):
         return self._open[1]
 
     def _read_block(self, b: int) -> np.ndarray:
+        return self._read_block_rows(b)[0]
+
+    def _read_block_rows(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """The block's kept rows (centred, normalised) and their global row indices in the layer."""
         s, lo, hi = self.blocks[b]
         x = np.array(self._map(s)[lo:hi], dtype=np.float32)  # a copy: the map is read-only
+        rows = np.arange(lo, hi, dtype=np.int64) + self.row_offsets[s]
         ok = np.isfinite(x).all(axis=1)
         if b in self.bad_rows:
             ok[self.bad_rows[b]] = False
             self.skipped += int((~ok).sum())
-            x = x[ok]
+            x, rows = x[ok], rows[ok]
         elif not ok.all():
             row = lo + int(np.flatnonzero(~ok)[0])
             if self.skip_nonfinite:  # the manifest's count missed this row: the advice below would be circular
@@ -158,7 +170,7 @@ class RowStream(IterableDataset):
             raise ConfigError(f"{self.files[s]}: row {row} holds NaN/Inf (use data.skip_nonfinite=true to skip such rows)")
         if self.mean is not None:
             x -= self.mean
-        return preprocess.normalize_rows(x, self.normalize)
+        return preprocess.normalize_rows(x, self.normalize), rows
 
     def order(self) -> list[int]:
         idx = np.arange(len(self.blocks))
@@ -166,14 +178,15 @@ class RowStream(IterableDataset):
             idx = np.random.default_rng([self.seed, self.epoch]).permutation(idx)
         return idx.tolist()
 
-    def _rows(self, order: list[int], start: int, stop: int) -> Iterator[np.ndarray]:
-        """Rows [start, stop) of the stream that reads the blocks in `order`."""
+    def _rows(self, order: list[int], start: int, stop: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Rows [start, stop) of the stream that reads the blocks in `order`, with their global row indices."""
         pos = 0
         for b in order:
             n = self.block_len(b)
             if pos + n > start and pos < stop:
-                x = self._read_block(b)
-                yield x[max(start - pos, 0) : min(stop - pos, n)]
+                x, rows = self._read_block_rows(b)
+                a, z = max(start - pos, 0), min(stop - pos, n)
+                yield x[a:z], rows[a:z]
             pos += n
             if pos >= stop:
                 return
@@ -204,26 +217,36 @@ class RowStream(IterableDataset):
         skip = self.resume_plan(nw)[0][wid]
         self._resume = None
         chunks = self._rows(order, start, stop)
+        if self.evaluation:  # (rows, cluster ids)
+            chunks = ((x, self.group_of(rows) if self.group_of else np.full(len(rows), -1, np.int64))
+                      for x, rows in chunks)
+        else:
+            chunks = ((x,) for x, _ in chunks)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, wid, 1])
-            chunks = self._shuffled(chunks, stop - start, rng)
-        pending: list[np.ndarray] = []
+            chunks = ((x,) for x in self._shuffled((c[0] for c in chunks), stop - start, rng))
+        pending: list[tuple] = []
         have = 0
         it = iter(sizes)
         want = next(it, None)
         for chunk in chunks:
             pending.append(chunk)
-            have += len(chunk)
+            have += len(chunk[0])
             while want is not None and have >= want:
-                cat = np.concatenate(pending) if len(pending) > 1 else pending[0]
+                cat = tuple(np.concatenate(parts) for parts in zip(*pending)) if len(pending) > 1 else pending[0]
                 if skip > 0:  # resuming: this batch was trained on before the checkpoint
                     skip -= 1
                 else:
-                    yield torch.from_numpy(np.ascontiguousarray(cat[:want]))
-                pending, have = [cat[want:]], have - want
+                    yield self._batch(tuple(a[:want] for a in cat))
+                pending, have = [tuple(a[want:] for a in cat)], have - want
                 want = next(it, None)
         if want is not None and have > 0 and skip <= 0:
-            yield torch.from_numpy(np.ascontiguousarray(np.concatenate(pending)))
+            yield self._batch(tuple(np.concatenate(parts) for parts in zip(*pending)))
+
+    def _batch(self, arrays: tuple):
+        """A training batch is the rows tensor; an evaluation batch is (rows, cluster ids)."""
+        tensors = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+        return tensors if self.evaluation else tensors[0]
 
 
 class _EpochLoader(DataLoader):
@@ -344,12 +367,42 @@ class CacheDataModule(pl.LightningDataModule):
             if self.center:
                 self.mean = preprocess.kept_mean(stored_mean, n - self.n_nonfinite,
                                                  lambda i: self._raw_block(self.blocks[i]), drops).astype(np.float32)
+        self.in_sample_blocks, in_sample_bad = self._in_sample_split()
+        self._bad = (*self._bad[:2], in_sample_bad)
+        self.group_unit, self.eval_groups, self.in_sample_groups = "rows", 0, 0
+        self._group_maps: tuple = (None, None)
+        rpc = len((m.get("corpus") or {}).get("keep_positions") or []) if m.get("kind") == "hidden_states" else 0
+        if rpc > 0:  # rows of one context are a cluster
+            self.group_unit = f"contexts of {rpc} rows"
+            self._group_maps = (self._context_groups(self.val_blocks, rpc), self._context_groups(self.in_sample_blocks, rpc))
+            self.eval_groups, self.in_sample_groups = (g[1] for g in self._group_maps)
         self.train_rows = sum(hi - lo for _, lo, hi in self.train_blocks) - sum(len(v) for v in self._bad[0].values())
         self.val_rows = sum(hi - lo for _, lo, hi in self.val_blocks) - sum(len(v) for v in self._bad[1].values())
+        self.in_sample_rows = (sum(hi - lo for _, lo, hi in self.in_sample_blocks)
+                               - sum(len(v) for v in self._bad[2].values()))
         if self.val_rows < MIN_VAL_ROWS or self.train_rows < 1:
             raise ConfigError(f"{self.path}: {self.train_rows} training and {self.val_rows} held-out rows (of {n}) are too "
                               f"few to measure: fvu needs at least {MIN_VAL_ROWS} held-out rows; use a larger cache "
                               "or a larger data.val_fraction")
+
+    def _in_sample_split(self) -> tuple[list, dict]:
+        """Evenly spaced training blocks, as many as held-out blocks (all when there are fewer), and their
+        skipped rows: the rows of the in-sample measurement."""
+        k = min(len(self.val_blocks), len(self.train_blocks))
+        picks = sorted(set(np.linspace(0, len(self.train_blocks) - 1, k).round().astype(int).tolist()))
+        bad = {j: self._bad[0][i] for j, i in enumerate(picks) if i in self._bad[0]}
+        return [self.train_blocks[i] for i in picks], bad
+
+    def _context_groups(self, blocks: list, rows_per_context: int) -> tuple:
+        """(global row indices -> cluster id in [0, G), G) for the contexts the blocks span."""
+        offsets = np.concatenate([[0], np.cumsum(self.shard_rows)]).astype(np.int64)
+        spans = [np.arange((offsets[s] + lo) // rows_per_context, (offsets[s] + hi - 1) // rows_per_context + 1)
+                 for s, lo, hi in blocks]
+        contexts = np.unique(np.concatenate(spans)) if spans else np.zeros(0, np.int64)
+
+        def group_of(rows: np.ndarray) -> np.ndarray:
+            return np.searchsorted(contexts, rows // rows_per_context).astype(np.int64)
+        return group_of, len(contexts)
 
     def _raw_block(self, block: tuple[int, int, int]) -> np.ndarray:
         s, lo, hi = block
@@ -421,12 +474,12 @@ class CacheDataModule(pl.LightningDataModule):
         self._passes += 1
         return e
 
-    def _stream(self, blocks, bad, shuffle: bool) -> RowStream:
+    def _stream(self, blocks, bad, shuffle: bool, evaluation: bool = False, group_of=None) -> RowStream:
         rank, world = self.rank_world()
         per_rank = -(-self.batch_size // world)  # data.batch_size is the global batch: each rank takes ceil(B / W)
         return RowStream(self.files, self.shard_rows, self.dim, self.manifest["dtype"], blocks, bad, per_rank,
                          shuffle, self.shuffle_buffer, self.seed, rank, world, self.mean, self.skip_nonfinite,
-                         normalize=self.normalize)
+                         normalize=self.normalize, evaluation=evaluation, group_of=group_of)
 
     def train_dataloader(self) -> DataLoader:
         from sparse_coding.datamodule import trainer_position
@@ -460,7 +513,14 @@ class CacheDataModule(pl.LightningDataModule):
         return torch.from_numpy(out)
 
     def val_dataloader(self) -> DataLoader:
-        return _EpochLoader(self._stream(self.val_blocks, self._bad[1], False), lambda: 0, num_workers=self.num_workers)
+        stream = self._stream(self.val_blocks, self._bad[1], False, evaluation=True, group_of=self._group_maps[0] and self._group_maps[0][0])
+        return _EpochLoader(stream, lambda: 0, num_workers=self.num_workers)
+
+    def in_sample_dataloader(self) -> DataLoader:
+        """Training rows (evenly spaced blocks, as many rows as held out), evaluated like the held-out set."""
+        stream = self._stream(self.in_sample_blocks, self._bad[2], False, evaluation=True,
+                              group_of=self._group_maps[1] and self._group_maps[1][0])
+        return _EpochLoader(stream, lambda: 0, num_workers=self.num_workers)
 
     def describe(self) -> dict:
         m = self.manifest
@@ -478,6 +538,8 @@ class CacheDataModule(pl.LightningDataModule):
             "tokens": int(m.get("n_tokens", m["n_rows"])),
             "train_rows": self.train_rows,
             "val_rows": self.val_rows,
+            "in_sample_rows": self.in_sample_rows,
+            "se_unit": self.group_unit,
             "nonfinite_rows_skipped": self.n_nonfinite,
             "centered": self.center,
             **preprocess.describe(self.drop_positions, self.normalize,

@@ -11,6 +11,12 @@ Decisions where the paper is silent (documented in README "Definitions"):
 - `sparse_nonlinear`: the sparse-linear coefficients pass through a random one-hidden-layer GELU
   MLP (4d -> 4d -> d, N(0, 1/fan_in) weights, no biases), then are centred and scaled like a
   control; no extra noise.
+
+Two ways to sample (docs/method.md §7): `generate` draws one fixed sample of n rows (the fixed-sample
+protocol, `data.fresh=false`); `SyntheticSource` holds a generator's fixed parts (its ground-truth
+features or MLP weights, drawn from the seed) and draws as many fresh rows as asked
+(`data.fresh=true`), centred and scaled with statistics of a fixed calibration sample, so every batch
+is new data from the same distribution and a measurement on it is the population value.
 """
 
 from __future__ import annotations
@@ -102,3 +108,67 @@ def _generate(name: str, dim: int, n: int, seed: int, active: float, noise: floa
     direction /= direction.norm(dim=1, keepdim=True)
     radius = torch.tan(math.pi * (torch.rand(n, 1, generator=gen, dtype=torch.float64) - 0.5)).abs()
     return SyntheticData(x=_scale_to_unit_variance(direction * radius).float())
+
+
+CALIBRATION_ROWS = 65536  # rows of the fixed sample whose mean / scale a fresh source uses
+
+
+class SyntheticSource:
+    """A synthetic generator's fixed parts, drawing fresh rows on demand (`data.fresh=true`).
+
+    `draw(n, seed)` is a pure function of (the source, n, seed): the same seed gives the same rows.
+    Sparse-linear rows are centred with their exact population mean (E[alpha] = a/(4d) * 1/2 per
+    feature); the sparse non-linear and heavy-tailed rows are centred/scaled with the mean and
+    power of a fixed calibration sample, the same for every draw.
+    """
+
+    def __init__(self, name: str, dim: int, seed: int, active: float = 10.0, noise: float = 0.1) -> None:
+        if name not in GENERATORS:
+            raise ConfigError(f"unknown synthetic data set {name!r}: choose one of {', '.join(GENERATORS)}")
+        self.name, self.dim, self.seed, self.active, self.noise = name, int(dim), int(seed), float(active), float(noise)
+        gen = torch.Generator().manual_seed(int(seed))
+        m_true = 4 * self.dim
+        self.features = self.w1 = self.w2 = None
+        if name == "sparse_linear":
+            self.features = _unit_columns(torch.randn(self.dim, m_true, generator=gen))
+            self.mean = self.features.sum(dim=1) * (0.5 * self.active / m_true)
+        if name == "sparse_nonlinear":
+            self.w1 = torch.randn(m_true, m_true, generator=gen) / math.sqrt(m_true)
+            self.w2 = torch.randn(m_true, self.dim, generator=gen) / math.sqrt(m_true)
+        self.shift, self.power = torch.zeros(self.dim), torch.ones(())
+        if name in ("sparse_nonlinear", "heavy_tailed"):
+            calib = self._raw(CALIBRATION_ROWS, torch.Generator().manual_seed(int(seed) * 7919 + 1))[0]
+            if name == "sparse_nonlinear":
+                self.shift = calib.double().mean(dim=0).float()
+                calib = calib - self.shift
+            self.power = calib.double().pow(2).sum(dim=1).mean().div(self.dim).sqrt().float()
+            if not self.power > 0:
+                raise ConfigError(f"data={name}: the generator's calibration sample is all zero "
+                                  f"(dim={dim}, active={active}): raise data.active")
+
+    def _raw(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        if self.name == "sparse_linear":
+            alpha = sparse_coefficients(n, self.dim, self.active, gen)
+            x = alpha @ self.features.T - self.mean
+            x += torch.randn(n, self.dim, generator=gen) * math.sqrt(self.active * self.noise**2 / self.dim)
+            return x, alpha
+        if self.name == "sparse_nonlinear":
+            alpha = sparse_coefficients(n, self.dim, self.active, gen)
+            return torch.nn.functional.gelu(alpha @ self.w1) @ self.w2, alpha
+        if self.name == "gaussian":
+            return torch.randn(n, self.dim, generator=gen), None
+        if self.name == "rademacher":
+            return torch.randint(0, 2, (n, self.dim), generator=gen).float() * 2 - 1, None
+        direction = torch.randn(n, self.dim, generator=gen, dtype=torch.float64)
+        direction /= direction.norm(dim=1, keepdim=True)
+        radius = torch.tan(math.pi * (torch.rand(n, 1, generator=gen, dtype=torch.float64) - 0.5)).abs()
+        return (direction * radius).float(), None
+
+    def draw(self, n: int, seed: int) -> SyntheticData:
+        """n fresh rows (float32), drawn from a generator seeded with `seed`; sparse data carry their truth."""
+        x, alpha = self._raw(int(n), torch.Generator().manual_seed(int(seed)))
+        x = (x - self.shift) / self.power
+        if not torch.isfinite(x).all():
+            raise ConfigError(f"data={self.name}: the generator produced NaN/Inf (dim={self.dim}, seed={seed})")
+        truth = sparse_truth(alpha, self.active) if alpha is not None else {}
+        return SyntheticData(x=x, true_alpha=alpha, truth=truth)

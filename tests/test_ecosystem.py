@@ -132,7 +132,7 @@ def test_a_centred_cache_dictionary_encodes_raw_activations(tmp_path):
     with pytest.raises(ConfigError, match="bank of 2"):
         SparseDictionary.load(out)
     raw = CacheDataModule(path, center=False, batch_size=64)
-    raw_val = torch.cat(list(raw.val_dataloader()))  # the held-out rows as stored, not centred
+    raw_val = torch.cat([b for b, _ in raw.val_dataloader()])  # the held-out rows as stored, not centred
     mean = torch.from_numpy(np.load(path / "layers" / "data" / "mean.npy").astype(np.float32))
     for label, d in bank.items():
         assert torch.equal(d.mean, mean)

@@ -349,7 +349,7 @@ def test_drop_positions_and_token_normalisation(gpt2_cache):
     assert (pos == np.arange(len(raw)) % 16).all()
     kept = raw[pos >= 2]
     dm = CacheDataModule(path, "1", batch_size=32, drop_positions=2)
-    rows = np.concatenate([b.numpy() for b in list(dm.train_dataloader()) + list(dm.val_dataloader())])
+    rows = np.concatenate([b.numpy() for b in list(dm.train_dataloader()) + [b for b, _ in dm.val_dataloader()]])
     assert len(rows) == dm.train_rows + dm.val_rows == len(kept)
     np.testing.assert_allclose(dm.mean, kept.mean(0), rtol=1e-5, atol=1e-6)  # the mean of the kept rows only
     # every kept row is there once (centred with that mean), no dropped row is
@@ -358,7 +358,7 @@ def test_drop_positions_and_token_normalisation(gpt2_cache):
     assert dm.init_rows(8, 0).shape == (8, m["d"])
     assert dm.describe()["drop_positions"] == 2 and dm.describe()["normalize"] == "none"
     unit = CacheDataModule(path, "1", batch_size=32, normalize="token")
-    norms = np.concatenate([np.linalg.norm(b.numpy(), axis=1) for b in unit.val_dataloader()])
+    norms = np.concatenate([np.linalg.norm(b.numpy(), axis=1) for b, _ in unit.val_dataloader()])
     np.testing.assert_allclose(norms, np.sqrt(m["d"]), rtol=1e-5)
 
 
@@ -383,7 +383,7 @@ def test_max_norm_ratio_leaves_out_massive_rows(tmp_path):
     assert dm.norm_dropped == len(sinks) and dm.val_rows == 300 - 4 and dm.train_rows == 2700 - 4
     assert dm.median_norm == pytest.approx(np.median(np.linalg.norm(x, axis=1)), rel=1e-5)
     np.testing.assert_allclose(dm.mean, kept.mean(0), atol=1e-5)
-    val = np.concatenate([b.numpy() for b in dm.val_dataloader()])
+    val = np.concatenate([b.numpy() for b, _ in dm.val_dataloader()])
     held_out = np.r_[1350:1500, 2850:3000]
     want = np.delete(x[held_out], [np.flatnonzero(held_out == s)[0] for s in sinks if s in held_out], axis=0)
     np.testing.assert_allclose(val, want - dm.mean, atol=1e-5)  # in order, the sinks gone

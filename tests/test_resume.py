@@ -118,7 +118,7 @@ def test_cache_init_rows_are_seeded_centred_training_rows(tmp_path):
     assert torch.equal(rows, dm.init_rows(50, seed=7))
     assert torch.equal(rows[:20], dm.init_rows(20, seed=7))  # a prefix: independent of k
     assert not torch.equal(rows, dm.init_rows(50, seed=8))
-    val = torch.cat(list(dm.val_dataloader()))
+    val = torch.cat([b for b, _ in dm.val_dataloader()])
     centred = torch.from_numpy(x - dm.mean)
     matches = [(centred == r).all(dim=1).nonzero().flatten() for r in rows]
     assert all(len(m) == 1 for m in matches)  # every row is one row of the cache, centred

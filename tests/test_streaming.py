@@ -39,7 +39,7 @@ def test_train_and_val_cover_every_row_once(data):
     x, path = data
     dm = CacheDataModule(path, batch_size=256, shuffle_buffer=700, center=False)
     assert dm.dim == D and dm.truth is None
-    train, val = list(dm.train_dataloader()), list(dm.val_dataloader())
+    train, val = list(dm.train_dataloader()), [b for b, _ in dm.val_dataloader()]
     assert all(b.dtype == torch.float32 and b.ndim == 2 and b.shape[1] == D for b in train + val)
     assert all(len(b) == 256 for b in train[:-1])
     t, v = ids(train), ids(val)
@@ -74,7 +74,7 @@ def test_shuffle_is_seeded_and_changes_per_epoch(data):
 def test_centering_uses_the_stored_mean(data):
     x, path = data
     dm = CacheDataModule(path, batch_size=1000, center=True)
-    rows = torch.cat(list(dm.train_dataloader()) + list(dm.val_dataloader())).numpy().astype(np.float64)
+    rows = torch.cat(list(dm.train_dataloader()) + [b for b, _ in dm.val_dataloader()]).numpy().astype(np.float64)
     np.testing.assert_allclose(rows.mean(0), 0, atol=1e-4)
     np.testing.assert_allclose(rows[:, 1:].std(0), x[:, 1:].std(0), rtol=1e-5)
 
@@ -90,7 +90,7 @@ def test_ddp_ranks_are_disjoint_complete_and_in_step(data, world, workers, batch
         tb = list(dm.train_dataloader())
         seen.append(set(ids(tb).tolist()))
         counts.append(len(tb))
-        vb = list(dm.val_dataloader())
+        vb = [b for b, _ in dm.val_dataloader()]
         seen.append(set(ids(vb).tolist()))
         counts.append(len(vb))
     train = [seen[i] for i in range(0, 2 * world, 2)]
@@ -137,7 +137,7 @@ def test_nonfinite_rows_fail_or_are_skipped(tmp_path):
     with pytest.raises(ConfigError, match=r"shard_00000\.npy: 3 rows hold NaN/Inf \(first: row 7\).*skip_nonfinite"):
         CacheDataModule(path)
     dm = CacheDataModule(path, batch_size=128, skip_nonfinite=True, center=True)
-    rows = torch.cat(list(dm.train_dataloader()) + list(dm.val_dataloader()))
+    rows = torch.cat(list(dm.train_dataloader()) + [b for b, _ in dm.val_dataloader()])
     assert torch.isfinite(rows).all() and len(rows) == 1997 == dm.train_rows + dm.val_rows
     assert dm.describe()["nonfinite_rows_skipped"] == 3
     good = np.delete(x, [7, 900, 1500], axis=0).astype(np.float64)

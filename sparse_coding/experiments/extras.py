@@ -52,7 +52,7 @@ def held_out_rows(config: dict, n: int) -> torch.Tensor:
     if hasattr(dm, "setup"):
         dm.setup("validate")
     rows = []
-    for batch in dm.val_dataloader():
+    for batch, _clusters in dm.val_dataloader():
         rows.append(batch)
         if sum(r.shape[0] for r in rows) >= n:
             break
