@@ -35,6 +35,7 @@ class DataConfig:
     n_val: int = 4096  # held-out samples drawn from the same generator (synthetic)
     active: float = 10.0  # a: mean number of active ground-truth features (sparse data)
     noise: float = 0.1  # sigma: noise variance per coordinate is active * sigma^2 / dim
+    preact_std: float = 1.0  # sparse_nonlinear: std of the MLP's pre-activations (0: 1/sqrt(fan_in) weights, the old control)
     seed: int = 0
     scale: float = 1.0  # multiplies the data; S1 and L_norm must not depend on it
     path: Optional[str] = None  # cache directory when name == "cache"
@@ -174,7 +175,7 @@ class RunConfig:
 
 # The composed config carries only the data fields that apply: conf/data/cache.yaml (and every model
 # config, which selects it) uses this schema, without the synthetic generator's fields.
-SYNTHETIC_FIELDS = ("dim", "fresh", "n", "n_val", "active", "noise", "scale")
+SYNTHETIC_FIELDS = ("dim", "fresh", "n", "n_val", "active", "noise", "preact_std", "scale")
 CacheDataConfig = make_dataclass(
     "CacheDataConfig",
     [(f.name, get_type_hints(DataConfig)[f.name], field(default=f.default))
@@ -318,6 +319,7 @@ def validate_synthetic_fields(cfg: DataConfig) -> None:
     for key in ("dim", "n", "n_val"):
         _integer(f"data.{key}", getattr(cfg, key), 1)
     _positive("data.noise", cfg.noise, allow_zero=True)
+    _positive("data.preact_std", cfg.preact_std, allow_zero=True)
     _positive("data.scale", cfg.scale)
     if not SCALE_RANGE[0] <= cfg.scale <= SCALE_RANGE[1]:
         raise ConfigError(f"data.scale={cfg.scale!r} must be between {SCALE_RANGE[0]:g} and {SCALE_RANGE[1]:g} "

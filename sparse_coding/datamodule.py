@@ -131,9 +131,10 @@ class SyntheticDataModule(pl.LightningDataModule):
         scale: float = 1.0,
         batch_size: int = 1024,
         eval_batch_size: int = 4096,
+        preact_std: float = 1.0,
     ) -> None:
         super().__init__()
-        data = generate(name, dim, n + n_val, seed, active=active, noise=noise)
+        data = generate(name, dim, n + n_val, seed, active=active, noise=noise, preact_std=preact_std)
         x = data.x * scale
         self.train_x, self.val_x = x[:n].contiguous(), x[n:].contiguous()
         self.train_rows, self.val_rows = n, n_val
@@ -149,6 +150,8 @@ class SyntheticDataModule(pl.LightningDataModule):
             self.info.update(active=active)
         if name == "sparse_linear":
             self.info.update(noise=noise)
+        if name == "sparse_nonlinear":
+            self.info.update(preact_std=preact_std)
 
     @classmethod
     def from_config(cls, cfg) -> "SyntheticDataModule":
@@ -156,7 +159,7 @@ class SyntheticDataModule(pl.LightningDataModule):
         kind = FreshSyntheticDataModule if d.get("fresh", False) else SyntheticDataModule
         return kind(
             d.name, d.dim, d.n, d.n_val, seed=d.seed, active=d.active, noise=d.noise, scale=d.scale,
-            batch_size=d.batch_size, eval_batch_size=cfg.solver.eval_batch_size,
+            batch_size=d.batch_size, eval_batch_size=cfg.solver.eval_batch_size, preact_std=d.get("preact_std", 0.0),
         )
 
     def describe(self) -> dict:
@@ -226,9 +229,10 @@ class FreshSyntheticDataModule(SyntheticDataModule):
     held-out set (`n_val` rows) and the in-sample rows (the first `n_val` rows trained on) are fixed."""
 
     def __init__(self, name: str, dim: int, n: int, n_val: int, seed: int = 0, active: float = 10.0,
-                 noise: float = 0.1, scale: float = 1.0, batch_size: int = 1024, eval_batch_size: int = 4096) -> None:
+                 noise: float = 0.1, scale: float = 1.0, batch_size: int = 1024, eval_batch_size: int = 4096,
+                 preact_std: float = 1.0) -> None:
         pl.LightningDataModule.__init__(self)
-        self.source = SyntheticSource(name, dim, seed, active=active, noise=noise)
+        self.source = SyntheticSource(name, dim, seed, active=active, noise=noise, preact_std=preact_std)
         held_out = self.source.draw(n_val, stream_seed(seed, 2))
         self.val_x = held_out.x * scale
         self.scale = scale
@@ -243,6 +247,8 @@ class FreshSyntheticDataModule(SyntheticDataModule):
             self.info.update(active=active)
         if name == "sparse_linear":
             self.info.update(noise=noise)
+        if name == "sparse_nonlinear":
+            self.info.update(preact_std=preact_std)
         first = FreshBatches(self.source, seed, scale)
         batches, got = [], 0
         for j in range(-(-n_val // batch_size)):  # the first rows of epoch 0, as training sees them

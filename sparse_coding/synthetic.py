@@ -9,8 +9,13 @@ Decisions where the paper is silent (documented in README "Definitions"):
 - controls are scaled so that E||x||^2 = d (identity covariance for the isotropic ones); for the
   heavy-tailed control (a Cauchy norm has no variance) the scale is the empirical one.
 - `sparse_nonlinear`: the sparse-linear coefficients pass through a random one-hidden-layer GELU
-  MLP (4d -> 4d -> d, N(0, 1/fan_in) weights, no biases), then are centred and scaled like a
-  control; no extra noise.
+  MLP (4d -> 4d -> d, no biases), then are centred and scaled like a control; no extra noise. The
+  first layer's weights are N(0, preact_std^2 * 3/a), so the pre-activations z = alpha W1 have
+  standard deviation ~preact_std (E||alpha||^2 = a/3): at the default 1 GELU is far from linear. With
+  `preact_std=0` the weights are N(0, 1/fan_in) (the earlier control: z has std ~sqrt(a/(12 d)),
+  0.057 at d=256, a=10, where GELU(z) ~ z/2 and the data are sparse-linear in disguise). The truth
+  reports `nonlinear_share`: the share of the centred data's power that GELU's linearisation at 0
+  (z/2) does not carry, and `preact_std` as measured.
 
 Two ways to sample (docs/method.md §7): `generate` draws one fixed sample of n rows (the fixed-sample
 protocol, `data.fresh=false`); `SyntheticSource` holds a generator's fixed parts (its ground-truth
@@ -66,13 +71,31 @@ def _scale_to_unit_variance(x: Tensor) -> Tensor:
     return x / power if power > 0 else x  # all-zero data stay zero (and are refused by `generate`)
 
 
-def generate(name: str, dim: int, n: int, seed: int, active: float = 10.0, noise: float = 0.1) -> SyntheticData:
+def first_layer(m_true: int, active: float, preact_std: float, gen: torch.Generator) -> Tensor:
+    """The sparse non-linear control's first weights: pre-activations of std ~preact_std (0: 1/sqrt(fan_in))."""
+    scale = preact_std * math.sqrt(3.0 / active) if preact_std > 0 else 1 / math.sqrt(m_true)
+    return torch.randn(m_true, m_true, generator=gen) * scale
+
+
+def nonlinear_truth(alpha: Tensor, w1: Tensor, w2: Tensor, active: float) -> dict:
+    """sparse_truth plus how non-linear the rows are: the share of their centred power that GELU's
+    linearisation at 0 (z/2) misses, and the measured pre-activation std."""
+    z = alpha @ w1
+    x = torch.nn.functional.gelu(z) @ w2
+    lin = (z / 2) @ w2
+    x, lin = x - x.mean(dim=0), lin - lin.mean(dim=0)
+    share = float((x - lin).double().pow(2).sum() / x.double().pow(2).sum().clamp_min(1e-300))
+    return {**sparse_truth(alpha, active), "nonlinear_share": share, "preact_std": float(z.double().std())}
+
+
+def generate(name: str, dim: int, n: int, seed: int, active: float = 10.0, noise: float = 0.1,
+             preact_std: float = 1.0) -> SyntheticData:
     """n samples of the named data set (see module docstring).
 
     Raises ConfigError when the samples would all be zero (e.g. one sample, which centring removes,
     or too few active features to draw any): there would be nothing to code.
     """
-    data = _generate(name, dim, n, seed, active, noise)
+    data = _generate(name, dim, n, seed, active, noise, preact_std)
     if not torch.isfinite(data.x).all():
         raise ConfigError(f"data={name}: the generator produced NaN/Inf (dim={dim}, n={n}, seed={seed})")
     if not data.x.any():
@@ -81,7 +104,7 @@ def generate(name: str, dim: int, n: int, seed: int, active: float = 10.0, noise
     return data
 
 
-def _generate(name: str, dim: int, n: int, seed: int, active: float, noise: float) -> SyntheticData:
+def _generate(name: str, dim: int, n: int, seed: int, active: float, noise: float, preact_std: float) -> SyntheticData:
     if name not in GENERATORS:
         raise ConfigError(f"unknown synthetic data set {name!r}: choose one of {', '.join(GENERATORS)}")
     gen = torch.Generator().manual_seed(int(seed))
@@ -94,11 +117,11 @@ def _generate(name: str, dim: int, n: int, seed: int, active: float, noise: floa
         return SyntheticData(x=x, true_alpha=alpha, truth=sparse_truth(alpha, active))
     if name == "sparse_nonlinear":
         alpha = sparse_coefficients(n, dim, active, gen)
-        w1 = torch.randn(4 * dim, 4 * dim, generator=gen) / math.sqrt(4 * dim)
+        w1 = first_layer(4 * dim, active, preact_std, gen)
         w2 = torch.randn(4 * dim, dim, generator=gen) / math.sqrt(4 * dim)
         x = torch.nn.functional.gelu(alpha @ w1) @ w2
         x -= x.mean(dim=0)
-        return SyntheticData(x=_scale_to_unit_variance(x), true_alpha=alpha, truth=sparse_truth(alpha, active))
+        return SyntheticData(x=_scale_to_unit_variance(x), true_alpha=alpha, truth=nonlinear_truth(alpha, w1, w2, active))
     if name == "gaussian":
         return SyntheticData(x=torch.randn(n, dim, generator=gen))
     if name == "rademacher":
@@ -110,7 +133,7 @@ def _generate(name: str, dim: int, n: int, seed: int, active: float, noise: floa
     return SyntheticData(x=_scale_to_unit_variance(direction * radius).float())
 
 
-CALIBRATION_ROWS = 65536  # rows of the fixed sample whose mean / scale a fresh source uses
+CALIBRATION_ROWS = 16384  # rows of the fixed sample whose mean / scale a fresh source uses
 
 
 class SyntheticSource:
@@ -122,7 +145,8 @@ class SyntheticSource:
     power of a fixed calibration sample, the same for every draw.
     """
 
-    def __init__(self, name: str, dim: int, seed: int, active: float = 10.0, noise: float = 0.1) -> None:
+    def __init__(self, name: str, dim: int, seed: int, active: float = 10.0, noise: float = 0.1,
+                 preact_std: float = 1.0) -> None:
         if name not in GENERATORS:
             raise ConfigError(f"unknown synthetic data set {name!r}: choose one of {', '.join(GENERATORS)}")
         self.name, self.dim, self.seed, self.active, self.noise = name, int(dim), int(seed), float(active), float(noise)
@@ -133,7 +157,7 @@ class SyntheticSource:
             self.features = _unit_columns(torch.randn(self.dim, m_true, generator=gen))
             self.mean = self.features.sum(dim=1) * (0.5 * self.active / m_true)
         if name == "sparse_nonlinear":
-            self.w1 = torch.randn(m_true, m_true, generator=gen) / math.sqrt(m_true)
+            self.w1 = first_layer(m_true, self.active, float(preact_std), gen)
             self.w2 = torch.randn(m_true, self.dim, generator=gen) / math.sqrt(m_true)
         self.shift, self.power = torch.zeros(self.dim), torch.ones(())
         if name in ("sparse_nonlinear", "heavy_tailed"):
@@ -170,5 +194,8 @@ class SyntheticSource:
         x = (x - self.shift) / self.power
         if not torch.isfinite(x).all():
             raise ConfigError(f"data={self.name}: the generator produced NaN/Inf (dim={self.dim}, seed={seed})")
-        truth = sparse_truth(alpha, self.active) if alpha is not None else {}
+        truth = {}
+        if alpha is not None:
+            truth = (nonlinear_truth(alpha, self.w1, self.w2, self.active) if self.name == "sparse_nonlinear"
+                     else sparse_truth(alpha, self.active))
         return SyntheticData(x=x, true_alpha=alpha, truth=truth)

@@ -12,7 +12,6 @@ from conftest import ROOT
 from sparse_coding.config import register_configs
 from sparse_coding.datamodule import FreshSyntheticDataModule, SyntheticDataModule
 from sparse_coding.metrics import SparsityMetrics, ratio_se
-from sparse_coding.synthetic import SyntheticSource
 
 register_configs()
 
@@ -28,28 +27,6 @@ def train(tmp_path, overrides):
 
 
 # ---- fresh synthetic data ---------------------------------------------------------------------
-
-
-def test_fresh_source_is_seeded_and_centred_on_the_population_mean():
-    source = SyntheticSource("sparse_linear", 16, seed=3, active=4)
-    a, b = source.draw(500, seed=7), source.draw(500, seed=7)
-    assert torch.equal(a.x, b.x) and not torch.equal(a.x, source.draw(500, seed=8).x)
-    # the population mean is subtracted: a large sample's mean is ~0 (noise-free part has E = 0)
-    big = source.draw(200_000, seed=1).x.double()
-    assert big.mean(0).abs().max() < 0.01 * big.std()
-    # the same ground-truth features for every draw: the coefficients reproduce x up to noise
-    d = source.draw(2000, seed=2)
-    noise = d.x - (d.true_alpha @ source.features.T - source.mean)
-    assert noise.std() == pytest.approx((4 * 0.1**2 / 16) ** 0.5, rel=0.05)
-
-
-@pytest.mark.parametrize("name", ["gaussian", "rademacher", "heavy_tailed", "sparse_nonlinear"])
-def test_fresh_controls_have_unit_power_per_coordinate(name):
-    x = SyntheticSource(name, 32, seed=0, active=8).draw(20_000, seed=5).x.double()
-    if name == "heavy_tailed":  # a Cauchy norm has no variance: only the calibration sample has power 1
-        assert torch.isfinite(x).all()
-    else:
-        assert x.pow(2).sum(1).mean() / 32 == pytest.approx(1.0, rel=0.05)
 
 
 def test_fresh_batches_are_new_each_batch_and_epoch_and_split_exactly_across_ranks():
