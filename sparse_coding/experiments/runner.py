@@ -29,7 +29,10 @@ METRIC_COLUMNS = ("normalized_loss", "normalized_loss_se", "avg_coef_norm", "avg
 # run-level fields (issue 10): at the top of metrics.json, also for a bank; a dictionary's own value wins
 RUN_COLUMNS = ("converged", "samples_seen", "optimizer_steps")
 TIMING_COLUMNS = ("fit_seconds", "eval_seconds", "samples_per_second")
-TRUTH_COLUMNS = ("ground_truth", "true_l0", "true_avg_coef_norm")
+TRUTH_COLUMNS = ("ground_truth", "true_l0", "true_avg_coef_norm", "nonlinear_share", "preact_std")
+# issue 19: the in-sample measurement beside the held-out one, and how the SEs were clustered
+IN_SAMPLE_COLUMNS = ("normalized_loss", "normalized_loss_se", "avg_coef_norm", "avg_coef_norm_se", "l0", "n_samples")
+GAP_COLUMNS = ("generalization_gap", "generalization_gap_se", "normalized_loss_se_rows", "se_clusters")
 DATA_COLUMNS = ("drop_positions", "max_norm_ratio", "norm_outliers_dropped", "normalize")  # the preprocessing of real activations (sparse_coding.preprocess)
 
 
@@ -114,8 +117,13 @@ def rows_of(point: Point, scale: str, out: Path) -> list[dict]:
         row.update({k: e.get(k, metrics.get(k)) for k in RUN_COLUMNS})
         timing = e.get("timing") or metrics.get("timing") or {}
         row.update({k: timing.get(k) for k in TIMING_COLUMNS})
-        row.update({k: truth.get(k) for k in TRUTH_COLUMNS})
+        row.update({k: truth.get(k) for k in TRUTH_COLUMNS if k in truth})
+        if "in_sample" in e:
+            row.update({f"in_sample_{k}": e["in_sample"].get(k) for k in IN_SAMPLE_COLUMNS})
+            row.update({k: e.get(k) for k in GAP_COLUMNS})
+            row["sample_sufficient"] = metrics.get("sample_sufficient")
         data = metrics.get("data", {})
+        row.update({k: data[k] for k in ("fresh", "se_unit") if k in data})
         row["n_train"] = data.get("n_train", data.get("train_rows"))
         row.update({k: data.get(k) for k in DATA_COLUMNS if k in data})
         row["seconds"] = info.get("seconds")
