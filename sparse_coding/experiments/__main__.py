@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="train every point of the named experiments (finished points are skipped)")
     r.add_argument("names", nargs="+", choices=[*EXPERIMENTS, *EXTRAS])
     r.add_argument("--scale", choices=[*SCALES, *SCALE_ALIASES], default="quick",
-                   help="quick: the d=64 report's settings; paper: the paper's scale, trained until converged "
-                        "(full = paper)")
+                   help="quick: the d=64 report's settings; paper: the settings SPEC reads as the paper's (not "
+                        "verified), trained until converged (full = paper)")
     r.add_argument("--root", type=Path, default=Path("outputs/experiments"), help="where run directories go")
     r.add_argument("--results", type=Path, default=None,
                    help="where tables and plots go (default: docs/results for quick, docs/results/paper for paper)")

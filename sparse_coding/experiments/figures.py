@@ -18,11 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sparse_coding.experiments.grid import LAYER_MODELS  # noqa: E402
 from sparse_coding.experiments.runner import read_csv  # noqa: E402
 from sparse_coding.experiments.tables import (  # noqa: E402
-    CONTROL_ORDER, METRICS4, PAPER_BERT_MEDIUM, PAPER_CONTROLS, PAPER_EMBEDDINGS, PAPER_SPARSITY, control_groups,
-    all_collapsed, dict_size_groups, group, layer_curves, layer_groups, sensitivity_factor,
+    CONTROL_ORDER, METRICS4, control_groups, all_collapsed, dict_size_groups, group, layer_curves, layer_groups, sensitivity_factor,
 )
 
-HOLLOW_NOTE = "hollow: not converged on every seed or capped ≥ 1%; X: every seed collapsed"
+HOLLOW_NOTE = "held-out; hollow: unconverged seed or capped ≥ 1%; X: all seeds collapsed"
 
 
 def _save(fig, path: Path) -> Path:
@@ -54,22 +53,20 @@ def series(ax, xs, g: list[dict], m: str, color, label: str, marker="o", ls="-",
 
 
 def plot_sparsity(rows, out: Path) -> list[Path]:
-    g = sorted(group(rows, ("a",), ("normalized_loss", "avg_coef_norm", "l0", "true_avg_coef_norm")), key=lambda r: r["a"])
+    g = sorted(group(rows, ("a",), ("normalized_loss", "avg_coef_norm", "l0", "loss", "true_avg_coef_norm")),
+               key=lambda r: r["a"])
     d = rows[0]["dim"]
     x = [r["a"] / 2 for r in g]
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
-    for m, c in (("normalized_loss", "C0"), ("avg_coef_norm", "C1"), ("l0", "C2")):
-        series(ax, x, g, m, c, f"{m} (ours)")
+    for m, c in (("normalized_loss", "C0"), ("avg_coef_norm", "C1"), ("l0", "C2"), ("loss", "C3")):
+        series(ax, x, g, m, c, "final loss" if m == "loss" else m)
     ax.plot(x, [r["true_avg_coef_norm"] for r in g], ls=":", color="C1", label="true S1 of the generated alpha")
     ax.plot([min(x), max(x)], [min(x), max(x)], "k--", label="y = x (ground truth a/2)")
-    for i, (m, c) in enumerate((("avg_coef_norm", "C1"), ("normalized_loss", "C0"), ("l0", "C2"))):
-        ax.scatter([a / 2 for a in PAPER_SPARSITY], [v[i] for v in PAPER_SPARSITY.values()], marker="x", color=c,
-                   label=f"{m} (paper, d=256)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("ground truth a/2 (a = mean active features)")
     ax.set_ylabel("metric on held-out data")
-    ax.set_title(f"Metric vs true sparsity (d={d}); {HOLLOW_NOTE}", fontsize="small")
+    ax.set_title(f"Metric vs true sparsity (d={d})\n{HOLLOW_NOTE}", fontsize="small")
     ax.legend(fontsize="x-small")
     return [_save(fig, out / "sparsity.png")]
 
@@ -84,10 +81,6 @@ def plot_controls(rows, out: Path, name: str = "controls") -> list[Path]:
             lo, hi = yerr(g[lab], m)
             ax.bar([i], [g[lab][m]], color=color, fill=not g[lab]["flagged"], edgecolor=color, lw=1.5)
             ax.errorbar([i], [g[lab][m]], yerr=[[lo], [hi]], color="k", capsize=3)
-        if m == "normalized_loss" and rows[0]["dim"] == 256:
-            px = [i for i, lab in enumerate(labels) if lab in PAPER_CONTROLS]
-            ax.scatter(px, [PAPER_CONTROLS[labels[i]] for i in px], marker="x", color="k", zorder=3, label="paper (d=256)")
-            ax.legend(fontsize="x-small")
         ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
         ax.set_yscale("log")
         ax.set_title(m)
@@ -122,15 +115,10 @@ def plot_embeddings(rows, out: Path) -> list[Path]:
             gauss = str(r["source"]).startswith("gaussian")
             series(ax, [r["dim"]], [r], m, "C3" if gauss else "C0", "_nolegend_", marker="s" if gauss else "o")
             ax.annotate(str(r["source"]), (r["dim"], r[m]), fontsize="x-small", xytext=(4, 2), textcoords="offset points")
-        if m == "normalized_loss":
-            for name, (d, v) in PAPER_EMBEDDINGS.items():
-                ax.scatter([d], [v], marker="x", color="grey")
-                ax.annotate(f"{name} (paper)", (d, v), fontsize="xx-small", color="grey", xytext=(4, -8),
-                            textcoords="offset points")
         ax.set_xlabel("embedding width d")
         ax.set_ylabel(m)
         ax.set_yscale("log")
-        ax.set_title(f"{m}: models (blue) vs Gaussian (red); {HOLLOW_NOTE}", fontsize="small")
+        ax.set_title(f"{m}: models (blue) vs Gaussian (red)\n{HOLLOW_NOTE}", fontsize="small")
     return [_save(fig, out / "embeddings.png")]
 
 
@@ -160,12 +148,11 @@ def plot_layers(rows, out: Path) -> list[Path]:
     for i, ((model, prep, mult), pts) in enumerate(layer_curves(g)):
         n = LAYER_MODELS.get(model) or max(r["layer"] for r in pts)
         series(ax, [r["layer"] / n for r in pts], pts, "normalized_loss", f"C{i + 4}",
-               f"{model} {prep} {mult}d (ours)",
+               f"{model} {prep} {mult}d",
                ls="-" if prep == "raw" else "--", ms=3)
-    ax.plot([i / 8 for i in range(9)], PAPER_BERT_MEDIUM, "k--", marker="x", label="BERT-Medium (paper)")
     ax.set_xlabel("relative depth (layer / number of blocks)")
     ax.set_ylabel("normalized_loss")
-    ax.set_title(f"Shape across depth; {HOLLOW_NOTE}", fontsize="small")
+    ax.set_title(f"Shape across depth\n{HOLLOW_NOTE}", fontsize="small")
     ax.legend(fontsize="x-small")
     return [_save(fig, out / "layers.png")]
 
