@@ -42,5 +42,8 @@ def measure(overrides: Iterable[str] = ()) -> dict:
     """Train and evaluate like `python train.py OVERRIDES`; returns the metrics dict of metrics.json."""
     cfg = compose(overrides)
     from sparse_coding.run import run
+    from sparse_coding.rundir import start_run
 
-    return run(cfg, Path(cfg.out_dir) if cfg.out_dir else default_out_dir())
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir()
+    with start_run(out_dir, cfg.ckpt_path, cfg.overwrite):  # never replaces a finished run (see rundir)
+        return run(cfg, out_dir)

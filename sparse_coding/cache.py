@@ -40,6 +40,7 @@ from sparse_coding.cache_store import (  # noqa: F401 - re-exported
     MAX_ROWS,
     build_lock,
     cache_file,
+    check_replaceable,
     claim_output,
     describe_build,
     ensure_verified,
@@ -118,7 +119,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = _Parser(prog="python -m sparse_coding.cache", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     b = sub.add_parser("build", help="build the cache of a run config (Hydra overrides)")
-    b.add_argument("--force", action="store_true", help="build a fresh cache and replace the existing one when done")
+    b.add_argument("--force", action="store_true",
+                   help="build a fresh cache and replace the existing one when done (only a cache folder is replaced)")
     b.add_argument("--shard-rows", type=_shard_rows, default=DEFAULT_SHARD_ROWS)
     b.add_argument("--cfg", action="store_true", help="print the composed config and exit (like train.py --cfg job)")
     b.add_argument("overrides", nargs="*", help="e.g. model=minilm layer=all corpus=wiki corpus.max_tokens=100000")
@@ -128,7 +130,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     i.add_argument("--dtype", default="float32", choices=DTYPES)
     i.add_argument("--key", default=None, help="tensor name inside a .pt dict or .safetensors file")
     i.add_argument("--shard-rows", type=_shard_rows, default=DEFAULT_SHARD_ROWS)
-    i.add_argument("--force", action="store_true", help="replace an existing cache (or partial import) of another source")
+    i.add_argument("--force", action="store_true", help="replace an existing cache (or partial import) of another source; "
+                   "a folder that is not a cache (a run directory, your files) is refused, never replaced")
     v = sub.add_parser("verify", help="check every shard's shape and sha256")
     v.add_argument("path")
     args = parser.parse_args(argv)

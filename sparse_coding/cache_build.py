@@ -21,6 +21,7 @@ from sparse_coding.cache_store import (
     MAX_D,
     MAX_ROWS,
     build_lock,
+    check_replaceable,
     claim_output,
     finish_build,
     finish_layer,
@@ -73,8 +74,10 @@ def build_hidden_states(out: Path, *args: Any, force: bool = False, **kwargs: An
     """Run the model over the corpus once and store `hidden_states[K]` for every K in `layers`.
 
     Holds the build lock (`build_lock`); see `_build_hidden_states` for the arguments. `force`
-    builds a fresh cache beside `out` and swaps it in when complete.
+    builds a fresh cache beside `out` and swaps it in when complete (only over a cache: `check_replaceable`).
     """
+    if force:
+        check_replaceable(Path(out))  # before the lock file beside it is made; again under the lock
     with build_lock(Path(out)):
         if not force:
             return _build_hidden_states(Path(out), *args, **kwargs)
@@ -208,8 +211,10 @@ def _build_hidden_states(
 def write_array_cache(out: Path, *args: Any, force: bool = False, **kwargs: Any) -> Path:
     """A one-layer cache from a row source, under the build lock; see `_write_array_cache`.
 
-    `force` builds a fresh cache beside `out` and swaps it in when complete.
+    `force` builds a fresh cache beside `out` and swaps it in when complete (only over a cache: `check_replaceable`).
     """
+    if force:
+        check_replaceable(Path(out))  # before the lock file beside it is made; again under the lock
     with build_lock(Path(out)):
         if not force:
             return _write_array_cache(Path(out), *args, **kwargs)
@@ -395,6 +400,8 @@ def import_array(input: Path, output: Path, *, dtype: str = "float32", key: Opti
     input = Path(input)
     if Path(output).exists() and not Path(output).is_dir():
         raise ConfigError(f"--output {output} is an existing file, not a cache folder: choose another folder")
+    if force:
+        check_replaceable(Path(output))  # before reading the input: a run directory given by mistake is refused at once
     arr = load_user_array(input, key)
     check_sizes(Path(output), int(arr.shape[0]), int(arr.shape[1]), shard_rows)
     digest = sha256_file(input)

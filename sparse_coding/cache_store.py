@@ -114,7 +114,7 @@ def write_shard(path: Path, arr: np.ndarray) -> str:
 # One builder at a time, and no leftovers from a killed one
 
 
-_STALE_TEMP = re.compile(r"\.(shard_\d+\.npy(\.sha256)?|mean\.npy|tokens\.npy|manifest\.json|build\.json)\.tmp-\d+\Z")
+_STALE_TEMP = re.compile(r"\.(shard_\d+\.npy(\.sha256)?|mean\.npy|tokens\.npy|manifest\.json|build\.json|verified\.json)\.tmp-\d+\Z")
 
 
 def glob_escape(name: str) -> str:
@@ -132,12 +132,12 @@ def build_lock(out: Path):
     out.parent.mkdir(parents=True, exist_ok=True)
     lock_file = out.parent / f".{out.name}.lock"
     with open(lock_file, "a+b") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[cache] {out}: another process is building this cache; waiting for it (lock {lock_file})",
-                  file=sys.stderr)
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        wait_for_lock(f, lambda holder: f"[cache] {out}: another process{holder} is building or replacing this cache; "
+                      f"waiting for it to finish (lock {lock_file}; Ctrl-C stops waiting)")
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()).encode())
+        f.flush()
         try:
             for sibling in out.parent.glob(f".{glob_escape(out.name)}.[no][el][wd]-*"):
                 if sibling.is_dir():
@@ -149,7 +149,42 @@ def build_lock(out: Path):
                             p.unlink()
             yield
         finally:
+            with contextlib.suppress(OSError):
+                f.truncate(0)
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+LOCK_POLL_SECONDS = 0.1
+
+
+def wait_for_lock(f, message, timeout: Optional[float] = None) -> None:
+    """Take an exclusive `flock` on the open file `f`, waiting for its holder when it has one.
+
+    The wait polls a non-blocking lock with short sleeps instead of blocking in `flock(2)`: a signal
+    (Ctrl-C) that arrives at any moment of the wait raises at once (a blocking `flock` entered just
+    after the signal was handled would swallow it and wait forever). `message(holder)` is printed once
+    when the lock is held elsewhere (`holder`: " (pid N)" from the lock file, or ""). With `timeout`
+    (seconds) a wait that lasts longer raises ConfigError.
+    """
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    f.seek(0)
+    pid = f.read(32).strip()
+    pid = pid.decode(errors="replace") if isinstance(pid, bytes) else pid
+    holder = f" (pid {pid})" if pid.isdigit() else ""
+    print(message(holder), file=sys.stderr, flush=True)
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:
+        time.sleep(LOCK_POLL_SECONDS)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if end is not None and time.monotonic() > end:
+                raise ConfigError(f"gave up waiting after {timeout:.0f} s for the lock held by another process{holder}")
 
 
 BUILD_RECORD = "build.json"
@@ -216,6 +251,48 @@ def finish_build(out: Path) -> None:
         (Path(out) / BUILD_RECORD).unlink()
 
 
+_CACHE_TOP = {"manifest.json", BUILD_RECORD, "verified.json", "tokens.npy"}
+_CACHE_LAYER_FILE = re.compile(r"(shard_\d+\.npy(\.sha256)?|mean\.npy)\Z")
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """What in the folder `out` is not part of a cache (finished or partial, of any version): the
+    manifest, build record, verification record, tokens.npy, layers/<key>/ shards, checksums and
+    means, and temporary files of a killed build. Empty for a cache, an empty folder or no folder."""
+    out = Path(out)
+    if not out.is_dir():
+        return [] if not out.exists() and not out.is_symlink() else [out.name]
+    foreign = []
+    for p in sorted(out.iterdir()):
+        if _STALE_TEMP.match(p.name) and p.is_file():
+            continue
+        if p.name == "layers" and p.is_dir() and not p.is_symlink():
+            for layer in sorted(p.iterdir()):
+                if not (_LAYER_KEY.match(layer.name) and layer.is_dir() and not layer.is_symlink()):
+                    foreign.append(f"layers/{layer.name}")
+                    continue
+                foreign += [f"layers/{layer.name}/{f.name}" for f in sorted(layer.iterdir())
+                            if not ((_CACHE_LAYER_FILE.match(f.name) or _STALE_TEMP.match(f.name))
+                                    and f.is_file() and not f.is_symlink())]
+        elif not (p.name in _CACHE_TOP and p.is_file() and not p.is_symlink()):
+            foreign.append(p.name + ("/" if p.is_dir() else ""))
+    return foreign
+
+
+def check_replaceable(out: Path) -> None:
+    """`--force` replaces only a cache: refuse (ConfigError, nothing touched) a file or a folder that holds
+    anything else (a run directory, a user's files), so a mistyped `--output` can never delete it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is an existing file, not a cache folder: choose another output folder")
+    foreign = foreign_entries(out)
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+        run = " (a training run's folder)" if {"metrics.json", "checkpoints/", "dictionary.safetensors"} & set(foreign) else ""
+        raise ConfigError(f"{out} is not a cache folder{run}: it holds {shown}; --force replaces only a cache, "
+                          "nothing was changed: choose another output folder")
+
+
 @contextlib.contextmanager
 def replacing(out: Path):
     """`--force`: build into a sibling folder, then swap it in; `out` never holds a mix of old and new.
@@ -223,8 +300,7 @@ def replacing(out: Path):
     Yields the folder to build into. The old cache stays whole until the new one is complete.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} is an existing file, not a cache folder: choose another output folder")
+    check_replaceable(out)
     new = out.parent / f".{out.name}.new-{os.getpid()}"
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     shutil.rmtree(new, ignore_errors=True)

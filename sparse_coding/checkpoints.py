@@ -7,10 +7,14 @@
   every-N-steps checkpoint skips an epoch's last batch: the epoch-end checkpoint, taken after the
   module's `on_train_epoch_end` (auto-lambda), follows at once and holds the updated state.
   SIGTERM saves a resumable checkpoint before the run stops.
+  Checkpoints always go to the run directory's own `checkpoints/last.ckpt` (no `last-v1.ckpt`
+  beside it), also after the directory was moved or copied: the state a checkpoint holds names
+  its files by the directory it was written in, and is re-read relative to the current one.
 - `resume_checkpoint`: before `trainer.fit`, turns `ckpt_path` into an intact checkpoint file
-  (falling back to the newest intact one when the named one is damaged) and refuses, with one
-  line, a checkpoint whose settings or shapes differ from the config, or one that has nothing
-  left to train.
+  (`last`: the one with the most progress in `checkpoints/`; falling back to the newest intact one
+  when the named one is damaged) and refuses, with one line, a checkpoint whose settings or shapes
+  differ from the config, one that has nothing left to train, one that is not a regular file (a
+  FIFO would block the run forever), and a run that would replace a finished run's results.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from sparse_coding.atomic import atomic_write
+from sparse_coding.atomic import atomic_write, not_a_regular_file
 from sparse_coding.errors import ConfigError
-from sparse_coding.rundir import is_launching_rank, set_aside_old_checkpoints
+from sparse_coding.lightning_compat import checkpoint_epochs_done, dump_checkpoint, is_last_batch, total_batch_idx
+from sparse_coding.rundir import check_fresh_run, is_launching_rank, set_aside_old_checkpoints
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -47,11 +52,28 @@ class AtomicCheckpoint(ModelCheckpoint):
     """ModelCheckpoint with atomic writes, the epoch-end fix and a checkpoint on SIGTERM (module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("enable_version_counter", False)  # last.ckpt is overwritten (atomically), never last-v1.ckpt
         super().__init__(*args, **kwargs)
         self.sigterm_checkpoint: Optional[str] = None
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # The state names the checkpoint files by the folder they were written in. In a moved or copied run
+        # directory Lightning would drop last_model_path (and then write last-v1.ckpt beside the last.ckpt that
+        # `ckpt_path=last` resumes from) and keep paths into the old folder: read them as this folder's files.
+        old, new = state_dict.get("dirpath"), self.dirpath
+        if old and new and old != new:
+            def here(p: Any) -> Any:
+                return os.path.join(new, os.path.basename(p)) if isinstance(p, str) and p and \
+                    os.path.dirname(p) == old else p
+
+            state_dict = {**state_dict, "dirpath": new,
+                          **{k: here(state_dict.get(k)) for k in ("best_model_path", "kth_best_model_path",
+                                                                   "last_model_path") if k in state_dict},
+                          "best_k_models": {here(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}}
+        super().load_state_dict(state_dict)
+
     def _save_checkpoint(self, trainer, filepath: str) -> None:
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
+        checkpoint = dump_checkpoint(trainer, self.save_weights_only)
         if trainer.is_global_zero:
             atomic_save(checkpoint, Path(filepath))
         trainer.strategy.barrier("AtomicCheckpoint._save_checkpoint")
@@ -62,7 +84,7 @@ class AtomicCheckpoint(ModelCheckpoint):
                 logger.after_save_checkpoint(self)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        if is_last_batch(trainer):
             return  # the epoch-end checkpoint follows, after the epoch-end lambda update
         if self._validation_follows(trainer) and not self._should_save_on_train_epoch_end(trainer):
             # A held-out evaluation runs after this batch: save when it ends (ModelCheckpoint.on_validation_end),
@@ -79,7 +101,7 @@ class AtomicCheckpoint(ModelCheckpoint):
         every = trainer.val_check_batch
         if trainer.check_val_every_n_epoch is not None or not isinstance(every, int) or every < 1:
             return False
-        return (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % every == 0
+        return (total_batch_idx(trainer) + 1) % every == 0
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # Lightning calls this after the module's own on_train_epoch_end (checkpoint callbacks last).
@@ -108,10 +130,19 @@ class AtomicCheckpoint(ModelCheckpoint):
 # Resuming
 
 
+def check_regular(path: Path) -> None:
+    """Refuse, with one line, a checkpoint path that is not a regular file (opening a FIFO blocks forever)."""
+    problem = not_a_regular_file(path)
+    if problem is not None:
+        raise ConfigError(f"{path} {problem}: a checkpoint must be a regular file; remove it or move it away "
+                          "(or give ckpt_path=FILE of another checkpoint)")
+
+
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint's contents (weights_only); ConfigError when it is not a readable checkpoint."""
+    """A checkpoint's contents (weights_only, tensors memory-mapped); ConfigError when it is not a readable checkpoint."""
+    check_regular(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, not a zip, unpickling refused: all "damaged"
         raise ConfigError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters", "loops"} <= set(ckpt):
@@ -119,21 +150,24 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def _intact(folder: Path, skip: Path) -> list[tuple[Path, dict]]:
-    """The other checkpoints in `folder` that load, newest (largest global step) first."""
+def _intact(folder: Path, skip: Optional[Path] = None) -> list[tuple[Path, dict]]:
+    """The checkpoints in `folder` (but `skip`) that load, most progress first: the largest global step, then
+    last*.ckpt before the top-k file of the same step, then the newest. One that is not a regular file is refused."""
     found = []
     for p in folder.glob("*.ckpt"):
-        if p.resolve() == skip.resolve():
+        if skip is not None and p.resolve() == skip.resolve():
             continue
+        check_regular(p)
         try:
             found.append((p, load_checkpoint(p)))
         except ConfigError:
             continue
-    return sorted(found, key=lambda pc: (pc[1].get("global_step", -1), pc[0].stat().st_mtime), reverse=True)
+    return sorted(found, key=lambda pc: (pc[1].get("global_step", -1), pc[0].name.startswith("last"),
+                                         pc[0].stat().st_mtime), reverse=True)
 
 
 def _finished(ckpt: dict, trainer_cfg: Any) -> bool:
-    epochs = ckpt["loops"].get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed", 0)
+    epochs = checkpoint_epochs_done(ckpt)
     max_epochs, max_steps = int(trainer_cfg.max_epochs), int(trainer_cfg.max_steps)
     return (max_steps > 0 and ckpt.get("global_step", 0) >= max_steps) or (
         max_steps <= 0 and max_epochs > 0 and epochs >= max_epochs)
@@ -170,6 +204,8 @@ def _norm(v: Any) -> Any:
 
 def resume_checkpoint(ckpt_path: Optional[str], out_dir: Path, module: torch.nn.Module, trainer_cfg: Any) -> Optional[str]:
     """The checkpoint file `trainer.fit` should resume from (None: start fresh); see the module docstring."""
+    if is_launching_rank():
+        check_fresh_run(out_dir, ckpt_path)  # a finished run's results are never replaced by a fresh run
     if ckpt_path is None:
         if is_launching_rank():
             set_aside_old_checkpoints(out_dir)
@@ -177,22 +213,37 @@ def resume_checkpoint(ckpt_path: Optional[str], out_dir: Path, module: torch.nn.
     folder = out_dir / "checkpoints"
     if str(ckpt_path) == "last":
         path = folder / "last.ckpt"
-        if not path.exists() and not any(folder.glob("*.ckpt")):
+        if not path.exists() and not path.is_symlink() and not any(folder.glob("*.ckpt")):
             print(f"[resume] no checkpoint in {folder}: starting from the beginning", file=sys.stderr)
             return None
+        if path.exists() or path.is_symlink():
+            check_regular(path)
+        ranked = _intact(folder)  # the most progress first: a moved or copied run may have left last-v1.ckpt
+        if not ranked:
+            raise ConfigError(f"{path} is damaged or missing and there is no other intact checkpoint in {folder}: "
+                              "start a new run (without ckpt_path, or in another directory)")
+        newest, ckpt = ranked[0]
+        if newest.resolve() != path.resolve():
+            loaded = {p.resolve() for p, _ in ranked}
+            why = "is missing" if not path.exists() else "is damaged" if path.resolve() not in loaded else \
+                "holds less progress"
+            print(f"[resume] {path} {why}; resuming from {newest} (global step {ckpt.get('global_step')}) instead",
+                  file=sys.stderr)
+            path = newest
     else:
         path = Path(str(ckpt_path)).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"ckpt_path={ckpt_path!r} is not a file: give a checkpoint file or ckpt_path=last")
+        problem = not_a_regular_file(path)
+        if problem is not None:
+            raise ConfigError(f"ckpt_path={ckpt_path!r} {problem}: give a checkpoint file or ckpt_path=last")
         folder = path.parent
-    try:
-        ckpt = load_checkpoint(path)
-    except ConfigError as e:
-        fallback = _intact(folder, path)
-        if not fallback:
-            raise ConfigError(f"{e}; no other intact checkpoint in {folder}: start a new run") from None
-        print(f"[resume] {path} is damaged ({e}); resuming from {fallback[0][0]} instead", file=sys.stderr)
-        path, ckpt = fallback[0]
+        try:
+            ckpt = load_checkpoint(path)
+        except ConfigError as e:
+            fallback = _intact(folder, path)
+            if not fallback:
+                raise ConfigError(f"{e}; no other intact checkpoint in {folder}: start a new run") from None
+            print(f"[resume] {path} is damaged ({e}); resuming from {fallback[0][0]} instead", file=sys.stderr)
+            path, ckpt = fallback[0]
     check_compatible(ckpt, path, module)
     own_run = path.resolve().parent.parent == out_dir.resolve()
     ended = _converged(ckpt) or _finished(ckpt, trainer_cfg)

@@ -23,9 +23,14 @@ def train(cfg: DictConfig) -> None:
         from sparse_coding.models import check_trainable
 
         check_trainable(cfg)
-        from sparse_coding.run import run
+        from sparse_coding.rundir import start_run, write_hydra_files
 
-        run(cfg, Path(cfg.out_dir or HydraConfig.get().runtime.output_dir))
+        out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
+        with start_run(out_dir, cfg.ckpt_path, cfg.overwrite):  # in use, or a finished run: refused, nothing written
+            write_hydra_files(cfg)  # .hydra/ (conf/train.yaml: hydra.output_subdir=null) only for a run that starts
+            from sparse_coding.run import run  # torch and Lightning: after the checks, so a refusal is quick
+
+            run(cfg, out_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

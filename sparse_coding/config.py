@@ -171,6 +171,7 @@ class RunConfig:
     out_dir: Optional[str] = None  # defaults to Hydra's run directory
     ckpt_path: Optional[str] = None  # "last" or a checkpoint file to resume from
     overwrite: bool = False  # a fresh run in a finished run's directory: its files are moved to replaced-<time>/
+    overwrite: bool = False  # a fresh run in a finished run's directory: its files are moved to replaced-<time>/
 
 
 # The composed config carries only the data fields that apply: conf/data/cache.yaml (and every model

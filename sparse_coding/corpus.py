@@ -20,10 +20,11 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from sparse_coding.atomic import not_a_regular_file
 from sparse_coding.errors import ConfigError
 from sparse_coding.models import package_dir
 
@@ -46,8 +47,19 @@ def source_files(corpus: Any) -> list[Path]:
     if corpus.name == "text":
         if not corpus.files:
             raise ConfigError("corpus=text needs corpus.files=[a.txt,b.jsonl] (local UTF-8 text or JSONL files)")
-        return [Path(str(f)).expanduser() for f in corpus.files]
+        files = [Path(str(f)).expanduser() for f in corpus.files]
+        for f in files:
+            check_text_file(f)
+        return files
     raise ConfigError(f"unknown corpus={corpus.name!r}: choose one of wiki, kjv, text")
+
+
+def check_text_file(path: Path, name: Optional[str] = None) -> None:
+    """Refuse, with one line that says what it is, a corpus file that is not a regular file: a directory, a
+    FIFO (reading it blocks), a device (/dev/zero never ends), a broken link, a missing file."""
+    problem = not_a_regular_file(path)
+    if problem is not None:
+        raise ConfigError(f"corpus.files: {name or path} {problem}: give local UTF-8 .txt or .jsonl files")
 
 
 def corpus_fingerprint(corpus: Any) -> str:
@@ -116,6 +128,7 @@ def text_documents(files: list[Path]) -> Iterator[str]:
     document per paragraph (blank-line separated). Memory stays bounded by READ_CHARS whatever the
     file's shape (one enormous line included); a paragraph longer than PIECE_CHARS comes as pieces."""
     for path in files:
+        check_text_file(path)
         try:
             if path.stat().st_size == 0:
                 raise ConfigError(f"corpus.files: {path} is empty: give files that hold text")

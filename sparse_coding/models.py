@@ -260,12 +260,9 @@ def validate_corpus(corpus: Any) -> None:
         if not files:
             raise ConfigError("corpus=text needs corpus.files=[a.txt,b.jsonl] (local .txt or .jsonl files)")
         for f in files:
-            try:
-                exists = Path(str(f)).expanduser().is_file()
-            except (OSError, ValueError):
-                exists = False
-            if not exists:
-                raise ConfigError(f"corpus.files: {f} does not exist")
+            from sparse_coding.corpus import check_text_file  # says what a path is when it is not a regular file
+
+            check_text_file(Path(str(f)).expanduser(), str(f))
             if not str(f).endswith((".txt", ".jsonl")):
                 raise ConfigError(f"corpus.files: {f} is neither .txt nor .jsonl")
     if isinstance(corpus.context_len, bool) or not isinstance(corpus.context_len, int) or corpus.context_len < 2:

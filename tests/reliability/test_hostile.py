@@ -146,7 +146,7 @@ def test_the_cache_cli_answers_bad_flags_and_overrides_with_one_line(tmp_path, c
              ["import", "--input", str(tmp_path / "a.npy"), "--output", str(tmp_path / "file")],
              ["import", "--input", str(tmp_path / "nope.npy"), "--output", str(tmp_path / "o")],
              ["import", "--input", str(tmp_path / "a.npy"), "--output", str(tmp_path / "o"), "--dtype", "int8"],
-             ["build", "model=nosuch"], ["build", "model=minilm", "layer=1", "+trainer.gradient_clip_val=1"],
+             ["build", "model=nosuch"], ["build", "model=minilm", "layer=1", "+trainer.gradient_clip_val=-1"],
              ["build", "model=minilm", "layer=[1"], ["verify", str(tmp_path / "file")], ["frobnicate"]]
     for argv in cases:
         try:

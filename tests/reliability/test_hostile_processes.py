@@ -57,7 +57,7 @@ def test_a_second_run_on_the_same_directory_is_refused_and_sigterm_leaves_a_resu
 
 
 def test_trainer_settings_fail_fast_with_one_line_in_a_real_process(tmp_path):
-    for bad in ("trainer.precision=16-mixed", "+trainer.gradient_clip_val=1", "trainer.devices=64",
+    for bad in ("trainer.precision=16-mixed", "+trainer.gradient_clip_val=-1", "trainer.devices=64",
                 "trainer.accelerator=gpu", "trainer.limit_train_batches=0"):
         t0 = time.time()
         proc = run_py(["train.py", "logger=none", bad, f"hydra.run.dir={tmp_path / 'r'}"])
