@@ -9,8 +9,13 @@ Every rank draws the same seeded permutation of the training rows each epoch and
 global batches; rank r takes its own contiguous share of each global batch. So a run on W
 processes sees exactly the batches a 1-process run sees, and the averaged gradient is the same.
 
-The training loader is resumable: a checkpoint stores (epoch, batches done in that epoch), and a
-run restored from it skips exactly those batches of the same seeded order (`ckpt_path=last`).
+The training order is a function of the run's own position, not of Lightning's epoch counter: the
+k-th global batch a run trains on is batch k mod B of epoch k div B (B batches an epoch), where k
+is the number of batches trained so far (`trained_batches`, restored with the checkpoint). Lightning
+re-enters a finished epoch when it resumes from a checkpoint taken on its last batch; because each
+pass of the loader yields the rest of the run's current epoch from k, the batches stay exactly those
+of an uninterrupted run whatever Lightning's epoch bookkeeping does (`ckpt_path=last`). Without a
+fitting trainer (a loader used by hand) `set_epoch`/`load_state_dict` choose the pass.
 """
 
 from __future__ import annotations
@@ -59,24 +64,30 @@ class EvalBatches(RowBatches):
         return self.x[rows], torch.full((len(rows),), NO_GROUP, dtype=torch.int64)
 
 
-def trainer_position(trainer: "pl.Trainer | None") -> dict:
-    """The training position a checkpoint saved now resumes from: epoch and batches done in it."""
-    if trainer is None:
-        return {"epoch": 0, "batches_done": 0}
-    return {"epoch": int(trainer.current_epoch),
-            "batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)}
+def trained_batches(trainer: "pl.Trainer | None") -> "int | None":
+    """Global batches the run has trained on (its data position), or None outside a fit."""
+    if trainer is None or trainer.state.fn != "fit":
+        return None
+    module = trainer.lightning_module
+    return int(trainer.global_step) // int(module.hparams.get("inner_steps", 1))
+
+
+def position(batches: int, per_epoch: int) -> dict:
+    """A data position as (epoch, batches done in it), `per_epoch` batches an epoch."""
+    epoch, done = divmod(int(batches), max(1, int(per_epoch)))
+    return {"epoch": epoch, "batches_done": done}
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader that Lightning treats as stateful: `state_dict()` is the trainer's position in the
-    epoch, `load_state_dict()` makes the dataset (or sampler) skip the batches already trained on."""
+    """A DataLoader that Lightning treats as stateful: `state_dict()` is the run's data position (see the
+    module docstring); `load_state_dict()` sets the pass a loader used without a trainer resumes."""
 
-    def __init__(self, dataset, position_fn, skipper, **kwargs):
+    def __init__(self, dataset, skipper, **kwargs):
         super().__init__(dataset, **kwargs)
-        self._position_fn, self._skipper = position_fn, skipper
+        self._skipper = skipper
 
     def state_dict(self) -> dict:
-        return self._position_fn()
+        return self._skipper.position()
 
     def load_state_dict(self, state: dict) -> None:
         self._skipper.resume_from(int(state["epoch"]), int(state["batches_done"]))
@@ -85,9 +96,11 @@ class ResumableLoader(DataLoader):
 class GlobalBatchSampler(Sampler):
     """Yields this rank's share of each global batch; shuffled per epoch from (seed, epoch)."""
 
-    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
+                 trained_fn=None):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
+        self.trained_fn = trained_fn  # () -> batches trained in this fit, or None (then set_epoch / resume_from)
         self.epoch = 0
         self._resume: tuple[int, int] | None = None
 
@@ -101,16 +114,29 @@ class GlobalBatchSampler(Sampler):
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)
 
-    def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        else:
-            order = torch.arange(self.n)
-        skip = 0
+    def position(self) -> dict:
+        trained = self.trained_fn() if self.trained_fn else None
+        return position(trained, len(self)) if trained is not None else {"epoch": self.epoch, "batches_done": 0}
+
+    def _pass(self) -> tuple[int, int]:
+        """(epoch, batches to skip) of the pass about to start."""
+        trained = self.trained_fn() if self.trained_fn else None
+        if trained is not None:
+            self._resume = None
+            return divmod(trained, len(self))
+        epoch, skip = self.epoch, 0
         if self._resume is not None:
             if self._resume[0] == self.epoch:
                 skip = self._resume[1]
             self._resume = None
+        return epoch, skip
+
+    def __iter__(self):
+        epoch, skip = self._pass()
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        else:
+            order = torch.arange(self.n)
         for start in range(skip * self.batch_size, self.n, self.batch_size):
             batch = order[start : start + self.batch_size]
             yield batch.tensor_split(self.world_size)[self.rank]
@@ -172,14 +198,20 @@ class SyntheticDataModule(pl.LightningDataModule):
         rows = torch.randperm(n, generator=gen)[:k] if k <= n else torch.randint(0, n, (k,), generator=gen)
         return self.train_x[rows]
 
-    def _sampler(self, x: Tensor, batch_size: int, shuffle: bool) -> GlobalBatchSampler:
+    def _sampler(self, rows: int, batch_size: int, training: bool, kind=GlobalBatchSampler) -> GlobalBatchSampler:
+        """Batches of `rows` rows; a training sampler is shuffled (fixed sample) and follows the run's position."""
         rank, world = _rank_and_world(self.trainer)
-        return GlobalBatchSampler(x.shape[0], batch_size, shuffle=shuffle, seed=self.seed, rank=rank, world_size=world)
+        trained_fn = (lambda: trained_batches(self.trainer)) if training else None
+        shuffle = training and kind is GlobalBatchSampler
+        return kind(rows, batch_size, shuffle=shuffle, seed=self.seed, rank=rank, world_size=world,
+                    trained_fn=trained_fn)
+
+    def batches_per_epoch(self) -> int:
+        return -(-self.train_rows // self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
-        sampler = self._sampler(self.train_x, self.batch_size, shuffle=True)
-        return ResumableLoader(RowBatches(self.train_x), lambda: trainer_position(self.trainer), sampler,
-                               sampler=sampler, batch_size=None)
+        sampler = self._sampler(self.train_rows, self.batch_size, training=True)
+        return ResumableLoader(RowBatches(self.train_x), sampler, sampler=sampler, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_x)
@@ -189,7 +221,7 @@ class SyntheticDataModule(pl.LightningDataModule):
         return self._eval_loader(self.in_sample_x)
 
     def _eval_loader(self, x: Tensor) -> DataLoader:
-        return DataLoader(EvalBatches(x), sampler=self._sampler(x, self.eval_batch_size, False), batch_size=None)
+        return DataLoader(EvalBatches(x), sampler=self._sampler(x.shape[0], self.eval_batch_size, False), batch_size=None)
 
 
 class FreshBatchSampler(GlobalBatchSampler):
@@ -197,15 +229,11 @@ class FreshBatchSampler(GlobalBatchSampler):
     the rows themselves are drawn fresh by FreshBatches."""
 
     def __iter__(self):
-        skip = 0
-        if self._resume is not None:
-            if self._resume[0] == self.epoch:
-                skip = self._resume[1]
-            self._resume = None
+        epoch, skip = self._pass()
         for j in range(skip, len(self)):
             rows = min(self.batch_size, self.n - j * self.batch_size)
             share = torch.arange(rows).tensor_split(self.world_size)[self.rank]
-            yield (self.epoch, j, rows, int(share[0]) if len(share) else 0, len(share))
+            yield (epoch, j, rows, int(share[0]) if len(share) else 0, len(share))
 
 
 class FreshBatches(Dataset):
@@ -266,9 +294,10 @@ class FreshSyntheticDataModule(SyntheticDataModule):
         parts = [self.source.draw(chunk, stream_seed(self.seed, 3, seed, i)).x for i in range(-(-k // chunk))]
         return torch.cat(parts)[:k] * self.scale if parts else self.val_x[:0]
 
+    def batches_per_epoch(self) -> int:
+        return -(-self.epoch_rows // self.batch_size)
+
     def train_dataloader(self) -> DataLoader:
-        rank, world = _rank_and_world(self.trainer)
-        sampler = FreshBatchSampler(self.epoch_rows, self.batch_size, shuffle=False, seed=self.seed, rank=rank,
-                                    world_size=world)
-        return ResumableLoader(FreshBatches(self.source, self.seed, self.scale), lambda: trainer_position(self.trainer),
-                               sampler, sampler=sampler, batch_size=None)
+        sampler = self._sampler(self.epoch_rows, self.batch_size, True, FreshBatchSampler)
+        return ResumableLoader(FreshBatches(self.source, self.seed, self.scale), sampler, sampler=sampler,
+                               batch_size=None)

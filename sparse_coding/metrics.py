@@ -127,8 +127,8 @@ class SparsityMetrics(Metric):
         sxy = lam * self.sum_e_max + lam * lam * self.sum_l1_max
         nl_se_rows = ratio_se(n, sy, lam * self.sum_max, syy, lam * lam * self.sum_max_2, sxy)
         s1_se_rows = ratio_se(n, self.sum_l1, self.sum_max, self.sum_l1_2, self.sum_max_2, self.sum_l1_max)
-        if self.n_groups:
-            present = self.group_n > 0
+        present = self.group_n > 0
+        if self.n_groups and int(present.sum()) >= 2:  # one cluster has no spread: fall back to independent rows
             nl_se = clustered_ratio_se(self.group_e + lam * self.group_l1, lam * self.group_max, present)
             s1_se = clustered_ratio_se(self.group_l1, self.group_max, present)
             clusters = present.sum(dtype=torch.float64)

@@ -70,6 +70,7 @@ class SparseCodingModule(pl.LightningModule):
         init_rows: Tensor | None = None,
         eval_groups: int = 0,
         in_sample_groups: int = 0,
+        epoch_batches: int = 0,
     ) -> None:
         super().__init__()
         if int(lam_round_every) != lam_round_every or lam_round_every < 0:
@@ -99,6 +100,7 @@ class SparseCodingModule(pl.LightningModule):
         self.register_buffer("epoch_sum_max", torch.zeros(len(self.grid), dtype=torch.float64))
         self.register_buffer("epoch_count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("samples_seen", torch.zeros((), dtype=torch.float64))  # training samples, all ranks
+        self.register_buffer("lam_round_at", torch.full((), -1.0, dtype=torch.float64))  # batches trained at the last epoch round
         self.register_buffer("data_power", torch.full((), math.nan, dtype=torch.float64))  # mean ||x||^2, batch 1
         for k, (mult, _) in enumerate(self.grid):
             self.register_buffer(f"since_active_{k}", torch.zeros(mult * dim, dtype=torch.float64))
@@ -184,6 +186,8 @@ class SparseCodingModule(pl.LightningModule):
             self._initial_lams(x)
         elif self._lambda_round_due():
             self._lambda_round()
+        elif self._epoch_round_due():  # an epoch-end round a checkpoint taken on the epoch's last batch left undone
+            self._epoch_round()
         log = self._logging_step()
         codes = []
         with torch.no_grad():
@@ -247,8 +251,19 @@ class SparseCodingModule(pl.LightningModule):
             phi.div_(phi.norm(dim=0, keepdim=True).clamp_min(1e-12))
 
     def on_train_epoch_end(self) -> None:
-        if self.hparams.lam_round_every == 0:
-            self._lambda_round()
+        if self.hparams.lam_round_every == 0 and (self.hparams.epoch_batches == 0 or self._epoch_round_due()):
+            self._epoch_round()
+
+    def _epoch_round_due(self) -> bool:
+        """Fixed protocol: a round is due at every end of the run's own epoch (`epoch_batches` batches), once;
+        Lightning's epoch ends do not line up with it after a resume from a checkpoint on an epoch's last batch."""
+        every, done = self.hparams.epoch_batches, self.global_step // self.hparams.inner_steps
+        return (self.hparams.lam_round_every == 0 and every > 0 and done > 0 and done % every == 0
+                and float(self.lam_round_at) != done)
+
+    def _epoch_round(self) -> None:
+        self._lambda_round()
+        self.lam_round_at.fill_(self.global_step // self.hparams.inner_steps)
 
     def _lambda_round_due(self) -> bool:
         """With lam_round_every = N > 0: a round before the first step after every N batches (so a checkpoint

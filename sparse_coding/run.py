@@ -100,6 +100,7 @@ def build_module(cfg: DictConfig, datamodule) -> SparseCodingModule:
         init=d.init,
         seed=cfg.seed,
         init_rows=init_rows,
+        epoch_batches=datamodule.batches_per_epoch(),
         eval_groups=datamodule.eval_groups,
         in_sample_groups=datamodule.in_sample_groups if hasattr(datamodule, "in_sample_groups") else datamodule.eval_groups,
     )

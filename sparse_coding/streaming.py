@@ -16,9 +16,10 @@
   `max_norm_ratio` and `normalize` apply the massive-activation remedies of `sparse_coding.preprocess`
   (dropped rows are skipped like NaN rows, the mean is then taken over the kept rows; normalisation
   follows centring);
-- the training loader is resumable: a checkpoint stores (epoch, batches done), and a restored run
-  regenerates that epoch's seeded stream and drops the batches already trained on, so a run resumed
-  mid-epoch (`ckpt_path=last`) sees exactly the batches an uninterrupted run sees;
+- the training loader follows the run's own data position (sparse_coding.datamodule: the k-th batch
+  trained is batch k mod B of epoch k div B, k restored with the checkpoint), regenerating that
+  epoch's seeded stream and dropping the batches already trained on, so a resumed run
+  (`ckpt_path=last`, from any checkpoint) sees exactly the batches an uninterrupted run sees;
 - `init_rows(k, seed)`: k seeded, centred training rows, the same on every rank (Phi's data init);
 - evaluation batches are (rows, cluster ids): the held-out blocks and, for the final in-sample
   measurement, as many evenly spaced training blocks (`in_sample_dataloader`); a row's cluster is
@@ -135,6 +136,11 @@ class RowStream(IterableDataset):
             left -= len(active)
             r += 1
         return skips, left
+
+    def batches_per_epoch(self, workers: int) -> int:
+        """Batches this rank's loader yields in one pass (the same every epoch and on every rank)."""
+        total = sum(self.block_len(b) for b in range(len(self.blocks)))
+        return sum(len(p[2]) for p in stream_plan(total, self.world_size, max(1, workers), self.batch_size)[self.rank])
 
     def block_len(self, b: int) -> int:
         s, lo, hi = self.blocks[b]
@@ -266,8 +272,20 @@ class _EpochLoader(DataLoader):
 
 
 class _ResumableEpochLoader(_EpochLoader):
+    """The training loader: each pass yields the rest of the run's current epoch (`position_fn`: batches
+    trained, None outside a fit, then `epoch_fn` and `load_state_dict` choose the pass)."""
+
+    def _trained(self) -> Optional[int]:
+        return self._position_fn()
+
     def __iter__(self):
-        self.dataset.epoch = self._epoch_fn()
+        trained = self._trained()
+        if trained is not None:
+            epoch, done = divmod(trained, max(1, self.dataset.batches_per_epoch(self.num_workers)))
+            self.dataset.epoch = epoch
+            self.dataset.resume_from(epoch, done)
+        else:
+            self.dataset.epoch = self._epoch_fn()
         drop = self.dataset.resume_plan(self.num_workers)[1]
         it = DataLoader.__iter__(self)  # worker processes start here with their copy of the resume point
         if self.num_workers > 0:
@@ -277,10 +295,16 @@ class _ResumableEpochLoader(_EpochLoader):
         return it
 
     def state_dict(self) -> dict:
-        return self._position_fn()
+        from sparse_coding.datamodule import position
+
+        trained = self._trained()
+        if trained is None:
+            return {"epoch": self.dataset.epoch, "batches_done": 0}
+        return position(trained, self.dataset.batches_per_epoch(self.num_workers))
 
     def load_state_dict(self, state: dict) -> None:
-        self.dataset.resume_from(int(state["epoch"]), int(state["batches_done"]))
+        if self._trained() is None:  # in a fit the position comes from the restored run itself
+            self.dataset.resume_from(int(state["epoch"]), int(state["batches_done"]))
 
 
 class CacheDataModule(pl.LightningDataModule):
@@ -481,11 +505,14 @@ class CacheDataModule(pl.LightningDataModule):
                          shuffle, self.shuffle_buffer, self.seed, rank, world, self.mean, self.skip_nonfinite,
                          normalize=self.normalize, evaluation=evaluation, group_of=group_of)
 
+    def batches_per_epoch(self) -> int:
+        return self._stream(self.train_blocks, self._bad[0], True).batches_per_epoch(self.num_workers)
+
     def train_dataloader(self) -> DataLoader:
-        from sparse_coding.datamodule import trainer_position
+        from sparse_coding.datamodule import trained_batches
 
         return _ResumableEpochLoader(self._stream(self.train_blocks, self._bad[0], True), self._current_epoch,
-                                     lambda: trainer_position(getattr(self, "trainer", None)),
+                                     lambda: trained_batches(getattr(self, "trainer", None)),
                                      num_workers=self.num_workers)
 
     def init_rows(self, k: int, seed: int) -> torch.Tensor:

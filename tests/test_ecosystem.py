@@ -92,7 +92,7 @@ def assert_same_metrics(got: dict, want: dict) -> None:
 def test_measure_api_and_the_loaded_dictionary_reproduce_metrics_json(tmp_path):
     import sparse_coding
     from sparse_coding import SparseDictionary
-    from sparse_coding.datamodule import SyntheticDataModule
+    from sparse_coding.datamodule import FreshSyntheticDataModule
 
     out = tmp_path / "run"
     result = sparse_coding.measure([*TINY, "logger=none", f"out_dir={out}"])
@@ -100,8 +100,11 @@ def test_measure_api_and_the_loaded_dictionary_reproduce_metrics_json(tmp_path):
     assert result["normalized_loss"] == written["normalized_loss"] > 0
     d = SparseDictionary.load(out)
     assert (d.dim, d.dict_size, d.lam, d.mean) == (8, 16, written["lam"], None)
-    val_x = SyntheticDataModule("sparse_linear", 8, 256, 96, seed=0, active=3).val_x
+    data = FreshSyntheticDataModule("sparse_linear", 8, 256, 96, seed=0, active=3, batch_size=64)  # data.fresh=true
+    val_x = data.val_x
     assert_same_metrics(d.measure(val_x), written)
+    in_sample = d.measure(data.in_sample_x)  # and the in-sample numbers, on the training rows metrics.json used
+    assert {k: in_sample[k] for k in written["in_sample"]} == written["in_sample"]
     alpha = d.encode(val_x)
     assert alpha.shape == (96, 16) and (alpha >= 0).all()
     assert d.decode(alpha).shape == (96, 8)
