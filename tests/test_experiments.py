@@ -630,3 +630,31 @@ def test_report_has_no_paper_digits_and_every_claim_a_rule_and_verdict(tmp_path)
         assert "held-out" in text and "in-sample values were not recorded" in text
     for name in ("PAPER_SPARSITY", "PAPER_CONTROLS", "PAPER_EMBEDDINGS", "PAPER_BERT_MEDIUM"):
         assert not hasattr(tables, name)
+
+
+def test_sample_size_grid_table_and_figure(tmp_path):
+    """Issue 19: the sample-size points, and a table that states where the gap falls within gap_tol."""
+    from sparse_coding.experiments.figures import plot_sample_size
+    from sparse_coding.experiments.grid import sample_size_points
+    from sparse_coding.experiments.tables import gap_threshold, sample_size_groups, section_sample_size
+
+    pts = sample_size_points("paper")
+    fixed = [p for p in pts if p.x.get("n") not in (None, "fresh")]
+    assert all("data.fresh=false" in p.overrides for p in fixed)
+    assert all("data.fresh=true" in p.overrides for p in pts if p.x.get("n") == "fresh")
+    assert {p.x["tokens"] for p in pts if p.x.get("model")} == {50_000, 100_000, 200_000, 400_000, 800_000}
+    assert len({p.key("paper") for p in pts}) == len(pts)
+    rows = []
+    for n, gap in ((4096, 0.30), (16384, 0.10), (65536, 0.015), (262144, 0.004), ("fresh", 0.001)):
+        rows.append({"experiment": "sample_size", "seed": 0, "data": "sparse_linear", "a": 10, "n": n, "dim": 256,
+                     "normalized_loss": 7.0, "normalized_loss_se": 0.03, "in_sample_normalized_loss": 7 / (1 + gap),
+                     "generalization_gap": gap, "generalization_gap_se": 0.005, "sample_sufficient": gap <= 0.02,
+                     "converged": True, "run": f"r{n}"})
+    groups = [g for g in sample_size_groups(rows)]
+    assert [g["size"] for g in groups] == [4096, 16384, 65536, 262144, "fresh"]
+    assert gap_threshold(groups, "rows") == "within 2% from 65,536 rows on"
+    rows[2]["generalization_gap"] = 0.05  # a later size above the bar moves the threshold up
+    assert gap_threshold(sample_size_groups(rows), "rows") == "within 2% from 262,144 rows on"
+    text = section_sample_size(rows)
+    assert "| sparse_linear a=10 | fresh |" in text and "5 runs behind this table, 5 converged" in text
+    assert plot_sample_size(rows, tmp_path)[0].is_file()

@@ -229,10 +229,33 @@ def plot_functional(rows, out: Path) -> list[Path]:
     return [_save(fig, out / "functional.png")]
 
 
+def plot_sample_size(rows, out: Path) -> list[Path]:
+    """Held-out (filled) and in-sample (dashed) normalized_loss against the fitted sample size; fresh data as a line."""
+    from sparse_coding.experiments.tables import sample_size_groups
+
+    g = sample_size_groups(rows)
+    names = sorted({x["series"] for x in g})
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        pts = [x for x in g if x["series"] == name and x["size"] != "fresh"]
+        xs = [float(x["size"]) for x in pts]
+        series(ax, xs, pts, "normalized_loss", "C0", "held-out")
+        series(ax, xs, pts, "in_sample_normalized_loss", "C1", "in-sample", marker="s", ls="--")
+        for x in (x for x in g if x["series"] == name and x["size"] == "fresh"):
+            ax.axhline(x["normalized_loss"], color="C2", ls=":", label="fresh batches (held-out)")
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens (cache size)" if "hidden state" in name else "training rows (data.n)")
+        ax.set_ylabel("normalized_loss")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("Sample size: held-out vs in-sample; " + HOLLOW_NOTE.split(";", 1)[1].strip(), fontsize=8)
+    return [_save(fig, out / "sample_size.png")]
+
+
 PLOTS = {"sparsity": plot_sparsity, "controls": plot_controls,
          "controls_d256": lambda rows, out: plot_controls(rows, out, "controls_d256"), "dict_size": plot_dict_size,
          "embeddings": plot_embeddings, "layers": plot_layers, "sensitivity": plot_sensitivity,
-         "solver_gap": plot_solver_gap, "functional": plot_functional}
+         "solver_gap": plot_solver_gap, "functional": plot_functional, "sample_size": plot_sample_size}
 
 
 def plot_experiment(name: str, results: Path) -> list[Path]:

@@ -198,6 +198,36 @@ def sensitivity_points(scale: str) -> list[Point]:
     return pts
 
 
+# Issue 19: how the measurement depends on the number of rows a dictionary is fitted on. Synthetic: d=256 (the
+# family config), the fixed-sample protocol at each n, and fresh batches (the population value) beside them;
+# MiniLM hidden state 3 at 16d on caches of growing size. The shipped wiki sample holds ~647k MiniLM tokens, so the
+# 800k point reads the KJV corpus (1.0M tokens), with a KJV 400k point to show the corpus's own effect.
+SAMPLE_SIZE_N = (4096, 16384, 65536, 262144)
+SAMPLE_SIZE_DATA = (("sparse_linear", 10), ("sparse_linear", 64), ("gaussian", None))
+SAMPLE_SIZE_TOKENS = (("wiki", 50_000), ("wiki", 100_000), ("wiki", 200_000), ("wiki", 400_000),
+                      ("kjv", 400_000), ("kjv", 800_000))
+
+
+def sample_size_points(scale: str) -> list[Point]:
+    """Synthetic points first (cheap), then MiniLM's caches; seed-major."""
+    pts = []
+    for s in SEEDS:
+        for name, a in SAMPLE_SIZE_DATA:
+            for n in (*SAMPLE_SIZE_N, None):
+                p = sparse(a, s, "sample_size") if a is not None else control(name, s, "sample_size", scale=scale)
+                p.overrides.append(f"data.n={n}" if n else "data.fresh=true")
+                if n:
+                    p.overrides.append("data.fresh=false")
+                p.x.update(n=n or "fresh")
+                pts.append(p)
+    for s in SEEDS:
+        for corpus, tokens in SAMPLE_SIZE_TOKENS:
+            pts.append(Point("sample_size", "layers", ["model=minilm", "layer=3", f"corpus={corpus}",
+                                                        f"corpus.max_tokens={tokens}"], s,
+                             {"model": "minilm", "layer": 3, "corpus": corpus, "tokens": tokens}))
+    return pts
+
+
 EXPERIMENTS = {
     "sparsity": sparsity_points,
     "controls": controls_points,
@@ -207,4 +237,5 @@ EXPERIMENTS = {
     "layers": layers_points,
     "layers_remedy": layers_remedy_points,
     "sensitivity": sensitivity_points,
+    "sample_size": sample_size_points,
 }

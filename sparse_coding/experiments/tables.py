@@ -580,3 +580,67 @@ def layer_ranges(keys: list[str]) -> str:
             start = b
     return ", ".join(runs)
 
+
+
+# --------------------------------------------------------------------------------------------
+# Sample size (issue 19): held-out and in-sample beside each other
+
+GAP_TOL = 0.02  # convergence.gap_tol's default: the gap a sample-sufficient run stays within
+
+
+def sample_size_groups(rows: list[dict]) -> list[dict]:
+    """Per (data, a, n) or (model, corpus, tokens): held-out, in-sample and gap over seeds; sorted by size."""
+    for r in rows:
+        r["series"] = (f"{r['data']}" + (f" a={int(r['a'])}" if _num(r.get("a")) else "") if r.get("data")
+                       else f"{r.get('model')} hidden state {r.get('layer')}, {r.get('corpus')}")
+        r["size"] = r.get("n") if r.get("data") else r.get("tokens")
+    g = group(rows, ("series", "size"), ("normalized_loss", "in_sample_normalized_loss", "generalization_gap",
+                                          "avg_coef_norm", "in_sample_avg_coef_norm", "n_train"))
+    for x in g:
+        members = [r for r in rows if r["series"] == x["series"] and r["size"] == x["size"]]
+        x["sufficient"] = f"{sum(r.get('sample_sufficient') is True for r in members)}/{len(members)}"
+        x["gap_se"] = statistics.fmean([r["generalization_gap_se"] for r in members
+                                        if _num(r.get("generalization_gap_se"))] or [math.nan])
+    fresh_last = lambda v: math.inf if v == "fresh" else float(v)  # noqa: E731
+    return sorted(g, key=lambda x: (x["series"], fresh_last(x["size"])))
+
+
+def gap_threshold(points: list[dict], unit: str) -> str:
+    """The smallest size from which every larger finite size has a gap within GAP_TOL (mean over seeds)."""
+    finite = [p for p in points if p["size"] != "fresh" and _num(p.get("generalization_gap"))]
+    ok_from = None
+    for p in reversed(finite):
+        if abs(p["generalization_gap"]) > GAP_TOL:
+            break
+        ok_from = p
+    if ok_from is None:
+        return (f"not within {GAP_TOL:.0%} at any size run (largest: {finite[-1]['size']:,} {unit})" if finite
+                else "no finite size run")
+    return f"within {GAP_TOL:.0%} from {ok_from['size']:,} {unit} on"
+
+
+def section_sample_size(rows: list[dict]) -> str:
+    g = sample_size_groups(rows)
+    body = []
+    for x in g:
+        size = x["size"] if x["size"] == "fresh" else f"{x['size']:,}"
+        body.append([x["series"], size, fmt(x.get("n_train"), digits=6), ms(x, "normalized_loss"),
+                     ms(x, "in_sample_normalized_loss"), fmt(x["generalization_gap"] * 100, x["gap_se"] * 100, 2)
+                     + " %" if _num(x.get("generalization_gap")) else "—", x["sufficient"], *status_cells(x)])
+    out = table(["series", "n or tokens", "training rows", "normalized_loss (held-out)", "normalized_loss (in-sample)",
+                 "gap (held-out / in-sample − 1)", "sample sufficient", *STATUS_HEADER], body)
+    lines = []
+    for series in sorted({x["series"] for x in g}):
+        pts = [x for x in g if x["series"] == series]
+        fresh = [x for x in pts if x["size"] == "fresh"]
+        text = f"{series}: gap {gap_threshold(pts, 'tokens' if 'hidden state' in series else 'rows (data.n)')}"
+        if fresh:
+            text += (f"; fresh batches (the population value) read {fresh[0]['normalized_loss']:.3g} held-out, gap "
+                     f"{fresh[0]['generalization_gap']:+.2%}")
+        lines.append(text)
+    return (out + "\n\nAt which size the held-out and in-sample measurements agree within "
+            f"{GAP_TOL:.0%} (convergence.gap_tol):\n\n" + "\n".join(f"- {s}" for s in lines)
+            + "\n\nHeld-out rows were never fitted; in-sample rows are as many training rows as held-out ones, spread "
+            "over the training set, measured with the same final Φ, λ and solver. A fitted dictionary memorises a "
+            "small training set: held-out values sit above the population value, in-sample values below it. "
+            "Standard errors of cache rows are clustered by context. " + runs_line(rows) + " " + STATUS_NOTE)
