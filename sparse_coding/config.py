@@ -126,7 +126,9 @@ class LoggerConfig:
     project: str = "sparse-coding"
     # online | offline | disabled; unset: WANDB_MODE, else online under a wandb agent, else offline (loggers.py)
     mode: Optional[str] = None
+    entity: Optional[str] = None  # W&B team or user (unset: the login's default entity)
     group: Optional[str] = None
+    job_type: Optional[str] = None  # W&B job type, e.g. train, sweep (unset: none)
     run_name: Optional[str] = None
     tags: List[str] = field(default_factory=list)
 

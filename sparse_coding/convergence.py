@@ -17,6 +17,8 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Timer
 
+from sparse_coding.lightning_compat import is_last_batch
+
 # Auto cadence: evaluate every EVAL_MULTIPLE x (held-out rows) training samples. Evaluating a row
 # (solve only, one Gram per pass) costs about 0.4x training on it (solve, Gram per batch,
 # decode, gradient, Adam): measured 14.5 % of the fit at 4x (MiniLM layer 3), so 6x keeps it near 10 %.
@@ -131,7 +133,7 @@ class ConvergenceMonitor(pl.Callback):
             self.stopped_by = "converged"
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        if not is_last_batch(trainer):
             return  # a budget ended the epoch part-way
         self.passes += 1
         if self.is_cache and not self.converged and self.passes == 1 and not trainer.should_stop and trainer.is_global_zero:

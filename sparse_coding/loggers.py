@@ -3,6 +3,13 @@
 W&B mode, first match wins: `logger.mode` when you set it; else the environment's `WANDB_MODE`;
 else `online` inside a `wandb agent` (it sets `WANDB_SWEEP_ID`); else `offline`. So the sweep
 files reach the server under a real agent, and a plain run never needs a login.
+
+The W&B run config holds the Hydra config only, nested and as flat dotted keys (`data.dim`, ...).
+Lightning also hands every logger the module's constructor arguments (`save_hyperparameters` ->
+`logger.log_hyperparams`: `dim`, `grid`, `lr`, `max_steps`, `tol`, ...); `RunWandbLogger` drops those,
+since each repeats a Hydra key under another name (`max_steps` would read as `trainer.max_steps`, it is
+`solver.max_steps`). `logger.entity`, `logger.group`, `logger.job_type`, `logger.tags`, `logger.run_name`
+go to `wandb.init`.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
 from sparse_coding.paths import run_id
 
@@ -55,6 +63,20 @@ def _wandb_id() -> Optional[str]:
     return rid
 
 
+class RunWandbLogger(WandbLogger):
+    """A WandbLogger that ignores Lightning's `log_hyperparams` (the module's constructor arguments);
+    the run logs its Hydra config with `log_config`."""
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:  # noqa: ARG002 - Lightning's call
+        return None
+
+    def log_config(self, config: dict) -> None:
+        """The run's Hydra config, nested and as flat dotted keys."""
+        # The flat keys survive a sweep: its parameters (`model`, `data`, `data.dim`) are locked config
+        # keys, and wandb drops an update to a locked key, nested section included.
+        super().log_hyperparams({**config, **flat_config(config)})
+
+
 def build_logger(cfg: DictConfig, out_dir: Path):
     name = cfg.logger.name
     if name == "none":
@@ -64,25 +86,24 @@ def build_logger(cfg: DictConfig, out_dir: Path):
 
         return CSVLogger(save_dir=str(out_dir), name="csv")
     import wandb
-    from pytorch_lightning.loggers import WandbLogger
 
     os.environ.setdefault("WANDB_SILENT", "true")
     if wandb.run is not None:  # a run left open by an earlier job of this process: never log into it
         wandb.finish()
-    # `mode` goes to wandb.init; WandbLogger(offline=True) would overwrite WANDB_MODE for the whole process
-    logger = WandbLogger(
-        project=cfg.logger.project,
+    log = cfg.logger
+    # `mode` goes to wandb.init; WandbLogger(offline=True) would overwrite WANDB_MODE for the whole process.
+    # Unset entity/group/job_type are left to wandb (its environment variables: WANDB_ENTITY, WANDB_RUN_GROUP, ...).
+    extra = {key: log.get(key) for key in ("entity", "group", "job_type") if log.get(key) is not None}
+    logger = RunWandbLogger(
+        project=log.project,
         save_dir=str(out_dir),
         id=_wandb_id(),
-        group=cfg.logger.group,
-        name=cfg.logger.run_name,
-        tags=list(cfg.logger.tags),
-        mode=wandb_mode(cfg.logger.mode),
+        name=log.run_name,
+        tags=list(log.tags or []),
+        mode=wandb_mode(log.mode),
+        **extra,
     )
-    config = OmegaConf.to_container(cfg, resolve=True)
-    # The flat keys survive a sweep: its parameters (`model`, `data`, `data.dim`) are locked config keys,
-    # and wandb drops an update to a locked key, nested section included.
-    logger.log_hyperparams({**config, **flat_config(config)})
+    logger.log_config(OmegaConf.to_container(cfg, resolve=True))
     return logger
 
 
@@ -108,8 +129,6 @@ def log_run_files(logger, out_dir: Path, result: dict) -> None:
 
 def finish_logger(logger, failed: bool) -> None:
     """Close the run's W&B run (also after a failure), so the next run of this process starts its own."""
-    from pytorch_lightning.loggers import WandbLogger
-
     if isinstance(logger, WandbLogger):
         import wandb
 

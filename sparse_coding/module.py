@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_coding.errors import ConfigError
+from sparse_coding.lightning_compat import attached_trainer, should_update_logs
 from sparse_coding.metrics import SparsityMetrics
 from sparse_coding.solver import DEFAULT_TOL, SolveResult, all_finite, solve
 
@@ -117,12 +118,12 @@ class SparseCodingModule(pl.LightningModule):
     # ---- helpers -------------------------------------------------------------------------
 
     def _sum_across_ranks(self, t: Tensor) -> Tensor:
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if attached_trainer(self) is not None and self.trainer.world_size > 1:
             return self.trainer.strategy.reduce(t, reduce_op="sum")
         return t
 
     def _world_size(self) -> int:
-        return self.trainer.world_size if self._trainer is not None else 1
+        return self.trainer.world_size if attached_trainer(self) is not None else 1
 
     def lam(self, k: int) -> float:
         return float(self.lams[k])
@@ -154,9 +155,9 @@ class SparseCodingModule(pl.LightningModule):
     def _logging_step(self) -> bool:
         """Per-step statistics are computed only on the steps Lightning sends to the logger
         (every trainer.log_every_n_steps)."""
-        if self._trainer is None:
+        if attached_trainer(self) is None:
             return True
-        return bool(self.trainer._logger_connector.should_update_logs)
+        return should_update_logs(self.trainer)
 
     # ---- training --------------------------------------------------------------------------
 

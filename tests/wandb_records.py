@@ -48,13 +48,16 @@ def records(path: Path) -> list:
 
 
 def summary(path: Path) -> dict:
-    """{run_id, sweep_id, config (last value per key), artifacts [(name, type, files)], exit_code}."""
+    """{run_id, sweep_id, entity, project, group, job_type, tags, name, config (last value per key),
+    artifacts [(name, type, files)], exit_code}."""
     info = {"config": {}, "artifacts": [], "exit_code": None, "run_id": None, "sweep_id": None}
     for rec in records(path):
         kind = rec.WhichOneof("record_type")
         updates = []
         if kind == "run":
             info["run_id"], info["sweep_id"] = rec.run.run_id, rec.run.sweep_id
+            info.update(entity=rec.run.entity, project=rec.run.project, group=rec.run.run_group,
+                        job_type=rec.run.job_type, tags=list(rec.run.tags), name=rec.run.display_name)
             updates = rec.run.config.update
         elif kind == "config":
             updates = rec.config.update
