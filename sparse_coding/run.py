@@ -13,12 +13,12 @@ from typing import Sequence
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
 from sparse_coding.checkpoints import AtomicCheckpoint, resume_checkpoint
 from sparse_coding.config import SYNTHETIC_DATA, dictionary_grid
 from sparse_coding.convergence import (ConvergenceMonitor, eval_every_samples, insufficient_sample_advice,
                                       resolution_note, sample_sufficiency, trainer_schedule, unconverged_advice)
+from sparse_coding.lightning_compat import RICH_AVAILABLE
 from sparse_coding.loggers import build_logger, finish_logger, log_run_files
 from sparse_coding.module import SparseCodingModule
 from sparse_coding.progress import PassProgressBar
@@ -55,7 +55,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, logger, callbacks: Sequence[pl
     # writes last.ckpt only when it saves some checkpoint (save_top_k=0 never writes one mid-run).
     checkpoint = AtomicCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=1,
                                   every_n_train_steps=t.checkpoint_every_n_steps or None)
-    bar = [PassProgressBar()] if t.enable_progress_bar and _RICH_AVAILABLE else []
+    bar = [PassProgressBar()] if t.enable_progress_bar and RICH_AVAILABLE else []
     return pl.Trainer(
         max_epochs=t.max_epochs,
         max_steps=schedule["max_steps"],
