@@ -50,6 +50,7 @@ from sparse_coding.cache_store import (  # noqa: F401 - re-exported
     human_bytes,
     layer_key,
     layer_stats,
+    model_dtype_of,
     open_shard,
     read_manifest,
     read_mean,

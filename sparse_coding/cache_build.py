@@ -119,7 +119,7 @@ def _build_hidden_states(
     identity = {"kind": "hidden_states", "model_fingerprint": model_info["fingerprint"], "corpus_fingerprint": cfp,
                 "context_len": int(corpus_cfg.context_len), "max_tokens": int(corpus_cfg.max_tokens),
                 "keep_special_tokens": bool(corpus_cfg.keep_special_tokens), "corpus_batch_size": int(corpus_cfg.batch_size),
-                "dtype": dtype, "shard_rows": int(shard_rows)}
+                "dtype": dtype, "shard_rows": int(shard_rows), "model_dtype": model_info.get("dtype", "float32")}
     claim_output(out, identity)
     if old and (old["model"]["fingerprint"] != model_info["fingerprint"] or old["corpus"]["fingerprint"] != cfp):
         raise ConfigError(f"{out}/manifest.json: built from another model or corpus; use another cache_dir or --force")
@@ -182,7 +182,8 @@ def _build_hidden_states(
     entries = {key: finish_layer(out, key, n_rows, rows_per_shard, d, dtype) for key in keys}
     base = {
         "kind": "hidden_states",
-        "model": {key: model_info[key] for key in ("name", "hub_id", "fingerprint", "num_layers", "hidden_size")},
+        "model": {**{key: model_info[key] for key in ("name", "hub_id", "fingerprint", "num_layers", "hidden_size")},
+                  "dtype": model_info.get("dtype", "float32")},
         "corpus": {
             "name": corpus_cfg.name,
             "fingerprint": cfp,
@@ -297,12 +298,13 @@ def build_token_embeddings(out: Path, model: Any, model_info: dict, *, dtype: st
         weight = model.get_input_embeddings().weight.detach().float().cpu().numpy()
     base = {
         "kind": "token_embeddings",
-        "model": {key: model_info[key] for key in ("name", "hub_id", "fingerprint", "num_layers", "hidden_size")},
+        "model": {**{key: model_info[key] for key in ("name", "hub_id", "fingerprint", "num_layers", "hidden_size")},
+                  "dtype": model_info.get("dtype", "float32")},
         "corpus": None,
         "n_tokens": 0,
     }
     identity = {"kind": "token_embeddings", "model_fingerprint": model_info["fingerprint"], "dtype": dtype,
-                "rows_per_shard": shard_rows}
+                "rows_per_shard": shard_rows, "model_dtype": model_info.get("dtype", "float32")}
     return write_array_cache(out, lambda lo, hi: weight[lo:hi], weight.shape[0], weight.shape[1], "embeddings", base,
                              dtype=dtype, shard_rows=shard_rows, token_ids=np.arange(weight.shape[0]),
                              identity=identity, force=force)
@@ -423,15 +425,20 @@ def import_array(input: Path, output: Path, *, dtype: str = "float32", key: Opti
 
 
 def cache_dir_for(cfg: Any, model_fingerprint: str, corpus_fingerprint: Optional[str]) -> Path:
-    """The cache folder of a run: model, activation kind, corpus, context, size, specials, dtype."""
+    """The cache folder of a run: every setting that changes the activations it holds (model weights and tokenizer,
+    activation kind, corpus, context, size, specials, the model's compute dtype `model.dtype`, the stored dtype).
+    A model run in float32 (the default) keeps the folder name it always had; another `model.dtype` adds
+    `-model_DTYPE` (a float16 model's activations are not a float32 model's)."""
     name = str(cfg.model.name).replace("/", "--")  # model=hf model.name=ORG/NAME: one folder, as in the hub cache
     root = Path(str(cfg.cache_dir)).expanduser() / f"{name}-{model_fingerprint[:10]}"
+    model_dtype = str(getattr(cfg.model, "dtype", None) or "float32")
+    computed = "" if model_dtype == "float32" else f"-model_{model_dtype}"
     if cfg.activation == "token_embeddings":
-        return root / f"token_embeddings-{cfg.cache_dtype}"
+        return root / f"token_embeddings-{cfg.cache_dtype}{computed}"
     c = cfg.corpus
     special = "special" if c.keep_special_tokens else "nospecial"
     return root / "hidden_states" / (
-        f"{c.name}-{corpus_fingerprint[:10]}-ctx{c.context_len}-{c.max_tokens}tok-{special}-{cfg.cache_dtype}"
+        f"{c.name}-{corpus_fingerprint[:10]}-ctx{c.context_len}-{c.max_tokens}tok-{special}-{cfg.cache_dtype}{computed}"
     )
 
 

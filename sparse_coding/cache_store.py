@@ -215,7 +215,7 @@ def claim_output(out: Path, identity: dict) -> None:
             started = json.loads(record.read_text())
         except (OSError, ValueError):
             started = None
-        if started != identity:
+        if with_defaults(started) != with_defaults(identity):
             raise ConfigError(f"{out} holds a partial build of another source or settings "
                               f"({describe_build(started)}; this build: {describe_build(identity)}): {hint}")
         return
@@ -226,10 +226,25 @@ def claim_output(out: Path, identity: dict) -> None:
     _atomic_write_json(record, identity)
 
 
+def with_defaults(identity: Any) -> Any:
+    """A build identity with the settings that older records leave out at their value then: a model's caches were
+    computed in float32 before `model_dtype` was recorded."""
+    if isinstance(identity, dict) and identity.get("kind") in ("hidden_states", "token_embeddings"):
+        return {"model_dtype": "float32", **identity}
+    return identity
+
+
+def model_dtype_of(manifest: dict) -> Optional[str]:
+    """The compute dtype of the model that made a cache (float32 for records older than `model_dtype`; None: no model)."""
+    if not manifest.get("model"):
+        return None
+    return str((manifest.get("build") or {}).get("model_dtype") or manifest["model"].get("dtype") or "float32")
+
+
 def same_build(manifest: dict, identity: dict) -> bool:
     """Whether a finished cache was built from `identity` (caches without a build record: by their fingerprints)."""
     if "build" in manifest:
-        return manifest["build"] == identity
+        return with_defaults(manifest["build"]) == with_defaults(identity)
     if identity.get("kind") == "imported":
         return (manifest.get("source") or {}).get("sha256") == identity.get("source_sha256")
     fps = {"model_fingerprint": (manifest.get("model") or {}).get("fingerprint"),

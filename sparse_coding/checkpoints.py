@@ -13,7 +13,7 @@
 - `resume_checkpoint`: before `trainer.fit`, turns `ckpt_path` into an intact checkpoint file
   (`last`: the one with the most progress in `checkpoints/`; falling back to the newest intact one
   when the named one is damaged) and refuses, with one line, a checkpoint whose settings or shapes
-  differ from the config, one that has nothing left to train, one that is not a regular file (a
+  differ from the config, one trained on other data (`check_same_data`), one that has nothing left to train, one that is not a regular file (a
   FIFO would block the run forever), and a run that would replace a finished run's results.
 """
 
@@ -174,7 +174,11 @@ def _finished(ckpt: dict, trainer_cfg: Any) -> bool:
 
 
 SETTING = {"dim": "the data width d", "grid": "(dictionary.mult, dictionary.lam)", "seed": "seed",
-           "max_steps": "solver.max_steps", "tol": "solver.tol"}  # module hyper-parameter -> the config setting it comes from
+           "max_steps": "solver.max_steps", "tol": "solver.tol",
+           "epoch_batches": "batches per epoch (data.batch_size and the training rows)",
+           "lam_round_every": "batches between auto-lambda rounds (convergence.stop, convergence.eval_every, data.batch_size)",
+           "eval_groups": "held-out clusters (the data)", "in_sample_groups": "in-sample clusters (the data)",
+           }  # module hyper-parameter -> the config setting it comes from
 
 
 def check_compatible(ckpt: dict, path: Path, module: torch.nn.Module) -> None:
@@ -195,6 +199,39 @@ def check_compatible(ckpt: dict, path: Path, module: torch.nn.Module) -> None:
                               "and dictionary settings, or start a new run (another hydra.run.dir)")
 
 
+def saved_data_identity(ckpt: dict) -> Optional[dict]:
+    """The data identity a checkpoint recorded (the data module's state_dict, stored under its class name), or
+    None for a checkpoint written before it was recorded."""
+    for value in ckpt.values():
+        if isinstance(value, dict) and isinstance(value.get("data_identity"), dict):
+            return value["data_identity"]
+    return None
+
+
+def check_same_data(ckpt: dict, path: Path, data: Any) -> None:
+    """Refuse, with one line naming what differs, a checkpoint trained on other data than the config's (another
+    generator setting, another cache or a cache swapped under the same path, another layer or preprocessing)."""
+    if data is None or not hasattr(data, "identity"):
+        return
+    saved, wanted = saved_data_identity(ckpt), data.identity()
+    if saved is None:
+        print(f"[resume] {path} does not record which data it was trained on (an older checkpoint): the data "
+              "cannot be checked", file=sys.stderr)
+        return
+    differ = [k for k in sorted(set(saved) | set(wanted)) if not k.startswith("_") and saved.get(k) != wanted.get(k)]
+    if not differ:
+        return
+    def show(ident: dict, key: str) -> str:
+        value = ident.get(key, "(none)")
+        if key in ("cache content", "cache build") and ident.get("_data.path"):
+            return f"{value} at {ident['_data.path']}"
+        return repr(value) if isinstance(value, str) else str(value)
+    what = "; ".join(f"{k}: {show(saved, k)} there, {show(wanted, k)} here" for k in differ[:4])
+    more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+    raise ConfigError(f"{path} was trained on other data ({what}{more}): resume with the same data, or start a new "
+                      "run (another hydra.run.dir)")
+
+
 def _norm(v: Any) -> Any:
     """Tuples and lists compare equal (a checkpoint may hold either)."""
     if isinstance(v, (list, tuple)):
@@ -202,8 +239,10 @@ def _norm(v: Any) -> Any:
     return v
 
 
-def resume_checkpoint(ckpt_path: Optional[str], out_dir: Path, module: torch.nn.Module, trainer_cfg: Any) -> Optional[str]:
-    """The checkpoint file `trainer.fit` should resume from (None: start fresh); see the module docstring."""
+def resume_checkpoint(ckpt_path: Optional[str], out_dir: Path, module: torch.nn.Module, trainer_cfg: Any,
+                      data: Any = None) -> Optional[str]:
+    """The checkpoint file `trainer.fit` should resume from (None: start fresh); see the module docstring.
+    `data`: the run's data module, whose identity must match the checkpoint's (`check_same_data`)."""
     if is_launching_rank():
         check_fresh_run(out_dir, ckpt_path)  # a finished run's results are never replaced by a fresh run
     if ckpt_path is None:
@@ -244,6 +283,7 @@ def resume_checkpoint(ckpt_path: Optional[str], out_dir: Path, module: torch.nn.
                 raise ConfigError(f"{e}; no other intact checkpoint in {folder}: start a new run") from None
             print(f"[resume] {path} is damaged ({e}); resuming from {fallback[0][0]} instead", file=sys.stderr)
             path, ckpt = fallback[0]
+    check_same_data(ckpt, path, data)  # first: a data setting also changes derived hyper-parameters (epoch_batches)
     check_compatible(ckpt, path, module)
     own_run = path.resolve().parent.parent == out_dir.resolve()
     ended = _converged(ckpt) or _finished(ckpt, trainer_cfg)

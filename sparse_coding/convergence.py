@@ -133,9 +133,16 @@ class ConvergenceMonitor(pl.Callback):
             self.stopped_by = "converged"
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if not is_last_batch(trainer):
+        every = int(getattr(pl_module, "hparams", {}).get("epoch_batches", 0) or 0)
+        if every > 0:  # passes by the run's own position: after a resume Lightning may re-enter a finished epoch
+            passes = pl_module.global_step // int(pl_module.hparams.get("inner_steps", 1)) // every
+            if passes <= self.passes:
+                return  # a budget ended the epoch part-way, or this pass was counted before the checkpoint
+            self.passes = passes
+        elif not is_last_batch(trainer):
             return  # a budget ended the epoch part-way
-        self.passes += 1
+        else:
+            self.passes += 1
         if self.is_cache and not self.converged and self.passes == 1 and not trainer.should_stop and trainer.is_global_zero:
             rows = f"{self.train_rows:,} " if self.train_rows else ""
             hint = ("the vocabulary is the whole data set" if self.fixed_rows else

@@ -44,6 +44,22 @@ def _rank_and_world(trainer: "pl.Trainer | None") -> tuple[int, int]:
     return trainer.global_rank, trainer.world_size
 
 
+def synthetic_identity(name: str, dim: int, n: int, n_val: int, seed: int, scale: float, fresh: bool, active: float,
+                       noise: float, preact_std: float) -> dict:
+    """What makes a synthetic data set: every generator setting that changes its rows (`data.KEY`: value), the
+    ones that apply to this generator. Stored in every checkpoint (the data module's `state_dict`) and compared
+    on resume (sparse_coding.checkpoints.check_same_data), so a run never continues on other data."""
+    out = {"data.name": name, "data.dim": int(dim), "data.fresh": bool(fresh), "data.n": int(n), "data.n_val": int(n_val),
+           "data.seed": int(seed), "data.scale": float(scale)}
+    if name in ("sparse_linear", "sparse_nonlinear"):
+        out["data.active"] = float(active)
+    if name == "sparse_linear":
+        out["data.noise"] = float(noise)
+    if name == "sparse_nonlinear":
+        out["data.preact_std"] = float(preact_std)
+    return out
+
+
 class RowBatches(Dataset):
     """Indexed by a tensor of row indices, returns those rows as one (B, d) batch."""
 
@@ -178,6 +194,7 @@ class SyntheticDataModule(pl.LightningDataModule):
             self.info.update(noise=noise)
         if name == "sparse_nonlinear":
             self.info.update(preact_std=preact_std)
+        self.data_identity = synthetic_identity(name, dim, n, n_val, seed, scale, False, active, noise, preact_std)
 
     @classmethod
     def from_config(cls, cfg) -> "SyntheticDataModule":
@@ -190,6 +207,14 @@ class SyntheticDataModule(pl.LightningDataModule):
 
     def describe(self) -> dict:
         return {**self.info, "se_unit": self.group_unit}
+
+    def identity(self) -> dict:
+        """The data's identity (`synthetic_identity`)."""
+        return dict(self.data_identity)
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: the data's identity, checked when a run resumes."""
+        return {"data_identity": self.identity()}
 
     def init_rows(self, k: int, seed: int) -> Tensor:
         """k training rows chosen by `seed` (with replacement only when k exceeds the data)."""
@@ -277,6 +302,7 @@ class FreshSyntheticDataModule(SyntheticDataModule):
             self.info.update(noise=noise)
         if name == "sparse_nonlinear":
             self.info.update(preact_std=preact_std)
+        self.data_identity = synthetic_identity(name, dim, n, n_val, seed, scale, True, active, noise, preact_std)
         first = FreshBatches(self.source, seed, scale)
         batches, got = [], 0
         for j in range(-(-n_val // batch_size)):  # the first rows of epoch 0, as training sees them

@@ -430,6 +430,7 @@ def load_model(model_cfg: Any) -> tuple[Any, Any, dict]:
         "fingerprint": fingerprint_files(path),
         "num_layers": num_layers,
         "hidden_size": width,
+        "dtype": str(getattr(model_cfg, "dtype", None) or "float32"),  # the compute dtype: part of a cache's identity
         "class": type(model).__name__,
     }
     return model, tokenizer, info

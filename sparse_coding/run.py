@@ -128,6 +128,8 @@ def _run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
+    # before the logger and the Trainer: a refused resume (other settings or data, a finished run) writes nothing
+    ckpt_path = resume_checkpoint(cfg.ckpt_path, out_dir, module, cfg.trainer, datamodule)
     logger = build_logger(cfg, out_dir)
     c = cfg.convergence
     schedule = trainer_schedule(cfg, datamodule.val_rows, int(cfg.data.batch_size))
@@ -139,8 +141,7 @@ def _run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) 
     failed = True
     try:
         trainer = build_trainer(cfg, out_dir, logger, [monitor, *callbacks], schedule)
-        trainer.fit(module, datamodule=datamodule,
-                    ckpt_path=resume_checkpoint(cfg.ckpt_path, out_dir, module, cfg.trainer))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         # the final measurement: held-out rows and, beside them, as many training rows (in-sample)
         trainer.validate(module, dataloaders=[datamodule.val_dataloader(), datamodule.in_sample_dataloader()],
                          verbose=False)

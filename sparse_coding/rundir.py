@@ -4,8 +4,8 @@
 (released by the kernel if the process dies), so a second `train.py` on the same directory stops at
 once with one line instead of mixing its outputs with the first one's. Only the launching process
 (rank 0) takes the lock: Lightning's DDP launcher re-runs the command for the other ranks in the
-same directory. A SIGTERM that Lightning turned into its exit-0 `SIGTERMException` is turned back
-into an error (exit 2) that says where the resumable checkpoint is.
+same directory. A SIGTERM that Lightning turned into its exit-0 `SIGTERMException`, and a Ctrl-C that it
+turned into `sys.exit(1)`, are turned into an error (exit 2, one line) that says where the resumable checkpoint is.
 
 `start_run(out_dir, ckpt_path, overwrite)` (train.py and `measure`) takes that lock first, then refuses
 a fresh run in a directory that holds a finished run (its metrics.json and dictionary would be
@@ -109,11 +109,19 @@ def own_run_dir(out_dir: Path) -> Iterator[None]:
         try:
             yield
         except BaseException as e:
-            if not _is_sigterm_exception(e):  # Lightning's, matched by name: no torch import before the run starts
+            # Lightning's SIGTERMException (matched by name: no torch import before the run starts), or the
+            # sys.exit(1) it makes of a Ctrl-C (KeyboardInterrupt) during a fit, or a Ctrl-C elsewhere in the run
+            if _is_sigterm_exception(e):
+                how = "SIGTERM"
+            elif isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt)):
+                how = "Ctrl-C (SIGINT)"
+            else:
                 raise
             last = out_dir / "checkpoints" / "last.ckpt"
             where = f"{last} holds the state" if last.is_file() else "no checkpoint was written yet"
-            raise RunInterrupted(f"stopped by SIGTERM before the run finished; no outputs were written; {where}: "
+            done = finished_outputs(out_dir)
+            written = f"its {', '.join(done)} are from an earlier end" if done else "no outputs were written"
+            raise RunInterrupted(f"stopped by {how} before the run finished; {written}; {where}: "
                                  "rerun the same command with ckpt_path=last to resume") from None
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)

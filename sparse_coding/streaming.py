@@ -458,6 +458,11 @@ class CacheDataModule(pl.LightningDataModule):
             if m.get("model") and m["model"].get("name") != cfg.model.name:
                 raise ConfigError(f"{path}/manifest.json: cache of model {m['model'].get('name')}, the run asks for "
                                   f"model={cfg.model.name}")
+            built_in = cache_mod.model_dtype_of(m)
+            if built_in is not None and built_in != str(cfg.model.dtype):
+                raise ConfigError(f"{path}/manifest.json: activations computed with model.dtype={built_in}, the run asks "
+                                  f"for model.dtype={cfg.model.dtype}: use model.dtype={built_in} or the cache of "
+                                  f"model.dtype={cfg.model.dtype} (built without data.path)")
             mdir = models.resolve_model_path(cfg.model)
             expected = models.read_model_shape(mdir, cfg.model.name)[1]
             if cfg.activation == "hidden_states":
@@ -574,3 +579,28 @@ class CacheDataModule(pl.LightningDataModule):
                                   self.max_norm_ratio, self.norm_dropped, self.median_norm),
             "checksums_verified": bool(self.verification.get("verified")),
         }
+
+    def identity(self) -> dict:
+        """What makes this data set (`data.KEY`: value): the layer's content (sha256 over its shards' and mean's
+        sha256 in the manifest, which every open verifies), the build that made it, and every data setting that
+        changes which rows train or how they look. Stored in every checkpoint (`state_dict`) and compared on resume
+        (sparse_coding.checkpoints.check_same_data), so a run never continues on another cache, or on a cache
+        swapped under the same path. Keys starting with "_" only inform (the path may move)."""
+        import hashlib
+        import json
+
+        m = self.manifest
+        content = {"shards": [[e.get("rows"), e.get("sha256")] for e in m["shards"][self.layer]],
+                   "mean": (m["stats"][self.layer] or {}).get("mean_sha256"), "d": self.dim, "dtype": m["dtype"]}
+        build = m.get("build") or {k: (m.get(k) or {}).get("fingerprint") for k in ("model", "corpus")}
+        return {"data.name": "cache",
+                "cache content": hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16],
+                "cache build": hashlib.sha256(json.dumps(build, sort_keys=True, default=str).encode()).hexdigest()[:16],
+                "layer": self.layer, "data.val_fraction": self.val_fraction, "data.center": self.center,
+                "data.skip_nonfinite": self.skip_nonfinite, "data.drop_positions": self.drop_positions,
+                "data.max_norm_ratio": self.max_norm_ratio, "data.normalize": self.normalize,
+                "_data.path": str(self.path)}
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: the data's identity, checked when a run resumes."""
+        return {"data_identity": self.identity()}

@@ -267,3 +267,32 @@ def test_refuses_when_disk_is_too_small(tmp_path, monkeypatch, capsys):
         cache.import_array(tmp_path / "x.npy", tmp_path / "out")
     assert "needs 250.0 KiB on disk" in capsys.readouterr().err
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_model_dtype_is_part_of_the_cache_identity(tiny_gpt2, gpt2_cache, tmp_path):
+    """Issue 22 item 7: a float16 model's activations are not a float32 model's: their own folder and build
+    record, and a cache given by data.path that another model.dtype made is refused."""
+    from sparse_coding.streaming import CacheDataModule
+
+    cfg32, path32 = gpt2_cache
+    cfg16 = gpt2_cfg(tiny_gpt2, Path(cfg32.cache_dir), "model.dtype=float16", "layer=1")
+    assert cache.cache_dir_for(cfg16, "f" * 64, "c" * 64) != cache.cache_dir_for(cfg32, "f" * 64, "c" * 64)
+    path16 = cache.ensure_cache(cfg16, shard_rows=64)
+    assert path16 != path32 and path16.name.endswith("-float32-model_float16")
+    m16, m32 = cache.read_manifest(path16), cache.read_manifest(path32)
+    assert m16["build"]["model_dtype"] == "float16" and m32["build"]["model_dtype"] == "float32"
+    assert m16["model"]["dtype"] == "float16"
+    rows16 = np.load(path16 / "layers" / "1" / "shard_00000.npy")
+    rows32 = np.load(path32 / "layers" / "1" / "shard_00000.npy")
+    assert rows16.shape == rows32.shape and not np.array_equal(rows16, rows32)  # computed in float16
+    for cfg, path, other in ((cfg32, path16, "float16"), (cfg16, path32, "float32")):
+        run = run_cfg(["model=gpt2", f"model.path={tiny_gpt2}", "layer=1", f"data.path={path}",
+                       f"model.dtype={cfg.model.dtype}"])
+        with pytest.raises(ConfigError, match=f"computed with model.dtype={other}, the run asks for "
+                                              f"model.dtype={cfg.model.dtype}"):
+            CacheDataModule.from_config(run, path)
+    # a cache recorded before model_dtype was (float32 by construction) is still this float32 cache
+    legacy = {**m32, "build": {k: v for k, v in m32["build"].items() if k != "model_dtype"}}
+    legacy["model"] = {k: v for k, v in m32["model"].items() if k != "dtype"}
+    assert cache.same_build(legacy, m32["build"]) and cache.model_dtype_of(legacy) == "float32"
+    assert not cache.same_build(legacy, m16["build"])
