@@ -92,7 +92,7 @@ def describe(cfg: Any, module, datamodule: Any = None) -> dict:
     }
 
 
-def save_dictionaries(out_dir: Path, cfg: Any, module, attempt: Optional[Callable] = None) -> None:
+def save_dictionaries(out_dir: Path, cfg: Any, module, attempt: Optional[Callable] = None, datamodule: Any = None) -> None:
     """Write dictionary.safetensors (Φ per label + metadata), then dictionary.json (the same + config).
 
     `attempt(name, write)` runs each write (write_outputs passes its own: atomic, independent).
@@ -102,7 +102,7 @@ def save_dictionaries(out_dir: Path, cfg: Any, module, attempt: Optional[Callabl
     from sparse_coding.atomic import atomic_write_bytes
 
     attempt = attempt or (lambda name, write: write())
-    meta = describe(cfg, module)
+    meta = describe(cfg, module, datamodule)
     tensors = {label: phi.detach().cpu().contiguous() for label, phi in zip(module.labels, module.phis)}
     blob = save(tensors, metadata={META_KEY: json.dumps(meta)})
     full = {**meta, "config": OmegaConf.to_container(cfg, resolve=True)}

@@ -34,7 +34,7 @@ def flatten_for_summary(result: dict) -> dict:
     return flat
 
 
-def write_outputs(out_dir: Path, cfg: DictConfig, module: SparseCodingModule, result: dict) -> None:
+def write_outputs(out_dir: Path, cfg: DictConfig, module: SparseCodingModule, result: dict, datamodule=None) -> None:
     """The dictionary first, then dictionary.json, metrics.json and plots; each written atomically and
     independently of the others (one that fails does not stop the rest). Raises ConfigError afterwards
     when any output failed or a metric is not finite (written as null and listed under `not_finite`)."""
@@ -50,7 +50,7 @@ def write_outputs(out_dir: Path, cfg: DictConfig, module: SparseCodingModule, re
         except errors as e:
             failed.append(f"{name} ({getattr(e, 'strerror', None) or e})")
 
-    save_dictionaries(out_dir, cfg, module, attempt)  # dictionary.safetensors, then dictionary.json
+    save_dictionaries(out_dir, cfg, module, attempt, datamodule)  # dictionary.safetensors, then dictionary.json
     attempt("metrics.json", lambda: atomic_write_bytes(out_dir / "metrics.json", _json_bytes(metrics)))
     if not failed and not bad:  # no figures of numbers that are not results
         from sparse_coding.plots import plot_run

@@ -152,7 +152,7 @@ def _run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) 
             result["ddp"] = {"world_size": trainer.world_size,
                              "phi_max_rank_difference": phi_rank_difference(trainer, module)}
         if trainer.is_global_zero:
-            write_outputs(out_dir, cfg, module, result)
+            write_outputs(out_dir, cfg, module, result, datamodule)  # the final validate() detached it from the trainer
             if cfg.logger.name == "wandb":
                 log_run_files(logger, out_dir, result)
             print_table(result)
