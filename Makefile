@@ -33,7 +33,7 @@ lock:
 	@echo "constraints.txt: $$(grep -vc '^#' constraints.txt) packages"
 
 demo: setup
-	$(PY) train.py model=minilm layer=3 hydra.run.dir=outputs/demo
+	$(PY) train.py model=minilm layer=3 hydra.run.dir=outputs/demo overwrite=true
 
 test: setup
 	$(PY) -m pytest -q
