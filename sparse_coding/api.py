@@ -23,11 +23,18 @@ def compose(overrides: Iterable[str] = ()):
     from sparse_coding.cache import compose_config
     from sparse_coding.config import validate
     from sparse_coding.models import check_trainable
+    from sparse_coding.overrides import check_overrides, one_line
 
-    if isinstance(overrides, str):
+    if isinstance(overrides, str) or not hasattr(overrides, "__iter__"):
         raise ConfigError(f"overrides must be a list of strings like ['model=minilm', 'layer=3'], not {overrides!r}")
-    cfg = compose_config(list(overrides))
-    validate(cfg)
+    checked = check_overrides(list(overrides))  # a misspelled key or a wrong type: one line naming the fix
+    try:
+        cfg = compose_config(checked)
+        validate(cfg)
+    except Exception as e:  # noqa: BLE001 - what check_overrides cannot see (an interpolation, a config file's own error)
+        if not type(e).__module__.startswith(("hydra", "omegaconf")):
+            raise
+        raise ConfigError(f"cannot compose the config from {' '.join(checked) or '(no overrides)'}: {one_line(e)}") from None
     check_trainable(cfg)
     return cfg
 

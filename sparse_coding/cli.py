@@ -1,5 +1,6 @@
-"""The training entry point (`python train.py`, console script `sparse-coding-train`): compose the
-Hydra config from the package's conf/, validate it (fast, before heavy imports), run."""
+"""The training entry point (`python train.py`, console script `sparse-coding-train`): check the
+overrides (sparse_coding.overrides), compose the Hydra config from the package's conf/, validate it
+(fast, before heavy imports), run."""
 
 import sys
 from pathlib import Path
@@ -14,8 +15,21 @@ from sparse_coding.paths import config_dir
 register_configs()
 
 
+def train() -> None:
+    """`python train.py OVERRIDES`: a misspelled key or a value of the wrong type is one line (exit 2) before
+    Hydra composes; a Trainer argument beyond the schema is passed on as `++trainer.ARG=VALUE`."""
+    from sparse_coding.overrides import check_command_line
+
+    try:
+        sys.argv[1:] = check_command_line(sys.argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    _compose_and_run()
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
-def train(cfg: DictConfig) -> None:
+def _compose_and_run(cfg: DictConfig) -> None:
     try:
         validate(cfg)
         from hydra.core.hydra_config import HydraConfig

@@ -11,7 +11,7 @@ import json
 import math
 import os
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
-from typing import Any, List, Optional, get_type_hints
+from typing import Any, Dict, List, Optional, get_type_hints
 
 from sparse_coding.errors import ConfigError
 
@@ -102,7 +102,9 @@ class ConvergenceConfig:
 
 @dataclass
 class TrainerConfig:
-    """Forwarded to `pytorch_lightning.Trainer`."""
+    """Forwarded to `pytorch_lightning.Trainer`, with any other Trainer argument given on top
+    (`trainer.gradient_clip_val=1.0`, `trainer.profiler=simple`: checked against the installed Trainer's
+    signature by sparse_coding.run_checks; those the run sets itself are refused there)."""
 
     max_epochs: int = -1  # -1: no epoch limit (the convergence budget ends the run); 10: the paper's protocol
     max_steps: int = -1
@@ -172,7 +174,7 @@ class RunConfig:
     seed: int = 0
     out_dir: Optional[str] = None  # defaults to Hydra's run directory
     ckpt_path: Optional[str] = None  # "last" or a checkpoint file to resume from
-    overwrite: bool = False  # a fresh run in a finished run's directory: its files are moved to replaced-<time>/
+    callbacks: Dict[str, Any] = field(default_factory=dict)  # NAME: {_target_: a Lightning callback, ...} (conf/callbacks/)
     overwrite: bool = False  # a fresh run in a finished run's directory: its files are moved to replaced-<time>/
 
 

@@ -14,16 +14,15 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from sparse_coding.checkpoints import AtomicCheckpoint, resume_checkpoint
+from sparse_coding.checkpoints import resume_checkpoint
 from sparse_coding.config import SYNTHETIC_DATA, dictionary_grid
 from sparse_coding.convergence import (ConvergenceMonitor, eval_every_samples, insufficient_sample_advice,
                                       resolution_note, sample_sufficiency, trainer_schedule, unconverged_advice)
-from sparse_coding.lightning_compat import RICH_AVAILABLE
 from sparse_coding.loggers import build_logger, finish_logger, log_run_files
 from sparse_coding.module import SparseCodingModule
-from sparse_coding.progress import PassProgressBar
 from sparse_coding.outputs import collect_results, print_table, write_outputs
 from sparse_coding.rundir import own_run_dir
+from sparse_coding.trainer import PerRankLoaders, build_trainer  # the Trainer from conf/trainer and conf/callbacks
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
@@ -40,43 +39,6 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 
         path = ensure_cache(cfg)
     return CacheDataModule.from_config(cfg, path)
-
-
-def build_trainer(cfg: DictConfig, out_dir: Path, logger, callbacks: Sequence[pl.Callback] = (),
-                  schedule: dict | None = None) -> pl.Trainer:
-    """The Lightning Trainer; `schedule` (sparse_coding.convergence.trainer_schedule) sets the held-out
-    evaluation cadence and the budget."""
-    t = cfg.trainer
-    schedule = schedule or {"max_steps": t.max_steps, "val_check_interval": None, "check_val_every_n_epoch": 1,  # once per epoch
-                            "max_time": None}
-    # last.ckpt at every epoch end and, with trainer.checkpoint_every_n_steps=N, every N optimizer steps
-    # (mid-epoch: the data loaders store their position, so `ckpt_path=last` resumes at the next batch).
-    # save_top_k=1 with no monitor keeps only the newest checkpoint; it is needed because Lightning
-    # writes last.ckpt only when it saves some checkpoint (save_top_k=0 never writes one mid-run).
-    checkpoint = AtomicCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=1,
-                                  every_n_train_steps=t.checkpoint_every_n_steps or None)
-    bar = [PassProgressBar()] if t.enable_progress_bar and RICH_AVAILABLE else []
-    return pl.Trainer(
-        max_epochs=t.max_epochs,
-        max_steps=schedule["max_steps"],
-        max_time=schedule["max_time"],
-        val_check_interval=schedule["val_check_interval"],
-        check_val_every_n_epoch=schedule["check_val_every_n_epoch"],
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=t.precision,
-        deterministic=t.deterministic,
-        log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.enable_progress_bar,
-        limit_train_batches=t.limit_train_batches,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,  # the data modules split batches across ranks themselves
-        default_root_dir=str(out_dir),
-        logger=logger,
-        callbacks=[checkpoint, *bar, *callbacks],
-    )
 
 
 def build_module(cfg: DictConfig, datamodule) -> SparseCodingModule:
@@ -143,8 +105,8 @@ def _run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) 
         trainer = build_trainer(cfg, out_dir, logger, [monitor, *callbacks], schedule)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         # the final measurement: held-out rows and, beside them, as many training rows (in-sample)
-        trainer.validate(module, dataloaders=[datamodule.val_dataloader(), datamodule.in_sample_dataloader()],
-                         verbose=False)
+        trainer.validate(module, dataloaders=PerRankLoaders(datamodule, "val_dataloader", "in_sample_dataloader"),
+                         verbose=False)  # built by each rank (ddp_spawn: not in the main process)
         result = collect_results(cfg, datamodule, module)
         result.update(monitor.report(module))
         result.update(sample_sufficiency(result, c.gap_tol))

@@ -95,6 +95,14 @@ def cli_cases(f):
         (["data=cache", f"data.path={f['empty']}"], "has no manifest.json"),
         (["data=cache", f"data.path={f['bad_json']}"], "cannot read its manifest.json"),
         ([*model, "data=cache", f"data.path={f['cache16']}"], "width d=16, but model=gpt2 has d=32"),
+        # issue 20: a misspelled key, with or without +, names the closest valid one; Trainer settings
+        (["dictionary.mutl=4"], "did you mean dictionary.mult?"),
+        (["+dictionary.mutl=4"], "did you mean dictionary.mult?"),
+        (["trainer.gradient_clip_vall=1"], "did you mean trainer.gradient_clip_val?"),
+        (["data.dim=abc"], "data.dim=abc"),
+        (["trainer.strategy=fsdp"], "trainer.strategy=fsdp"),
+        (["+trainer.val_check_interval=5"], "convergence.eval_every"),
+        (["trainer.accumulate_grad_batches=2"], "data.batch_size"),
     ]
 
 
@@ -114,10 +122,13 @@ def test_every_bad_value_fails_fast_with_one_line(fixtures, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing ran
 
 
-def test_hydra_level_errors_have_no_traceback(tmp_path):
-    for overrides in (["model=bogus"], ["data.dim=abc"], ["corpus=bogus"]):
+def test_hydra_level_errors_are_one_line(tmp_path):
+    """What Hydra itself would refuse in several lines is checked before it composes (sparse_coding.overrides)."""
+    for overrides, expected in ((["model=bogus"], "no such model config"), (["data.dim=abc"], "data.dim=abc"),
+                                (["corpus=bogus"], "no such corpus config"), (["layer=[bogus"], "cannot read the override")):
         proc = run_py(["train.py", *overrides, "logger=none", f"hydra.run.dir={tmp_path}"], timeout=120)
-        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        lines = error_lines(proc)
+        assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
         assert "bogus" in proc.stderr or "abc" in proc.stderr
 
 
@@ -175,18 +186,27 @@ from sparse_coding.config import validate
 from sparse_coding.errors import ConfigError
 t_import = time.perf_counter() - t0
 from sparse_coding.cache import compose_config  # Hydra's compose API (not our start-up)
+from sparse_coding.overrides import check_overrides  # before Hydra composes (loads Hydra's parser, as Hydra would)
 cases = json.loads(sys.argv[1])
 worst = 0.0
 messages = []
 for overrides in cases:
-    cfg = compose_config(overrides)
+    t = time.perf_counter()
+    try:
+        checked = check_overrides(overrides)
+    except ConfigError as e:
+        messages.append(str(e))
+        worst = max(worst, time.perf_counter() - t)
+        continue
+    checking = time.perf_counter() - t
+    cfg = compose_config(checked)
     t = time.perf_counter()
     try:
         validate(cfg)
         messages.append(None)
     except ConfigError as e:
         messages.append(str(e))
-    worst = max(worst, time.perf_counter() - t)
+    worst = max(worst, checking + time.perf_counter() - t)
 heavy = sorted(m for m in ("torch", "pytorch_lightning", "lightning", "transformers", "datasets", "wandb")
                if m in sys.modules)
 print(json.dumps({"import_s": t_import, "worst_validate_s": worst, "heavy": heavy, "messages": messages}))
@@ -194,7 +214,8 @@ print(json.dumps({"import_s": t_import, "worst_validate_s": worst, "heavy": heav
 
 
 def test_validation_imports_nothing_heavy_and_takes_under_2s(fixtures):
-    """Our own start-up (importing the validation and running it) is under 2 s and imports no torch."""
+    """Our own start-up (checking the overrides, importing the validation and running it) is under 2 s and
+    imports no torch."""
     cases = [o for o, _ in cli_cases(fixtures) if not any(x.startswith("model=bogus") for x in o)]
     proc = run_py(["-c", STARTUP_SCRIPT, json.dumps(cases)], timeout=120)
     assert proc.returncode == 0, proc.stderr
