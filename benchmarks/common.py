@@ -89,7 +89,7 @@ def perturbed_truth_dictionary(features: torch.Tensor, m: int, seed: int = 1, no
 
 
 def brief_training(x: torch.Tensor, m: int, steps: int, batch: int = 1024, lr: float = 1e-2, seed: int = 0):
-    """A dictionary trained briefly by the project's alternating scheme (SPEC §3): data-row init, then
+    """A dictionary trained briefly by the project's alternating scheme (docs/method.md §3): data-row init, then
     `steps` rounds of (solve, one Adam step on ||x - Phi alpha||^2, parallel-gradient removal, renormalise)."""
     gen = torch.Generator().manual_seed(seed)
     n, d = x.shape

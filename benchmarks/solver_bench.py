@@ -3,7 +3,7 @@
 Per problem (n samples, d, m), one table of time, ratio to ours, mean objective and mean nonzeros:
   ours (compiled kernel), ours (torch tensor path), the per-sample reference (timed on a subset,
   extrapolated), scikit-learn OMP at our mean L0, scikit-learn exact non-negative lasso (lasso_cd,
-  positive, alpha = lam/2: SPEC §2's scaling trap), and the floor: one X @ Phi GEMM plus one n x m
+  positive, alpha = lam/2: docs/method.md §2.5's scaling trap), and the floor: one X @ Phi GEMM plus one n x m
   max pass per mean greedy step, timed in the same run.
 
     python -m benchmarks.solver_bench [--device cpu] [--quick]

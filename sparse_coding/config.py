@@ -26,7 +26,7 @@ NORMALIZE = ("none", "token")  # data.normalize (sparse_coding.preprocess)
 
 @dataclass
 class DataConfig:
-    """Where activations come from: a synthetic generator (SPEC §5) or a cache on disk."""
+    """Where activations come from: a synthetic generator (docs/method.md §7) or a cache on disk."""
 
     name: str = "sparse_linear"
     dim: int = 256
@@ -44,7 +44,7 @@ class DataConfig:
     shuffle_buffer: int = 65536  # rows held by the streaming shuffle buffer (cache)
     skip_nonfinite: bool = False  # drop NaN/Inf rows from a cache instead of failing
     num_workers: int = 0
-    center: bool = True  # subtract the stored cache mean from real activations (SPEC §6)
+    center: bool = True  # subtract the stored cache mean from real activations (docs/method.md §7.6)
     drop_positions: int = 0  # leave out context positions 0..K-1 (attention sink / BOS; sparse_coding.preprocess)
     max_norm_ratio: float = 0.0  # > 1: leave out rows with norm > ratio x the layer's median row norm; 0: off
     normalize: str = "none"  # "token": every (centred) row scaled to norm sqrt(d) (sparse_coding.preprocess)
@@ -52,7 +52,7 @@ class DataConfig:
 
 @dataclass
 class DictionaryConfig:
-    """The learned dictionary Phi and the sparsity penalty lambda (SPEC §1, §3).
+    """The learned dictionary Phi and the sparsity penalty lambda (docs/method.md §1, §3, §4).
 
     `mult` and `lam` may be lists: the run then trains one dictionary per combination on the
     same batches (a bank).
@@ -71,16 +71,16 @@ class DictionaryConfig:
 
 @dataclass
 class SolverConfig:
-    """The batched greedy coefficient solver (SPEC §2)."""
+    """The batched greedy coefficient solver (docs/method.md §2)."""
 
     max_steps: int = 256
-    tol: float = 1e-2  # a step of size a is taken only while a > tol * lam/2 (SPEC §2; docs/performance.md)
+    tol: float = 1e-2  # a step of size a is taken only while a > tol * lam/2 (docs/method.md §2.2; docs/performance.md)
     eval_batch_size: int = 4096
 
 
 @dataclass
 class ConvergenceConfig:
-    """Train until the held-out measurement stops moving (SPEC §3), within a budget.
+    """Train until the held-out measurement stops moving (docs/method.md §6), within a budget.
 
     Every `eval_every` training samples the held-out metrics are computed; the run has converged
     when normalized_loss and avg_coef_norm of every dictionary each moved by less than `tol`
@@ -137,7 +137,7 @@ class LoggerConfig:
 
 @dataclass
 class ModelConfig:
-    """A Hugging Face model whose activations are measured (SPEC §6)."""
+    """A Hugging Face model whose activations are measured (docs/method.md §7.4)."""
 
     name: Optional[str] = "???"  # a named config (registry), or with source=hf any hub id
     path: Optional[str] = None  # a local directory holding the weights; overrides the registry

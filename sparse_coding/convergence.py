@@ -1,4 +1,4 @@
-"""Train until the held-out measurement has converged (SPEC §3), and say whether it did.
+"""Train until the held-out measurement has converged (docs/method.md §6), and say whether it did.
 
 The held-out metrics are computed every `convergence.eval_every` training samples (Lightning's
 `val_check_interval`, counted across epochs). `ConvergenceMonitor` reads the module's history after

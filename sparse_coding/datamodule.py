@@ -159,7 +159,7 @@ class GlobalBatchSampler(Sampler):
 
 
 class SyntheticDataModule(pl.LightningDataModule):
-    """A synthetic data set (SPEC §5), generated once; `n` training and `n_val` held-out rows."""
+    """A synthetic data set (docs/method.md §7), generated once; `n` training and `n_val` held-out rows."""
 
     def __init__(
         self,

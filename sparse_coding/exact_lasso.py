@@ -1,6 +1,6 @@
 """The exact non-negative lasso, batched, in float64, with a KKT certificate (the solver-gap reference).
 
-    min_a ||x - Phi a||^2 + lam * sum(a),  a >= 0          (SPEC §2's objective, per row of x)
+    min_a ||x - Phi a||^2 + lam * sum(a),  a >= 0          (docs/method.md §2.5, per row of x)
 
 Accelerated projected gradient (FISTA with per-row adaptive restart) over the whole batch, and every
 `polish_every` iterations an exact solve of the KKT equations on each row's current support,

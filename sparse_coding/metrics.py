@@ -1,4 +1,4 @@
-"""The sparsity metrics of SPEC §4, as global sums divided at the end.
+"""The sparsity metrics of docs/method.md §5, as global sums divided at the end.
 
 `SparsityMetrics` is a torchmetrics `Metric`: every state is a sum over samples, so under DDP
 torchmetrics all-reduces the sums and `compute()` divides once — never an average of per-rank

@@ -1,4 +1,4 @@
-"""Which language models we can measure, where their weights are, and how to load them (SPEC §6).
+"""Which language models we can measure, where their weights are, and how to load them (docs/method.md §7.4).
 
 Three kinds of model, one loading path (`transformers.AutoModel.from_pretrained` on a local
 directory):

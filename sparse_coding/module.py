@@ -1,4 +1,4 @@
-"""The LightningModule that learns unit-norm dictionaries Phi by alternating minimisation (SPEC §3).
+"""The LightningModule that learns unit-norm dictionaries Phi by alternating minimisation (docs/method.md §3).
 
 Each training step: (i) solve for alpha with Phi fixed (no gradient through the solver); (ii) take
 `inner_steps` gradient steps on ||x - Phi alpha||^2 over Phi with alpha fixed, removing the part of

@@ -1,4 +1,4 @@
-"""The greedy coefficient solver: non-negative matching pursuit with shrinkage (SPEC §2).
+"""The greedy coefficient solver: non-negative matching pursuit with shrinkage (docs/method.md §2).
 
 For each sample x (all samples of a batch at once):
 
@@ -8,7 +8,7 @@ For each sample x (all samples of a batch at once):
 
 Each accepted step lowers ||x - Phi alpha||^2 + lam ||alpha||_1 by exactly a^2 (unit columns).
 In exact arithmetic the steps shrink geometrically and never reach a <= 0, so the stop is the
-explicit relative tolerance `tol` (SPEC §2): the same rule in float32 and float64 and in every
+explicit relative tolerance `tol` (docs/method.md §2.2): the same rule in float32 and float64 and in every
 backend, so steps, L0 and the capped fraction do not depend on the dtype. Its default was chosen
 by measurement (docs/performance.md): it moves S1 and L_norm by < 0.1 % against tol -> 0.
 
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-# The default relative step tolerance (SPEC §2; measured in docs/performance.md).
+# The default relative step tolerance (docs/method.md §2.2; measured in docs/performance.md).
 DEFAULT_TOL = 1e-2
 
 # Drop stopped samples from the working set once they make up this share of it. Compacting copies
@@ -356,6 +356,6 @@ def solve_reference(x: Tensor, phi: Tensor, lam: float, max_steps: int = 256, to
 
 
 def objective(x: Tensor, phi: Tensor, alpha: Tensor, lam: float) -> Tensor:
-    """Per-sample ||x - Phi alpha||^2 + lam ||alpha||_1 (SPEC §1), shape (n,)."""
+    """Per-sample ||x - Phi alpha||^2 + lam ||alpha||_1 (docs/method.md §1), shape (n,)."""
     residual = x - alpha @ phi.T
     return residual.pow(2).sum(dim=1) + lam * alpha.sum(dim=1)

@@ -1,4 +1,4 @@
-"""Synthetic data sets with known sparsity and the controls (SPEC §5, paper App. D–E).
+"""Synthetic data sets with known sparsity and the controls (docs/method.md §7.1–7.3).
 
 Every generator is a pure function of its arguments and a seed; it returns float32 samples
 (n, dim). `sparse_linear` also returns its true coefficients so a run can report the ground truth.

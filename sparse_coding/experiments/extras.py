@@ -4,7 +4,7 @@
   lasso optimum for the same Phi and lam (`sparse_coding.exact_lasso`: batched accelerated projected
   gradient in float64 with exact solves on each support, certified by its KKT violation <= 1e-3 lam;
   tested against scikit-learn's `Lasso(positive=True)`): the objective ratio and S1,
-  normalized_loss, l0 and fvu under each code (SPEC §2).
+  normalized_loss, l0 and fvu under each code (docs/method.md §2.5).
 - `functional_check`: SmolLM2's next-token loss when one hidden state is replaced by its dictionary
   reconstruction Phi alpha (+ the cache mean that centring removed), against the clean model and
   zero-ablation of the same hidden state, on held-out wiki text.

@@ -492,7 +492,7 @@ def section_solver_gap(rows: list[dict]) -> str:
                ) if spans else ""
     return (out + "\n\n" + summary + f"On {rows[0]['samples']} held-out samples per point, the same Φ and λ: the greedy code against "
             "the exact non-negative lasso (float64; converged when its KKT violation ≤ 1e-3·λ). Older rows (n/r) "
-            "predate the metric columns. The metric is defined on the greedy code (SPEC §2); the exact columns say how "
+            "predate the metric columns. The metric is defined on the greedy code (docs/method.md §2); the exact columns say how "
             "much of the number is the solver. Every row's Φ is the seed-0 dictionary of its point; `dictionary "
             "converged` says whether that run converged.")
 
