@@ -279,15 +279,9 @@ def test_layers_and_functional_check_on_real_models(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def gpt2_cache(tmp_path_factory):
-    """A tiny random GPT-2's layer=all cache (no special tokens: row i is at position i % 16)."""
-    from sparse_coding import cache
-    from tinymodels import make_tiny_gpt2, run_cfg
-
-    tiny = make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
-    cfg = run_cfg(["model=gpt2", f"model.path={tiny}", "layer=all", "corpus=kjv", "corpus.context_len=16",
-                   "corpus.max_tokens=320", "corpus.batch_size=4", f"cache_dir={tmp_path_factory.mktemp('cache')}"])
-    return tiny, cache.ensure_cache(cfg, shard_rows=64)
+def gpt2_cache(tiny_gpt2_cache):
+    """A tiny random GPT-2's layer=all cache (no special tokens: row i is at position i % 16; conftest.py)."""
+    return tiny_gpt2_cache
 
 
 def test_massive_analysis_finds_an_outlier_position_and_dimension():

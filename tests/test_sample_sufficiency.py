@@ -176,15 +176,9 @@ def test_ratio_se_is_unchanged_for_independent_rows():
 
 
 @pytest.fixture(scope="module")
-def gpt2_cache(tmp_path_factory):
-    """A tiny random GPT-2's layer-1 cache over 16-token contexts (row i is at position i % 16)."""
-    from sparse_coding import cache
-    from tinymodels import make_tiny_gpt2, run_cfg
-
-    tiny = make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
-    cfg = run_cfg(["model=gpt2", f"model.path={tiny}", "layer=1", "corpus=kjv", "corpus.context_len=16",
-                   "corpus.max_tokens=1600", "corpus.batch_size=4", f"cache_dir={tmp_path_factory.mktemp('cache')}"])
-    return tiny, cache.ensure_cache(cfg, shard_rows=256)
+def gpt2_cache(tiny_gpt2_cache):
+    """A tiny random GPT-2's layer=all cache over 16-token contexts (conftest.py)."""
+    return tiny_gpt2_cache
 
 
 def test_cache_evaluation_batches_carry_their_context_and_in_sample_rows_are_training_rows(gpt2_cache):
