@@ -78,6 +78,27 @@ def has_converged(history: list[dict], window: int, tol: float) -> bool:
     return True
 
 
+def relative_change(history: list[dict], window: int) -> Optional[float]:
+    """How far the run is from converging: the largest relative change, over every dictionary and tracked metric,
+    between the means of the last `window` evaluations and of the `window` before them (what has_converged
+    compares with `tol`); None before 2 x window evaluations, inf for a non-finite value or a zero mean that moved."""
+    if window < 1 or len(history) < 2 * window:
+        return None
+    recent, before = history[-window:], history[-2 * window:-window]
+    worst = 0.0
+    for k in range(len(recent[-1]["dictionaries"])):
+        for key in TRACKED:
+            now = [point["dictionaries"][k][key] for point in recent]
+            then = [point["dictionaries"][k][key] for point in before]
+            if not all(math.isfinite(v) for v in now + then):
+                return math.inf
+            mean_now, mean_then = sum(now) / window, sum(then) / window
+            diff = abs(mean_now - mean_then)
+            change = diff / abs(mean_now) if mean_now != 0 else (0.0 if diff == 0 else math.inf)
+            worst = max(worst, change)
+    return worst
+
+
 class ConvergenceMonitor(pl.Callback):
     """Stops the fit when the measurement has converged (with `stop`), times fit and evaluation."""
 
