@@ -392,6 +392,26 @@ def _pick_tensor(obj: Any, key: Optional[str], path: Path) -> np.ndarray:
     return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
+def check_representable(arr: np.ndarray, dtype: str, path: Path, chunk_rows: int = 65536) -> None:
+    """Refuse, with one line, finite values that the cache's dtype cannot hold (float64 above float32's range, or
+    float32 above float16's): stored they would become inf without a word."""
+    target = np.dtype(dtype)
+    if np.finfo(arr.dtype).max <= np.finfo(target).max:
+        return
+    count, largest = 0, 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for lo in range(0, arr.shape[0], chunk_rows):
+            a = np.asarray(arr[lo:lo + chunk_rows])
+            bad = np.isfinite(a) & ~np.isfinite(a.astype(target))
+            if bad.any():
+                count += int(bad.sum())
+                largest = max(largest, float(np.abs(a[bad]).max()))
+    if count:
+        raise ConfigError(f"{path}: {count} finite value{'s' if count != 1 else ''} (largest |x| = {largest:.3g}) "
+                          f"exceed the range of {dtype} (|x| <= {float(np.finfo(target).max):.3g}) and would be stored "
+                          f"as inf: scale the array down{' or import with --dtype float32' if dtype == 'float16' else ''}")
+
+
 def import_array(input: Path, output: Path, *, dtype: str = "float32", key: Optional[str] = None,
                  shard_rows: int = DEFAULT_SHARD_ROWS, force: bool = False) -> Path:
     """Turn a user's own (n × d) activations into a cache (layer key 'data').
@@ -406,6 +426,7 @@ def import_array(input: Path, output: Path, *, dtype: str = "float32", key: Opti
         check_replaceable(Path(output))  # before reading the input: a run directory given by mistake is refused at once
     arr = load_user_array(input, key)
     check_sizes(Path(output), int(arr.shape[0]), int(arr.shape[1]), shard_rows)
+    check_representable(arr, dtype, input)
     digest = sha256_file(input)
     base = {
         "kind": "imported",

@@ -58,12 +58,29 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def unreadable(path: Path, e: OSError) -> ConfigError:
+    """One line for a cache file that cannot be read (permissions, an I/O error)."""
+    why = "not readable by this user" if isinstance(e, PermissionError) else (e.strerror or type(e).__name__)
+    return ConfigError(f"{path}: cannot be read ({why}): fix its permissions (chmod), or rebuild the cache")
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+                h.update(chunk)
+    except (PermissionError, IsADirectoryError) as e:
+        raise unreadable(path, e) from None
     return h.hexdigest()
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, with a folder this user cannot search (chmod 000) as one line instead of PermissionError."""
+    try:
+        return path.is_file()
+    except OSError as e:
+        raise unreadable(path, e) from None
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -337,12 +354,18 @@ def read_manifest(path: Path) -> dict:
     """The manifest of a cache folder; ConfigError when it is missing or not a manifest."""
     path = Path(path)
     mf = path / "manifest.json"
-    if not mf.is_file():
+    if not _is_file(mf):
         raise ConfigError(f"{mf}: no manifest (not a cache, or its build did not finish: rerun the build to resume)")
     try:
         m = json.loads(mf.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{mf}: not valid JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{mf}: not a JSON text ({type(e).__name__}); rebuild the cache") from None
+    except OSError as e:
+        raise unreadable(mf, e) from None
+    if not isinstance(m, dict):
+        raise ConfigError(f"{mf}: holds a JSON {type(m).__name__}, not a manifest; rebuild the cache")
     for key in ("format_version", "d", "dtype", "n_rows", "layers", "shards", "rows_per_shard"):
         if key not in m:
             raise ConfigError(f"{mf}: missing field {key!r}")
@@ -444,10 +467,12 @@ def shard_paths(path: Path, manifest: dict, key: str) -> list[Path]:
 
 def open_shard(file: Path, rows: int, d: int, dtype: str) -> np.ndarray:
     """Memory-map one shard and check its shape and dtype against the manifest."""
-    if not file.is_file():
+    if not _is_file(file):
         raise ConfigError(f"{file}: shard is missing")
     try:
         arr = np.load(file, mmap_mode="r", allow_pickle=False)
+    except PermissionError as e:
+        raise unreadable(file, e) from None
     except (ValueError, OSError, EOFError) as e:
         raise ConfigError(f"{file}: cannot be read as .npy, truncated or altered ({e})") from None
     if arr.shape != (rows, d) or arr.dtype != np.dtype(dtype):
@@ -559,13 +584,13 @@ def verify(path: Path, layers: Optional[Iterable[str]] = None) -> dict:
         if st is None:
             raise ConfigError(f"{path}/manifest.json: no statistics for layer {key}")
         mf = cache_file(path, st["mean_file"])
-        if not mf.is_file() or sha256_file(mf) != st["mean_sha256"]:
+        if not _is_file(mf) or sha256_file(mf) != st["mean_sha256"]:
             raise ConfigError(f"{mf}: missing or its sha256 does not match the manifest")
         read_mean(mf, m["d"])
     tok = m.get("tokens")
     if tok:
         tf = cache_file(path, tok["file"])
-        if not tf.is_file() or sha256_file(tf) != tok["sha256"]:
+        if not _is_file(tf) or sha256_file(tf) != tok["sha256"]:
             raise ConfigError(f"{tf}: missing or its sha256 does not match the manifest")
         n_files += 1
     return {"files": n_files, "bytes": n_bytes, "seconds": round(time.time() - t0, 3)}
@@ -575,6 +600,8 @@ def read_mean(file: Path, d: int) -> np.ndarray:
     """A layer's stored mean row: a finite float vector of length d, or ConfigError."""
     try:
         mean = np.load(file, allow_pickle=False)
+    except PermissionError as e:
+        raise unreadable(file, e) from None
     except (ValueError, OSError, EOFError) as e:
         raise ConfigError(f"{file}: cannot be read as .npy ({str(e).splitlines()[0][:120]}); rebuild the cache") from None
     if mean.shape != (d,) or not np.issubdtype(mean.dtype, np.floating) or not np.isfinite(mean).all():

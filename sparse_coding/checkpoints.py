@@ -147,7 +147,68 @@ def load_checkpoint(path: Path) -> dict:
         raise ConfigError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters", "loops"} <= set(ckpt):
         raise ConfigError(f"{path}: not a checkpoint of this tool (no state_dict/hyper_parameters/loops)")
+    problem = checkpoint_problem(ckpt)
+    if problem is not None:
+        raise ConfigError(f"{path}: damaged or crafted checkpoint ({problem})")
     return ckpt
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+NONNEGATIVE = ("samples_seen", "epoch_count", "epoch_sum_max", "since_active_")  # buffers that count or sum
+NAN_BEFORE_FIRST_BATCH = ("lams", "data_power")  # NaN until the first batch set them
+
+
+def checkpoint_problem(ckpt: dict) -> Optional[str]:
+    """What makes a loaded checkpoint unusable to resume from (None: nothing found): the types Lightning's
+    restore relies on, an optimizer state, and finite, consistent module state (unit-norm Phi columns, lambda > 0,
+    counters >= 0). Without this a crafted file is a traceback from deep inside Lightning or the solver."""
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    for key in ("global_step", "epoch"):
+        if key in ckpt and not integer(ckpt[key]):
+            return f"{key}={ckpt[key]!r} is not a count"
+    if not isinstance(ckpt["loops"], dict) or not isinstance(ckpt["loops"].get("fit_loop", {}), dict):
+        return f"loops is a {type(ckpt['loops']).__name__}, not Lightning's loop state"
+    for key in ("callbacks", "hyper_parameters", "state_dict"):
+        if key in ckpt and not isinstance(ckpt[key], dict):
+            return f"{key} is a {type(ckpt[key]).__name__}, not a dict"
+    states = ckpt.get("optimizer_states")
+    if not isinstance(states, list) or not states or not all(
+            isinstance(o, dict) and {"state", "param_groups"} <= set(o) for o in states):
+        return "no optimizer state (a weights-only checkpoint cannot resume training)"
+    lam_history, history = ckpt.get("lam_history", []), ckpt.get("history", [])
+    if not isinstance(lam_history, list) or not all(
+            isinstance(h, list) and all(_number(v) and v > 0 for v in h) for h in lam_history):
+        return "lam_history is not a list of positive lambdas per dictionary"
+    if not isinstance(history, list) or not all(
+            isinstance(h, dict) and isinstance(h.get("dictionaries"), list) and _number(h.get("samples_seen"))
+            for h in history):
+        return "history is not a list of evaluation points"
+    step = ckpt.get("global_step", 0)
+    for key, t in ckpt["state_dict"].items():
+        if not isinstance(t, torch.Tensor):
+            return f"{key} is a {type(t).__name__}, not a tensor"
+        if not t.is_floating_point():
+            continue
+        values = t.detach()  # in its own dtype: a large Phi is not copied
+        finite = torch.isfinite(values)
+        if key in NAN_BEFORE_FIRST_BATCH and step == 0:
+            finite |= torch.isnan(values)
+        if not bool(finite.all()):
+            return f"{key} holds NaN/Inf"
+        if key == "lams" and bool((values[~torch.isnan(values)] <= 0).any()):
+            return f"lambda {[round(float(v), 6) for v in values]} is not > 0"
+        if key.startswith(NONNEGATIVE) and bool((values < 0).any()):
+            return f"{key} holds negative values"
+        if key.startswith("phis.") and values.ndim == 2 and values.numel():
+            norms = values.float().norm(dim=0).double()
+            if bool(((norms - 1).abs() > 1e-3).any()):
+                return f"{key}'s columns are not unit-norm (norms {float(norms.min()):.3g} to {float(norms.max()):.3g})"
+    return None
 
 
 def _intact(folder: Path, skip: Optional[Path] = None) -> list[tuple[Path, dict]]:
@@ -163,7 +224,7 @@ def _intact(folder: Path, skip: Optional[Path] = None) -> list[tuple[Path, dict]
         except ConfigError:
             continue
     return sorted(found, key=lambda pc: (pc[1].get("global_step", -1), pc[0].name.startswith("last"),
-                                         pc[0].stat().st_mtime), reverse=True)
+                                         pc[0].stat().st_mtime), reverse=True)  # load_checkpoint: an int step
 
 
 def _finished(ckpt: dict, trainer_cfg: Any) -> bool:
@@ -197,6 +258,59 @@ def check_compatible(ckpt: dict, path: Path, module: torch.nn.Module) -> None:
         if a != b:
             raise ConfigError(f"{path} holds {key} of shape {a}, this config builds {b}: resume with the same data "
                               "and dictionary settings, or start a new run (another hydra.run.dir)")
+    lam_history = ckpt.get("lam_history")
+    if isinstance(lam_history, list) and hasattr(module, "grid") and len(lam_history) != len(module.grid):
+        raise ConfigError(f"{path}: damaged or crafted checkpoint (lam_history holds {len(lam_history)} dictionaries, "
+                          f"the run trains {len(module.grid)})")
+    check_optimizer_state(ckpt, path, module)
+
+
+def check_optimizer_state(ckpt: dict, path: Path, module: torch.nn.Module) -> None:
+    """The checkpoint's optimizer state is one the module's optimizer can go on from: the same number of parameter
+    groups and parameters, and per parameter the state keys and tensor shapes that one step of that optimizer
+    makes, all finite (else Lightning's restore or the first step fails with a traceback)."""
+    if not hasattr(module, "configure_optimizers") or not hasattr(module, "phis"):
+        return
+    made = module.configure_optimizers()
+    params = [torch.nn.Parameter(p.detach().clone()) for p in module.phis]
+    reference = type(made)(params, **made.defaults)
+    for q in params:
+        q.grad = torch.zeros_like(q)
+    reference.step()
+    want = reference.state_dict()
+    saved = ckpt["optimizer_states"][0]
+
+    def refuse(what: str) -> ConfigError:
+        return ConfigError(f"{path}: damaged or crafted checkpoint (optimizer state: {what}); resume from another "
+                           "checkpoint (ckpt_path=FILE) or start a new run")
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(want["param_groups"]) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise refuse(f"{len(groups) if isinstance(groups, list) else groups!r} parameter groups, the optimizer has "
+                     f"{len(want['param_groups'])}")
+    ids = [i for g in groups for i in g["params"]]
+    if len(ids) != len(params):
+        raise refuse(f"{len(ids)} parameters, the dictionaries have {len(params)}")
+    state = saved.get("state")
+    if not isinstance(state, dict):
+        raise refuse("no per-parameter state")
+    ref_state = want["state"]
+    for n, i in enumerate(ids):
+        if i not in state:
+            if ref_state.get(n):  # this optimizer keeps state per parameter after a step
+                raise refuse(f"no state for parameter {n}")
+            continue
+        got, ref = state[i], ref_state.get(n, {})
+        if not isinstance(got, dict) or set(got) != set(ref):
+            raise refuse(f"parameter {n} holds {sorted(got) if isinstance(got, dict) else type(got).__name__}, "
+                         f"{type(made).__name__} keeps {sorted(ref)}")
+        for key, value in got.items():
+            r = ref[key]
+            if isinstance(r, torch.Tensor):
+                if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(r.shape):
+                    raise refuse(f"{key} of parameter {n} is not a tensor of shape {tuple(r.shape)}")
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise refuse(f"{key} of parameter {n} holds NaN/Inf")
 
 
 def saved_data_identity(ckpt: dict) -> Optional[dict]:
@@ -259,7 +373,13 @@ def resume_checkpoint(ckpt_path: Optional[str], out_dir: Path, module: torch.nn.
             check_regular(path)
         ranked = _intact(folder)  # the most progress first: a moved or copied run may have left last-v1.ckpt
         if not ranked:
-            raise ConfigError(f"{path} is damaged or missing and there is no other intact checkpoint in {folder}: "
+            why = "is missing"
+            if path.exists():
+                try:
+                    load_checkpoint(path)
+                except ConfigError as e:
+                    why = f"is unusable ({str(e).removeprefix(f'{path}: ')})"
+            raise ConfigError(f"{path} {why} and there is no other intact checkpoint in {folder}: "
                               "start a new run (without ckpt_path, or in another directory)")
         newest, ckpt = ranked[0]
         if newest.resolve() != path.resolve():

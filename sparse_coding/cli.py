@@ -22,6 +22,9 @@ def train() -> None:
 
     try:
         sys.argv[1:] = check_command_line(sys.argv[1:])
+        from sparse_coding.preflight import check_command_line as before_hydra
+
+        before_hydra(sys.argv[1:])  # what Hydra itself would stop on with a traceback (run dir, interpolations)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -287,6 +287,8 @@ def _integer(name: str, value: Any, minimum: int, maximum: Optional[int] = None)
 
 SEED_MAX = 2**32 - 1  # numpy and Lightning seed range
 SCALE_RANGE = (1e-6, 1e6)  # data.scale: float32 training is tested within this range
+NOISE_MAX = 1e6  # data.noise (sigma): beyond it the rows' squared norms leave float32's range
+MAX_MINUTES = 1e8  # convergence.max_minutes: 190 years
 
 
 def _number(value: Any) -> bool:
@@ -331,6 +333,9 @@ def validate_synthetic_fields(cfg: DataConfig) -> None:
     for key in ("dim", "n", "n_val"):
         _integer(f"data.{key}", getattr(cfg, key), 1)
     _positive("data.noise", cfg.noise, allow_zero=True)
+    if cfg.noise > NOISE_MAX:
+        raise ConfigError(f"data.noise={cfg.noise!r} must be at most {NOISE_MAX:g} (the noise's standard deviation "
+                          "relative to the signal; larger values overflow float32 training)")
     _positive("data.preact_std", cfg.preact_std, allow_zero=True)
     _positive("data.scale", cfg.scale)
     if not SCALE_RANGE[0] <= cfg.scale <= SCALE_RANGE[1]:
@@ -403,6 +408,7 @@ def validate(cfg: Any) -> None:
     if cfg.logger.mode not in (None, "online", "offline", "disabled"):
         raise ConfigError(f"logger.mode={cfg.logger.mode!r}: choose online, offline or disabled "
                           "(or leave it unset: WANDB_MODE, else online under a wandb agent, else offline)")
+    validate_logger_names(cfg.logger)
     if cfg.activation not in ACTIVATIONS:
         raise ConfigError(f"activation={cfg.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
     if uses_model:
@@ -430,6 +436,22 @@ def data_width(cfg: Any) -> Optional[int]:
         return None
 
 
+def validate_logger_names(lg: Any) -> None:
+    """The names W&B itself checks when the run starts (a traceback from inside wandb.init otherwise): the
+    project (1-128 characters, none of / \\ # ? % :) and every tag (1-64 characters). Checked for every logger,
+    so a config moves between loggers unchanged."""
+    project = getattr(lg, "project", None)
+    if project is not None:
+        bad = sorted({ch for ch in str(project) if ch in "/\\#?%:"})
+        if not str(project) or len(str(project)) > 128 or bad:
+            why = f"it contains {' '.join(bad)}" if bad else "it must be 1 to 128 characters"
+            raise ConfigError(f"logger.project={project!r} is not a W&B project name: {why} (no / \\ # ? % : "
+                              "and at most 128 characters)")
+    for i, tag in enumerate(getattr(lg, "tags", None) or []):
+        if not isinstance(tag, str) or not 1 <= len(tag) <= 64:
+            raise ConfigError(f"logger.tags: tag {i} ({tag!r}) must be a text of 1 to 64 characters (W&B's limit)")
+
+
 def validate_convergence(c: Any) -> None:
     if not isinstance(c.stop, bool):
         raise ConfigError(f"convergence.stop={c.stop!r} must be true or false")
@@ -442,6 +464,9 @@ def validate_convergence(c: Any) -> None:
         raise ConfigError(f"convergence.gap_tol={c.gap_tol!r} must be a number in (0, 1) (relative held-out vs in-sample gap)")
     if not _number(c.max_minutes) or c.max_minutes < 0:
         raise ConfigError(f"convergence.max_minutes={c.max_minutes!r} must be a number >= 0 (0: no time budget)")
+    if c.max_minutes > MAX_MINUTES:  # Lightning's Timer holds it as a timedelta: 1e300 minutes overflow it
+        raise ConfigError(f"convergence.max_minutes={c.max_minutes!r} is beyond any run (at most {MAX_MINUTES:g} minutes); "
+                          "use 0 for no time budget")
 
 
 def validate_cache_width(cfg: Any) -> None:

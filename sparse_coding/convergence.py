@@ -32,8 +32,38 @@ def eval_every_samples(cfg: Any, val_rows: int, global_batch: int) -> int:
     return max(1, math.ceil(every / global_batch)) * global_batch
 
 
-def trainer_schedule(cfg: Any, val_rows: int, global_batch: int) -> dict:
-    """Trainer arguments for the evaluation cadence and the budget."""
+def check_train_batches(cfg: Any, batches_per_epoch: int) -> None:
+    """A fractional trainer.limit_train_batches that leaves no batch of an epoch is one line (Lightning raises a
+    MisconfigurationException from inside the fit)."""
+    from sparse_coding.errors import ConfigError
+
+    limit = cfg.trainer.get("limit_train_batches")
+    if isinstance(limit, float) and 0 < limit < 1 and int(limit * batches_per_epoch) < 1:
+        raise ConfigError(f"trainer.limit_train_batches={limit!r} leaves no batch of the {batches_per_epoch} training "
+                          f"batches an epoch ({limit!r} x {batches_per_epoch} < 1): use at least "
+                          f"{1 / batches_per_epoch:.3g}, or a whole number of batches")
+
+
+def steps_for_samples(samples: int, epoch_sizes: list[int]) -> int:
+    """Batches until `samples` training samples are trained on, an epoch being batches of `epoch_sizes` rows (the
+    last batch of an epoch, or of a loader worker's part, may be short)."""
+    per_epoch = sum(epoch_sizes)
+    if per_epoch <= 0:
+        return 0
+    epochs, rest = divmod(int(samples), per_epoch)
+    steps, got = epochs * len(epoch_sizes), 0
+    for size in epoch_sizes:
+        if got >= rest:
+            break
+        got += size
+        steps += 1
+    return steps
+
+
+def trainer_schedule(cfg: Any, val_rows: int, global_batch: int, epoch_sizes: Optional[list[int]] = None) -> dict:
+    """Trainer arguments for the evaluation cadence and the budget. `epoch_sizes`: the global batch sizes of one
+    epoch, in order (the data module's `epoch_batch_sizes()`): the sample budget is then the step at which the run
+    has trained on `convergence.max_samples` samples, short batches included (else max_samples / batch)."""
     c, t = cfg.convergence, cfg.trainer
     every = eval_every_samples(cfg, val_rows, global_batch)
     max_steps = int(t.max_steps)
@@ -41,7 +71,8 @@ def trainer_schedule(cfg: Any, val_rows: int, global_batch: int) -> dict:
     max_time = None
     if c.stop:
         if c.max_samples > 0:
-            budget_steps = math.ceil(c.max_samples / global_batch) * int(cfg.dictionary.inner_steps)
+            batches = steps_for_samples(c.max_samples, epoch_sizes) if epoch_sizes else math.ceil(c.max_samples / global_batch)
+            budget_steps = batches * int(cfg.dictionary.inner_steps)
             if max_steps < 1 or budget_steps < max_steps:
                 max_steps, max_steps_from = budget_steps, "convergence.max_samples"
         if c.max_minutes > 0:

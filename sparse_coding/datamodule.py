@@ -234,6 +234,12 @@ class SyntheticDataModule(pl.LightningDataModule):
     def batches_per_epoch(self) -> int:
         return -(-self.train_rows // self.batch_size)
 
+    def epoch_batch_sizes(self) -> list[int]:
+        """The global batch sizes of one epoch, in order (the last one may be short)."""
+        rows = self.epoch_rows if self.train_rows is None else self.train_rows
+        k = -(-rows // self.batch_size)
+        return [self.batch_size] * (k - 1) + [rows - self.batch_size * (k - 1)] if k > 0 else []
+
     def train_dataloader(self) -> DataLoader:
         sampler = self._sampler(self.train_rows, self.batch_size, training=True)
         return ResumableLoader(RowBatches(self.train_x), sampler, sampler=sampler, batch_size=None)

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
+from sparse_coding.errors import ConfigError
 from sparse_coding.paths import run_id
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -77,6 +78,23 @@ class RunWandbLogger(WandbLogger):
         super().log_hyperparams({**config, **flat_config(config)})
 
 
+def check_online_login(wandb: Any) -> None:
+    """W&B online needs credentials. Without them wandb.init raises deep inside the run, or at a terminal waits
+    for a key to be typed: one line (exit 2) instead, before anything is logged."""
+    try:
+        found = wandb.login(prompt=False, verify=False)  # WANDB_API_KEY, a settings file or .netrc; no network
+    except TypeError:  # a wandb without `prompt`: wandb.init reports a missing key itself
+        return
+    except Exception as e:  # noqa: BLE001 - a damaged .netrc or settings file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ConfigError(f"W&B is online but cannot read its credentials ({first}): fix them with `wandb login`, "
+                          "or use logger.mode=offline") from None
+    if not found:
+        raise ConfigError("W&B is online (logger.mode, WANDB_MODE or a wandb agent) but has no API key here: run "
+                          "`wandb login` (or set WANDB_API_KEY), or use logger.mode=offline and upload later with "
+                          "`wandb sync RUN/wandb/offline-run-*`")
+
+
 def build_logger(cfg: DictConfig, out_dir: Path):
     name = cfg.logger.name
     if name == "none":
@@ -94,6 +112,8 @@ def build_logger(cfg: DictConfig, out_dir: Path):
     # `mode` goes to wandb.init; WandbLogger(offline=True) would overwrite WANDB_MODE for the whole process.
     # Unset entity/group/job_type are left to wandb (its environment variables: WANDB_ENTITY, WANDB_RUN_GROUP, ...).
     extra = {key: log.get(key) for key in ("entity", "group", "job_type") if log.get(key) is not None}
+    if wandb_mode(log.mode) == "online":
+        check_online_login(wandb)
     logger = RunWandbLogger(
         project=log.project,
         save_dir=str(out_dir),

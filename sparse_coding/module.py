@@ -142,10 +142,16 @@ class SparseCodingModule(pl.LightningModule):
             top = (x @ phi).amax(dim=1).clamp_min(0).sum(dtype=torch.float64)
             lam = 0.1 * float(self._sum_across_ranks(top) / count)
             for _ in range(self.hparams.lam_init_rounds):
+                if not 0 < lam < math.inf:
+                    break
                 row_max = self._solve(x, phi, lam).row_max()
                 lam = 0.1 * float(self._sum_across_ranks(row_max.sum(dtype=torch.float64)) / count)
-            if not lam > 0:
-                raise ValueError("auto lambda found no positive coefficients: are the data all zero?")
+            if not 0 < lam < math.inf:
+                biggest = float(x.detach().abs().max()) if x.numel() else 0.0
+                why = ("the rows' squared norms overflow float32" if biggest * biggest * x.shape[1] > 1e37 else
+                       "are the data all zero?")
+                raise ConfigError(f"auto lambda found no positive coefficients on the first batch (lam={lam:g}; "
+                                  f"largest |x| = {biggest:.3g}: {why}): check data.noise, data.scale or the cache")
             self.lams[k] = lam
             self.lam_history[k].append(lam)
 

@@ -16,8 +16,9 @@ from omegaconf import DictConfig
 
 from sparse_coding.checkpoints import resume_checkpoint
 from sparse_coding.config import SYNTHETIC_DATA, dictionary_grid
-from sparse_coding.convergence import (ConvergenceMonitor, eval_every_samples, insufficient_sample_advice,
-                                      resolution_note, sample_sufficiency, trainer_schedule, unconverged_advice)
+from sparse_coding.convergence import (ConvergenceMonitor, check_train_batches, eval_every_samples,
+                                      insufficient_sample_advice, resolution_note, sample_sufficiency,
+                                      trainer_schedule, unconverged_advice)
 from sparse_coding.loggers import build_logger, finish_logger, log_run_files
 from sparse_coding.module import SparseCodingModule
 from sparse_coding.outputs import collect_results, print_table, write_outputs
@@ -92,9 +93,10 @@ def _run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) 
     module = build_module(cfg, datamodule)
     # before the logger and the Trainer: a refused resume (other settings or data, a finished run) writes nothing
     ckpt_path = resume_checkpoint(cfg.ckpt_path, out_dir, module, cfg.trainer, datamodule)
+    check_train_batches(cfg, datamodule.batches_per_epoch())
     logger = build_logger(cfg, out_dir)
     c = cfg.convergence
-    schedule = trainer_schedule(cfg, datamodule.val_rows, int(cfg.data.batch_size))
+    schedule = trainer_schedule(cfg, datamodule.val_rows, int(cfg.data.batch_size), datamodule.epoch_batch_sizes())
     monitor = ConvergenceMonitor(c.window, c.tol, c.stop, c.max_samples, c.max_minutes,
                                  train_rows=getattr(datamodule, "train_rows", None),
                                  is_cache=cfg.model is not None or cfg.data.name == "cache",

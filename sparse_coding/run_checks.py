@@ -308,6 +308,22 @@ def check_trainer(t: Any) -> None:
     if (count > 1 or t.num_nodes > 1) and strategy not in DDP_STRATEGIES:
         raise ConfigError(f"trainer.devices={t.devices!r} / trainer.num_nodes={t.num_nodes} run several processes: "
                           "add trainer.strategy=ddp or ddp_spawn (or trainer=ddp / trainer=ddp_cpu)")
+    if t.num_nodes > 1 and not multi_node_launcher():
+        raise ConfigError(f"trainer.num_nodes={t.num_nodes} needs a launcher that starts this command on every node "
+                          "(SLURM's srun, torchrun, MPI, or MASTER_ADDR, MASTER_PORT and NODE_RANK set on each node); "
+                          "none is set here, so the run would wait for the other nodes forever: launch it that way, "
+                          "or use trainer.num_nodes=1")
+
+
+# Environment variables by which Lightning's cluster environments recognise a multi-node launch
+MULTI_NODE_ENV = (("MASTER_ADDR", "NODE_RANK"), ("SLURM_NTASKS",), ("TORCHELASTIC_RUN_ID",), ("GROUP_RANK",),
+                  ("OMPI_COMM_WORLD_SIZE",), ("PMI_SIZE",), ("LSB_JOBID",))
+
+
+def multi_node_launcher(environ: Optional[dict] = None) -> bool:
+    """Whether this process was started by something that runs the command on several nodes."""
+    env = os.environ if environ is None else environ
+    return any(all(env.get(k) for k in keys) for keys in MULTI_NODE_ENV)
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -141,6 +142,14 @@ class RowStream(IterableDataset):
         """Batches this rank's loader yields in one pass (the same every epoch and on every rank)."""
         total = sum(self.block_len(b) for b in range(len(self.blocks)))
         return sum(len(p[2]) for p in stream_plan(total, self.world_size, max(1, workers), self.batch_size)[self.rank])
+
+    def batch_sizes(self, workers: int, rank: Optional[int] = None) -> list[int]:
+        """A rank's batch sizes in one pass, in the order its DataLoader yields them (workers round-robin; one
+        that runs out leaves the rotation)."""
+        total = sum(self.block_len(b) for b in range(len(self.blocks)))
+        plan = stream_plan(total, self.world_size, max(1, workers), self.batch_size)[self.rank if rank is None else rank]
+        parts = [p[2] for p in plan]
+        return [sizes[r] for r in range(max((len(x) for x in parts), default=0)) for sizes in parts if len(sizes) > r]
 
     def block_len(self, b: int) -> int:
         s, lo, hi = self.blocks[b]
@@ -408,6 +417,22 @@ class CacheDataModule(pl.LightningDataModule):
             raise ConfigError(f"{self.path}: {self.train_rows} training and {self.val_rows} held-out rows (of {n}) are too "
                               f"few to measure: fvu needs at least {MIN_VAL_ROWS} held-out rows; use a larger cache "
                               "or a larger data.val_fraction")
+        self.num_workers = self._capped_workers(self.num_workers)
+
+    def _capped_workers(self, requested: int) -> int:
+        """data.num_workers, lowered so that every loader worker holds at least one full training batch: a worker
+        batches only its own part of the rows, so more workers than full batches cut every batch short."""
+        full = self.train_rows // max(1, self.batch_size)
+        capped = min(requested, max(1, full))
+        if capped < requested:
+            print(f"[data] data.num_workers={requested} lowered to {capped}: the {self.train_rows:,} training rows make "
+                  f"{full} full batch{'es' if full != 1 else ''} of data.batch_size={self.batch_size} and a loader "
+                  "worker needs at least one (more workers would cut every batch short)", file=sys.stderr)
+        return capped
+
+    def _eval_workers(self, rows: int) -> int:
+        """Loader workers for an evaluation pass over `rows` rows: at most one per full batch (0: in this process)."""
+        return min(self.num_workers, rows // max(1, self.batch_size))
 
     def _in_sample_split(self) -> tuple[list, dict]:
         """Evenly spaced training blocks, as many as held-out blocks (all when there are fewer), and their
@@ -513,6 +538,12 @@ class CacheDataModule(pl.LightningDataModule):
     def batches_per_epoch(self) -> int:
         return self._stream(self.train_blocks, self._bad[0], True).batches_per_epoch(self.num_workers)
 
+    def epoch_batch_sizes(self) -> list[int]:
+        """The global batch sizes of one epoch (every rank's batch at each step together), in order."""
+        stream = self._stream(self.train_blocks, self._bad[0], True)
+        per_rank = [stream.batch_sizes(self.num_workers, r) for r in range(stream.world_size)]
+        return [sum(sizes) for sizes in zip(*per_rank)]
+
     def train_dataloader(self) -> DataLoader:
         from sparse_coding.datamodule import trained_batches
 
@@ -546,13 +577,13 @@ class CacheDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         stream = self._stream(self.val_blocks, self._bad[1], False, evaluation=True, group_of=self._group_maps[0] and self._group_maps[0][0])
-        return _EpochLoader(stream, lambda: 0, num_workers=self.num_workers)
+        return _EpochLoader(stream, lambda: 0, num_workers=self._eval_workers(self.val_rows))
 
     def in_sample_dataloader(self) -> DataLoader:
         """Training rows (evenly spaced blocks, as many rows as held out), evaluated like the held-out set."""
         stream = self._stream(self.in_sample_blocks, self._bad[2], False, evaluation=True,
                               group_of=self._group_maps[1] and self._group_maps[1][0])
-        return _EpochLoader(stream, lambda: 0, num_workers=self.num_workers)
+        return _EpochLoader(stream, lambda: 0, num_workers=self._eval_workers(self.in_sample_rows))
 
     def describe(self) -> dict:
         m = self.manifest

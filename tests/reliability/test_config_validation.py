@@ -318,7 +318,7 @@ def expected_valid(c: RunConfig, width_of: dict, model_path: str, text_file: str
     ok = (uses_model or _in(d.name, config_mod.DATA_NAMES))
     ok &= all(_int(getattr(d, f), 1) for f in ("dim", "n", "n_val", "batch_size", "shuffle_buffer"))
     ok &= _int(d.num_workers, 0) and _int(d.seed, 0, SEED_MAX) and _int(c.seed, 0, SEED_MAX)
-    ok &= _real(d.noise) and d.noise >= 0 and _real(d.scale) and 1e-6 <= d.scale <= 1e6
+    ok &= _real(d.noise) and 0 <= d.noise <= 1e6 and _real(d.scale) and 1e-6 <= d.scale <= 1e6
     ok &= _real(d.val_fraction) and 0 < d.val_fraction < 1
     if ok and not uses_model and d.name in ("sparse_linear", "sparse_nonlinear"):
         ok &= _real(d.active) and 0 < d.active <= 4 * d.dim

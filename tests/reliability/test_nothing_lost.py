@@ -207,7 +207,7 @@ def test_a_copied_run_directory_resumes_into_its_own_last_checkpoint(tmp_path):
 
 def test_ckpt_path_last_takes_the_checkpoint_with_the_most_progress(tmp_path, capsys):
     """A folder left by the old behaviour: last.ckpt (older) beside last-v1.ckpt (newer)."""
-    state = {"state_dict": {}, "hyper_parameters": {}, "loops": {}}
+    state = {"state_dict": {}, "hyper_parameters": {}, "loops": {}, "optimizer_states": [{"state": {}, "param_groups": []}]}
     folder = tmp_path / "checkpoints"
     checkpoints.atomic_save({**state, "global_step": 8}, folder / "last.ckpt")
     checkpoints.atomic_save({**state, "global_step": 16}, folder / "last-v1.ckpt")
