@@ -42,6 +42,26 @@ from sparse_coding.errors import ConfigError
 FILE = "dictionary.safetensors"
 SIDECAR = "dictionary.json"
 META_KEY = "sparse_coding"
+CHECKSUM = "content_sha256"  # in the description: sha256 over the rest of it and every tensor's name, dtype, shape, bytes
+
+
+def content_sha256(meta: dict, tensors: dict) -> str:
+    """The checksum a saved description carries: a changed byte of Φ or of the description is found on load."""
+    import hashlib
+
+    rest = json.loads(json.dumps({k: v for k, v in meta.items() if k != CHECKSUM}))  # as a reader sees it
+    h = hashlib.sha256(json.dumps(rest, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def file_metadata(meta: dict, tensors: dict) -> dict:
+    """The safetensors header metadata: one key (safetensors orders several keys differently run to run), the
+    description with its checksum."""
+    return {META_KEY: json.dumps({**meta, CHECKSUM: content_sha256(meta, tensors)})}
 FORMAT = 1
 NORMALIZE = ("none", "token")
 UNIT_NORM_TOL = 1e-3  # |‖f_i‖ - 1| allowed for a loaded Φ's columns
@@ -104,7 +124,7 @@ def save_dictionaries(out_dir: Path, cfg: Any, module, attempt: Optional[Callabl
     attempt = attempt or (lambda name, write: write())
     meta = describe(cfg, module, datamodule)
     tensors = {label: phi.detach().cpu().contiguous() for label, phi in zip(module.labels, module.phis)}
-    blob = save(tensors, metadata={META_KEY: json.dumps(meta)})
+    blob = save(tensors, metadata=file_metadata(meta, tensors))
     full = {**meta, "config": OmegaConf.to_container(cfg, resolve=True)}
     attempt(FILE, lambda: atomic_write_bytes(Path(out_dir) / FILE, blob))
     attempt("dictionary.json", lambda: atomic_write_bytes(Path(out_dir) / "dictionary.json",
@@ -155,6 +175,10 @@ def _read(path: "str | Path") -> tuple[Path, Path, dict, dict]:
             meta = json.loads(header[META_KEY])
         except ValueError as err:
             raise ConfigError(f"{file}: its {META_KEY!r} metadata is not valid JSON ({_one_line(err)})") from None
+        if isinstance(meta, dict) and CHECKSUM in meta:
+            if meta.pop(CHECKSUM) != content_sha256(meta, tensors):
+                raise ConfigError(f"{file}: its tensors or description do not match the checksum saved with them (the "
+                                  "file was altered or damaged): use an intact copy, or the run's checkpoint")
         return file, file, meta, tensors
     side = file.with_name(SIDECAR)  # a run written before the metadata existed
     if not_a_regular_file(side) is not None:
@@ -415,7 +439,8 @@ class SparseDictionary(nn.Module):
         out = Path(directory).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         meta = self._description()
-        blob = save({self.label: self.phi.detach().cpu().contiguous()}, metadata={META_KEY: json.dumps(meta)})
+        tensors = {self.label: self.phi.detach().cpu().contiguous()}
+        blob = save(tensors, metadata=file_metadata(meta, tensors))
         atomic_write_bytes(out / FILE, blob)
         atomic_write_bytes(out / SIDECAR, (json.dumps(meta, indent=2) + "\n").encode())
         return out

@@ -94,7 +94,12 @@ def own_run_dir(out_dir: Path) -> Iterator[None]:
         return
     check_writable(out_dir)
     lock_file = out_dir / LOCK_NAME
-    with open(lock_file, "a+") as f:
+    try:
+        f = open(lock_file, "a+")
+    except OSError as e:
+        raise ConfigError(f"{lock_file}, the run directory's lock file, cannot be opened ({e.strerror}): it must be "
+                          "a plain file; remove it (no run holds a lock on something else)") from None
+    with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
