@@ -37,11 +37,14 @@ def flatten_for_summary(result: dict) -> dict:
 def write_outputs(out_dir: Path, cfg: DictConfig, module: SparseCodingModule, result: dict, datamodule=None) -> None:
     """The dictionary first, then dictionary.json, metrics.json and plots; each written atomically and
     independently of the others (one that fails does not stop the rest). Raises ConfigError afterwards
-    when any output failed or a metric is not finite (written as null and listed under `not_finite`)."""
-    bad = nonfinite_paths(result)
+    when any output failed or a held-out metric is not finite (written as null and listed under `not_finite`).
+    The in-sample measurement and the gap may be undefined (e.g. a standard error of one training row): they are
+    written as null and listed, and the run still counts (`sample_sufficient` is then null)."""
+    nonfinite = nonfinite_paths(result)
     metrics = finite_or_null(result)
-    if bad:
-        metrics["not_finite"] = bad
+    if nonfinite:
+        metrics["not_finite"] = nonfinite
+    bad = [p for p in nonfinite if not is_in_sample_path(p)]
     failed = []
 
     def attempt(name: str, write, errors=(OSError,)) -> None:
@@ -67,6 +70,13 @@ def write_outputs(out_dir: Path, cfg: DictConfig, module: SparseCodingModule, re
 
 def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode()
+
+
+def is_in_sample_path(path: str) -> bool:
+    """A metrics.json path of the in-sample measurement or the generalization gap (`in_sample.l0`,
+    `dictionaries[1].generalization_gap_se`)."""
+    return any(part.split("[")[0] in ("in_sample", "generalization_gap", "generalization_gap_se")
+               for part in path.split("."))
 
 
 def nonfinite_paths(obj, prefix: str = "") -> list[str]:

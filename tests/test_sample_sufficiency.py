@@ -225,3 +225,12 @@ def test_cache_run_reports_clustered_standard_errors_and_its_gap(gpt2_cache, tmp
     assert result["normalized_loss_se"] != result["normalized_loss_se_rows"]
     assert "generalization_gap" in result and result["sample_sufficient"] in (True, False)
     assert result["in_sample"]["se_clusters"] < result["in_sample"]["n_samples"]
+
+
+def test_an_undefined_in_sample_error_is_written_as_null_without_failing_the_run():
+    from sparse_coding.outputs import is_in_sample_path, nonfinite_paths
+
+    result = {"normalized_loss": 7.0, "in_sample": {"normalized_loss_se": float("nan")}, "generalization_gap_se": float("nan"),
+              "dictionaries": [{"in_sample": {"l0": float("inf")}, "generalization_gap": float("nan"), "loss": float("nan")}]}
+    paths = nonfinite_paths(result)
+    assert [p for p in paths if not is_in_sample_path(p)] == ["dictionaries[0].loss"]  # only a held-out metric fails
