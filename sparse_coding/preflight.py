@@ -56,11 +56,13 @@ def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    if any(o.lstrip("+~").startswith("hydra/sweeper") for o in overrides):
+        return []  # another sweeper's syntax: its jobs are its own
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
         batches = BasicSweeper.split_arguments(parsed, None)
-    except Exception as e:  # noqa: BLE001 - Hydra's parser errors: Hydra reports them itself, in one line
-        raise ConfigError(f"cannot read the sweep {' '.join(overrides)}: {_one_line(e)}") from None
+    except Exception:  # noqa: BLE001 - what the basic sweeper cannot expand, Hydra (or its sweeper) answers itself
+        return []
     jobs = [job for batch in batches for job in batch]
     return jobs[:MAX_JOBS]
 
