@@ -183,18 +183,19 @@ class SyntheticDataModule(pl.LightningDataModule):
         # in-sample rows: as many training rows as held-out ones, spread over the whole training set
         pick = torch.randperm(n, generator=torch.Generator().manual_seed(stream_seed(seed, 11)))[:n_val]
         self.in_sample_x = self.train_x[pick.sort().values]
-        self.eval_groups, self.group_unit = 0, "rows"
-        self.dim = dim
         self.truth = data.truth or None
+        self._describe(name, dim, n, n_val, seed, scale, False, active, noise, preact_std, batch_size, eval_batch_size)
+
+    def _describe(self, name: str, dim: int, n: int, n_val: int, seed: int, scale: float, fresh: bool, active: float,
+                  noise: float, preact_std: float, batch_size: int, eval_batch_size: int) -> None:
+        """The settings both synthetic modules keep: sizes, seeds, the data description and identity."""
+        self.dim, self.eval_groups, self.group_unit = dim, 0, "rows"
         self.seed, self.batch_size, self.eval_batch_size = seed, batch_size, eval_batch_size
-        self.info = {"data": name, "fresh": False, "n_train": n, "n_val": n_val, "seed": seed}
-        if name in ("sparse_linear", "sparse_nonlinear"):
-            self.info.update(active=active)
-        if name == "sparse_linear":
-            self.info.update(noise=noise)
-        if name == "sparse_nonlinear":
-            self.info.update(preact_std=preact_std)
-        self.data_identity = synthetic_identity(name, dim, n, n_val, seed, scale, False, active, noise, preact_std)
+        self.data_identity = synthetic_identity(name, dim, n, n_val, seed, scale, fresh, active, noise, preact_std)
+        generator = {k.removeprefix("data."): v for k, v in self.data_identity.items()
+                     if k in ("data.active", "data.noise", "data.preact_std")}
+        self.info = {"data": name, "fresh": fresh, ("rows_per_epoch" if fresh else "n_train"): n, "n_val": n_val,
+                     "seed": seed, **generator}
 
     @classmethod
     def from_config(cls, cfg) -> "SyntheticDataModule":
@@ -297,18 +298,8 @@ class FreshSyntheticDataModule(SyntheticDataModule):
         self.scale = scale
         self.train_rows, self.val_rows = None, n_val  # no finite training set
         self.epoch_rows = n
-        self.dim = dim
         self.truth = held_out.truth or None
-        self.seed, self.batch_size, self.eval_batch_size = seed, batch_size, eval_batch_size
-        self.eval_groups, self.group_unit = 0, "rows"
-        self.info = {"data": name, "fresh": True, "rows_per_epoch": n, "n_val": n_val, "seed": seed}
-        if name in ("sparse_linear", "sparse_nonlinear"):
-            self.info.update(active=active)
-        if name == "sparse_linear":
-            self.info.update(noise=noise)
-        if name == "sparse_nonlinear":
-            self.info.update(preact_std=preact_std)
-        self.data_identity = synthetic_identity(name, dim, n, n_val, seed, scale, True, active, noise, preact_std)
+        self._describe(name, dim, n, n_val, seed, scale, True, active, noise, preact_std, batch_size, eval_batch_size)
         first = FreshBatches(self.source, seed, scale)
         batches, got = [], 0
         for j in range(-(-n_val // batch_size)):  # the first rows of epoch 0, as training sees them
