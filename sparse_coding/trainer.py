@@ -231,7 +231,7 @@ class _RunStateLauncher(_MultiProcessingLauncher):
     def update_main_process_results(self, trainer: pl.Trainer, extra: dict[str, Any]) -> None:
         super().update_main_process_results(trainer, extra)
         folder = extra["run_state_folder"]
-        state = torch.load(os.path.join(folder, "run_state.pt"), weights_only=False)  # our own worker's file
+        state = torch.load(os.path.join(folder, "run_state.pt"), weights_only=True)  # our own worker's file: plain data only
         shutil.rmtree(folder, ignore_errors=True)
         module = trainer.lightning_module
         module.trainer = trainer  # attached, as after an in-process fit (its global_step is the trainer's)
