@@ -59,3 +59,16 @@ def file_digests(d: Path, skip=("verified.json",)) -> dict:
             data = json.dumps(m, sort_keys=True).encode()
         out[str(p.relative_to(d))] = hashlib.sha256(data).hexdigest()
     return out
+
+
+def one_line(err: BaseException) -> str:
+    """The text of an error that must be one line with no traceback (asserted)."""
+    text = str(err)
+    assert "\n" not in text and "Traceback" not in text, text
+    return text
+
+
+def as_nobody() -> None:
+    """preexec_fn: run the child as user nobody (the permission tests; root reads everything)."""
+    os.setgid(65534)
+    os.setuid(65534)

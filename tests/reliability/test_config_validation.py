@@ -21,7 +21,7 @@ from unittest import mock
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from reliability.helpers import ROOT, child_env, error_lines, import_cache, run_py
+from reliability.helpers import ROOT, as_nobody, child_env, error_lines, import_cache, run_py
 from sparse_coding import config as config_mod
 from sparse_coding import run_checks
 from sparse_coding.config import ModelConfig, RunConfig, validate
@@ -147,10 +147,6 @@ def test_unreadable_cache_is_reported(fixtures, tmp_path):
     run_dir.mkdir()
     os.chmod(tmp_path, 0o755)
     os.chmod(run_dir, 0o777)
-
-    def as_nobody():
-        os.setgid(65534)
-        os.setuid(65534)
 
     env = child_env(HOME=str(run_dir))
     try:

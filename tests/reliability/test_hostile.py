@@ -23,18 +23,12 @@ from sparse_coding.cache import compose_config
 from sparse_coding.config import validate
 from sparse_coding.errors import ConfigError
 from sparse_coding.rundir import check_writable, own_run_dir
-from reliability.helpers import import_cache
+from reliability.helpers import import_cache, one_line
 
 settings.load_profile("reliability")
 
 TINY = ["logger=none", "trainer.enable_progress_bar=false", "data.dim=8", "data.n=256", "data.n_val=64",
         "data.batch_size=64", "dictionary.mult=2", "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=2"]
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err)
-    assert "\n" not in text and "Traceback" not in text, text
-    return text
 
 
 # --------------------------------------------------------------------------------------------

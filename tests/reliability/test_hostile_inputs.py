@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from reliability.helpers import child_env, error_lines, import_cache, run_py
+from reliability.helpers import as_nobody, child_env, error_lines, import_cache, run_py
 from sparse_coding import cache, cache_store, checkpoints
 from sparse_coding.errors import ConfigError
 
@@ -314,10 +314,6 @@ def test_chmod_000_on_a_cache_file_or_folder_for_a_real_user(tmp_path, what):
     for p in [tmp_path, *tmp_path.rglob("*")]:
         os.chmod(p, 0o777 if p.is_dir() else 0o666)
     os.chmod(path / what, 0o000)
-
-    def as_nobody():
-        os.setgid(65534)
-        os.setuid(65534)
 
     env = child_env(HOME=str(tmp_path))
     try:

@@ -25,17 +25,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reliability.helpers import error_lines, file_digests, import_cache, run_py
+from reliability.helpers import error_lines, file_digests, import_cache, one_line, run_py
 from sparse_coding import cache, cache_store, checkpoints, corpus
 from sparse_coding.cache import compose_config
 from sparse_coding.config import validate
 from sparse_coding.errors import ConfigError
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err)
-    assert "\n" not in text and "Traceback" not in text, text
-    return text
 
 
 def digests(d: Path) -> dict:

@@ -28,7 +28,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reliability.helpers import import_cache
+from reliability.helpers import import_cache, one_line
 from sparse_coding import cache, checkpoints, rundir
 from sparse_coding.errors import ConfigError
 
@@ -36,12 +36,6 @@ settings.load_profile("reliability")
 
 TINY = ["logger=none", "trainer.enable_progress_bar=false", "data=sparse_linear", "data.dim=8", "data.n=256",
         "data.n_val=64", "data.batch_size=64", "dictionary.mult=2", "trainer.checkpoint_every_n_steps=3"]
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err)
-    assert "\n" not in text and "Traceback" not in text, text
-    return text
 
 
 # --------------------------------------------------------------------------------------------
