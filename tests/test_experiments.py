@@ -494,6 +494,17 @@ def test_rows_of_reads_convergence_fields_and_old_runs(tmp_path):
     assert back[0]["converged"] is True and back[2]["converged"] is None
 
 
+def test_a_table_keeps_the_committed_rows_of_points_not_trained_here(tmp_path):
+    path = runner.write_csv([{"run": "a", "seed": 0, "normalized_loss": 7.0}, {"run": "b", "seed": 1, "normalized_loss": 8.0}],
+                            tmp_path / "t.csv")
+    here = [{"run": "b", "seed": 1, "normalized_loss": 8.5, "in_sample_normalized_loss": 8.4},
+            {"run": "c", "seed": 2, "normalized_loss": 9.0}]
+    merged = runner.keep_committed(here, path)
+    assert [(r["run"], r["normalized_loss"]) for r in merged] == [("a", 7.0), ("b", 8.5), ("c", 9.0)]
+    assert merged[1]["in_sample_normalized_loss"] == 8.4
+    assert runner.keep_committed(here, tmp_path / "none.csv") == here
+
+
 def _row(seed, nl, **kw):
     return {"a": 10, "data": "sparse_linear", "seed": seed, "normalized_loss": nl, "avg_coef_norm": nl / 2,
             "l0": 20.0, "loss": 1.0, "explained_variance": 0.95, "dead_fraction": 0.0, "capped_fraction": 0.0,
@@ -652,3 +663,15 @@ def test_sample_size_grid_table_and_figure(tmp_path):
     text = section_sample_size(rows)
     assert "| sparse_linear a=10 | fresh |" in text and "5 runs behind this table, 5 converged" in text
     assert plot_sample_size(rows, tmp_path)[0].is_file()
+
+
+def test_the_fresh_experiments_repeat_fig1a_and_1b_on_fresh_batches_with_the_real_nonlinear_control():
+    from sparse_coding.experiments.grid import EXPERIMENTS
+
+    for name, base in (("sparsity_fresh", "sparsity"), ("controls_fresh", "controls")):
+        fresh, fixed = EXPERIMENTS[name]("paper"), EXPERIMENTS[base]("paper")
+        assert len(fresh) == len(fixed) and {p.experiment for p in fresh} == {name}
+        for p, q in zip(fresh, fixed):
+            assert p.overrides[:len(q.overrides)] == q.overrides and "data.fresh=true" in p.overrides
+            assert ("data.preact_std=1" in p.overrides) == (p.x["data"] == "sparse_nonlinear")
+            assert p.key("paper") != q.key("paper")

@@ -52,7 +52,7 @@ def series(ax, xs, g: list[dict], m: str, color, label: str, marker="o", ls="-",
                     color=color, capsize=3, mfc="none" if r.get("flagged") else color)
 
 
-def plot_sparsity(rows, out: Path) -> list[Path]:
+def plot_sparsity(rows, out: Path, name: str = "sparsity") -> list[Path]:
     g = sorted(group(rows, ("a",), ("normalized_loss", "avg_coef_norm", "l0", "loss", "true_avg_coef_norm")),
                key=lambda r: r["a"])
     d = rows[0]["dim"]
@@ -68,7 +68,7 @@ def plot_sparsity(rows, out: Path) -> list[Path]:
     ax.set_ylabel("metric on held-out data")
     ax.set_title(f"Metric vs true sparsity (d={d})\n{HOLLOW_NOTE}", fontsize="small")
     ax.legend(fontsize="x-small")
-    return [_save(fig, out / "sparsity.png")]
+    return [_save(fig, out / f"{name}.png")]
 
 
 def plot_controls(rows, out: Path, name: str = "controls") -> list[Path]:
@@ -255,7 +255,9 @@ def plot_sample_size(rows, out: Path) -> list[Path]:
 PLOTS = {"sparsity": plot_sparsity, "controls": plot_controls,
          "controls_d256": lambda rows, out: plot_controls(rows, out, "controls_d256"), "dict_size": plot_dict_size,
          "embeddings": plot_embeddings, "layers": plot_layers, "sensitivity": plot_sensitivity,
-         "solver_gap": plot_solver_gap, "functional": plot_functional, "sample_size": plot_sample_size}
+         "solver_gap": plot_solver_gap, "functional": plot_functional, "sample_size": plot_sample_size,
+         "sparsity_fresh": lambda rows, out: plot_sparsity(rows, out, "sparsity_fresh"),
+         "controls_fresh": lambda rows, out: plot_controls(rows, out, "controls_fresh")}
 
 
 def plot_experiment(name: str, results: Path) -> list[Path]:

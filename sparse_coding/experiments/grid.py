@@ -208,6 +208,28 @@ SAMPLE_SIZE_TOKENS = (("wiki", 50_000), ("wiki", 100_000), ("wiki", 200_000), ("
                       ("kjv", 400_000), ("kjv", 800_000))
 
 
+# Issue 19 item 5: Fig. 1a and Fig. 1b again with fresh batches (the population value: no memorisation of a fixed
+# sample) and the real sparse non-linear control (pre-activations of unit std); the fixed-sample tables stay beside.
+FRESH = ("data.fresh=true",)
+REAL_NONLINEAR = ("data.preact_std=1",)
+
+
+def _fresh(points: list[Point], experiment: str) -> list[Point]:
+    for p in points:
+        p.experiment = experiment
+        p.overrides += [*FRESH, *(REAL_NONLINEAR if p.x.get("data") == "sparse_nonlinear" else ())]
+        p.x["sample"] = "fresh"
+    return points
+
+
+def sparsity_fresh_points(scale: str) -> list[Point]:
+    return _fresh(sparsity_points(scale), "sparsity_fresh")
+
+
+def controls_fresh_points(scale: str) -> list[Point]:
+    return _fresh(controls_points(scale), "controls_fresh")
+
+
 def sample_size_points(scale: str) -> list[Point]:
     """Synthetic points first (cheap), then MiniLM's caches; seed-major."""
     pts = []
@@ -238,4 +260,6 @@ EXPERIMENTS = {
     "layers_remedy": layers_remedy_points,
     "sensitivity": sensitivity_points,
     "sample_size": sample_size_points,
+    "sparsity_fresh": sparsity_fresh_points,
+    "controls_fresh": controls_fresh_points,
 }

@@ -23,6 +23,9 @@ from sparse_coding.experiments.runner import read_csv
 SECTIONS = [
     ("sparsity", "1. Metric vs true sparsity (claim 1)", tables.section_sparsity),
     ("controls", "2. Sparse vs controls (claim 2)", tables.section_controls),
+    ("sparsity_fresh", "1+. Metric vs true sparsity, fresh batches (issue 19)", tables.section_sparsity),
+    ("controls_fresh", "2+. Sparse vs controls, fresh batches and the real non-linear control (issue 19)",
+     tables.section_controls),
     ("controls_d256", "2b. Sparse vs controls at d=256 with the quick settings", tables.section_controls),
     ("dict_size", "3. Dictionary-size robustness (claim 3)", tables.section_dict_size),
     ("embeddings", "4. Token embeddings (claim 4)", tables.section_embeddings),
@@ -37,7 +40,7 @@ SCALE_NOTE = ("`--scale paper` is named after the paper: its d=256, n=16384, 8d 
               "machine, so they are this project's own choices; every run trains until "
               "converged instead of for a fixed number of epochs. Settings, not measurements.")
 PAPER_ORDER = ("sparsity", "controls", "dict_size", "embeddings", "layers", "layers_remedy", "solver_gap", "sensitivity",
-               "sample_size")
+               "sample_size", "sparsity_fresh", "controls_fresh")
 
 
 # --------------------------------------------------------------------------------------------

@@ -166,6 +166,21 @@ def collect(name: str, scale: str, root: Path = DEFAULT_ROOT, extra: list[str] |
     return rows
 
 
+def keep_committed(rows: list[dict], path: Path) -> list[dict]:
+    """`rows` (the finished points on this machine) plus the rows of the table at `path` whose run is not among
+    them: a campaign resumed on another machine, or after its run directories were cleared, keeps what it
+    measured before. A point trained again here replaces its old row in place."""
+    if not path.is_file():
+        return rows
+    new = {r["run"]: r for r in rows if r.get("run")}
+    merged, seen = [], set()
+    for old in read_csv(path):
+        run = old.get("run")
+        merged.append(new.get(run, old))
+        seen.add(run)
+    return merged + [r for r in rows if r.get("run") not in seen]
+
+
 def write_csv(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     columns: list[str] = []
