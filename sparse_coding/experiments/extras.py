@@ -202,9 +202,12 @@ def functional_check(scale: str, root: Path = DEFAULT_ROOT, log=print, model_nam
     num_layers = LAYER_MODELS.get(model_name)
     layers = layers if layers is not None else FUNCTIONAL_LAYERS[scale] if model_name == "smollm2" else None
     layers = list(range(num_layers + 1)) if layers is None else list(layers)
-    extra = list(extra or [])
-    base_point = Point("layers", "layers", [f"model={model_name}", "layer=0", *extra], SEEDS[0])
-    cfg = compose(base_point.all_overrides(scale))
+    # the layer curve's own points (its dictionary size and other overrides), seed 0, so the run directories match
+    trained = {p.x["layer"]: p for p in points_of("layers", scale, extra)
+               if p.x["model"] == model_name and p.seed == SEEDS[0]}
+    if not trained:
+        raise ValueError(f"the layer curve has no points for {model_name} at scale {scale}")
+    cfg = compose(next(iter(trained.values())).all_overrides(scale))
     model, tokenizer, info = models.load_model(cfg.model)
     num_layers = info["num_layers"]
     ids, keep = held_out_contexts(cfg, tokenizer, FUNCTIONAL_CONTEXTS[scale])
@@ -217,11 +220,10 @@ def functional_check(scale: str, root: Path = DEFAULT_ROOT, log=print, model_nam
     log(f"[functional] {model_name}: clean next-token loss {clean:.4f} on {ids.numel()} held-out tokens")
     rows = []
     for k in layers:
-        point = Point("layers", "layers", [f"model={model_name}", f"layer={k}", *extra], SEEDS[0],
-                      {"model": model_name, "layer": k})
-        out = run_dir(root, scale, point)
-        if not (out / "dictionary.json").is_file():
-            log(f"[functional] layer {k}: no trained dictionary at {out}; skipped")
+        point = trained.get(k)
+        out = run_dir(root, scale, point) if point is not None else None
+        if out is None or not (out / "dictionary.json").is_file():
+            log(f"[functional] layer {k}: no trained dictionary at {out or '(not a point of the layer curve)'}; skipped")
             continue
         config, dictionaries = load_dictionaries(out)
         _, phi, lam, mult = dictionaries[0]
