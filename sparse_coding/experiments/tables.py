@@ -643,4 +643,6 @@ def section_sample_size(rows: list[dict]) -> str:
             + "\n\nHeld-out rows were never fitted; in-sample rows are as many training rows as held-out ones, spread "
             "over the training set, measured with the same final Φ, λ and solver. A fitted dictionary memorises a "
             "small training set: held-out values sit above the population value, in-sample values below it. "
-            "Standard errors of cache rows are clustered by context. " + runs_line(rows) + " " + STATUS_NOTE)
+            "With fresh batches no row is seen twice, and the in-sample rows are the first ones trained on: a gap "
+            "there measures what the final Φ still holds of its first batches (dense data, where every direction "
+            "is as good as another, keeps the most), not the sample size. Standard errors of cache rows are clustered by context. " + runs_line(rows) + " " + STATUS_NOTE)
