@@ -601,6 +601,12 @@ def test_claims_verdicts():
     assert c.verdict == claims.INCONCLUSIVE and "3, 4, 5, 6 not run" in c.why
     text = claims.claims_section({"sparsity": good, "controls": ctrl})
     assert "**confirmed**" in text and "**inconclusive**" in text  # the missing experiments are inconclusive
+    # fresh batches, where run, carry the verdict; the fixed sample's verdict is shown beside it
+    c = claims.fresh_first({"sparsity": unconverged, "sparsity_fresh": good}, "sparsity", claims.claim_tracks)
+    assert c.verdict == claims.claim_tracks(good).verdict != claims.INCONCLUSIVE
+    assert c.numbers.startswith("**Fresh batches**") and "**Fixed sample**" in c.numbers and "inconclusive" in c.numbers
+    assert claims.fresh_first({"sparsity": good}, "sparsity", claims.claim_tracks).numbers == \
+        claims.claim_tracks(good).numbers
 
 
 def _claim_blocks(text: str) -> dict[int, str]:

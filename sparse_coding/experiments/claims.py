@@ -507,8 +507,22 @@ def claim_lm_vs_controls(paper: dict[str, list[dict]]) -> Claim:
 # The section
 
 
+def fresh_first(paper: dict[str, list[dict]], name: str, check) -> Claim:
+    """A synthetic claim checked on fresh batches (`NAME_fresh`: no row seen twice, so no memorisation) when they
+    were run, with the fixed-sample verdict (`NAME`, data.n rows) beside it; on the fixed sample alone otherwise."""
+    fixed = check(paper.get(name, []))
+    if not paper.get(f"{name}_fresh"):
+        return fixed
+    fresh = check(paper[f"{name}_fresh"])
+    fresh.numbers = (f"**Fresh batches** (`{name}_fresh`: every batch newly drawn, the population value; the verdict "
+                     f"rests on these)\n\n{fresh.numbers}\n\n**Fixed sample** (`{name}`: the data.n rows of the "
+                     f"earlier protocol; a small sample is memorised, see section 8): verdict {fixed.verdict_text()}"
+                     f"\n\n{fixed.numbers}")
+    return fresh
+
+
 def check_all(paper: dict[str, list[dict]]) -> list[Claim]:
-    return [claim_tracks(paper.get("sparsity", [])), claim_controls(paper.get("controls", [])),
+    return [fresh_first(paper, "sparsity", claim_tracks), fresh_first(paper, "controls", claim_controls),
             claim_dict_size(paper.get("dict_size", [])), claim_embeddings(paper.get("embeddings", [])),
             claim_layers(paper.get("layers", []) + paper.get("layers_remedy", [])), claim_lm_vs_controls(paper)]
 
