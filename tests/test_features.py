@@ -189,6 +189,22 @@ def test_max_rows_heldout_split_one_dictionary_and_the_wandb_table(cache_run, ca
     assert "no dictionary 'nope'" in error_line(capsys, out, "--dictionary", "nope")
 
 
+def test_the_rows_a_run_left_out_are_left_out(tiny_gpt2_cache):
+    """data.drop_positions and data.max_norm_ratio: the rows coded are those the run's data module trains on."""
+    from sparse_coding import cache
+    from sparse_coding.features import CacheRows
+    from sparse_coding.streaming import CacheDataModule
+
+    _, path = tiny_gpt2_cache
+    dm = CacheDataModule(path, "1", batch_size=128, val_fraction=0.2, drop_positions=2, max_norm_ratio=1.1)
+    stream = dm._stream(dm.train_blocks, dm._bad[0], False)
+    want = np.concatenate([stream._read_block_rows(b)[1] for b in range(len(dm.train_blocks))])
+    rows = CacheRows(path, cache.read_manifest(path), "1", dm.train_blocks, 2, 1.1, dm.median_norm)
+    got = np.concatenate([r for _, r in rows.chunks(None)])
+    assert dm.norm_dropped > 0 and len(got) == dm.train_rows < sum(hi - lo for _, lo, hi in dm.train_blocks)
+    np.testing.assert_array_equal(got, want)
+
+
 # ---- pieces and errors ------------------------------------------------------------------------------------
 
 
