@@ -588,6 +588,14 @@ def test_claims_verdicts():
     layer_rows = [{**_row(0, v), "model": "minilm", "layer": k, "preprocess": "raw", "dict_mult": 16}
                   for k, v in enumerate(curve)]
     assert claims.claim_layers(layer_rows).verdict == claims.CONFIRMED
+    assert "in-sample values not recorded" in claims.claim_layers(layer_rows).why
+    # the verdict again on in-sample values: a curve whose peak is memorised away is said to change
+    flat = [dict(r, in_sample_normalized_loss=v, generalization_gap=r["normalized_loss"] / v - 1)
+            for r, v in zip(layer_rows, (3.0, 5.0, 6.0, 5.0, 7.0, 8.0, 4.0))]
+    why = claims.claim_layers(flat).why
+    assert "on in-sample values: partly confirmed (gaps -25.0% to +100.0%)" in why
+    same = [dict(r, in_sample_normalized_loss=r["normalized_loss"] * 0.9, generalization_gap=1 / 0.9 - 1) for r in layer_rows]
+    assert "on in-sample values: confirmed too (gaps +11.1% to +11.1%)" in claims.claim_layers(same).why
     assert claims.claim_layers([{**r, "normalized_loss": 3.0 + r["layer"]} for r in layer_rows]).verdict == \
         claims.NOT_CONFIRMED  # rising to the last layer
     late = [{**r, "normalized_loss": v} for r, v in zip(layer_rows, (3.0, 5.0, 6.0, 7.0, 8.0, 10.0, 4.0))]

@@ -10,6 +10,7 @@ No number is compared with a number of the paper's: SPEC §7 withdrew them (no s
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -388,6 +389,21 @@ def _curve_verdict(pts: list[dict]) -> tuple[str, str]:
     return NOT_CONFIRMED, f"{ends}, {where}"
 
 
+def _in_sample_check(pts: list[dict], verdict: str) -> str:
+    """Whether the curve's verdict survives memorisation: the same rule on the in-sample values (training rows) of
+    the seeds that recorded them, with the range of the points' generalization gaps. Empty when not recorded."""
+    if not all(_finite(r.get("in_sample_normalized_loss")) for r in pts):
+        return "; in-sample values not recorded (runs older than issue 19)"
+    again, _ = _curve_verdict([dict(r, normalized_loss=r["in_sample_normalized_loss"]) for r in pts])
+    gaps = [r["generalization_gap"] for r in pts if _finite(r.get("generalization_gap"))]
+    span = f"gaps {min(gaps):+.1%} to {max(gaps):+.1%}" if gaps else "gaps not recorded"
+    return f"; on in-sample values: {again}" + (" too" if again == verdict else "") + f" ({span})"
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def claim_layers(rows: list[dict]) -> Claim:
     rule = ("Per curve (model, preprocessing, dictionary size), on the whole planned curve: *sparsest at the first and "
             "final layers* when the first and the last hidden state each score below the median of the interior hidden "
@@ -415,6 +431,7 @@ def claim_layers(rows: list[dict]) -> Claim:
             parts[name], why = INCONCLUSIVE, f"flagged hidden states: {', '.join(flagged)}"
         else:
             parts[name], why = _curve_verdict(pts)
+            why += _in_sample_check(pts, parts[name])
         why_of[name] = f"{parts[name]} ({why})"
         body.append([name, ", ".join(f"{r['layer']}: {r['normalized_loss']:.3g}" for r in pts),
                      converged, f"**{parts[name]}**: {why}"])

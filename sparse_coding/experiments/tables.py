@@ -395,7 +395,7 @@ def layer_groups(rows: list[dict]) -> list[dict]:
         if r.get("preprocess") is None:
             r["preprocess"] = "raw"
     keys = ("model", "preprocess", "dict_mult", "layer")
-    out = group(rows, keys, ("normalized_loss", "avg_coef_norm", "l0"))
+    out = group(rows, keys, ("normalized_loss", "avg_coef_norm", "l0", "in_sample_normalized_loss", "generalization_gap"))
     dropped: dict[tuple, float] = {}  # the same cache layer and rule for every seed: the largest count recorded
     for r in rows:
         if _num(r.get("norm_outliers_dropped")):
@@ -418,12 +418,18 @@ def _layer_data(r: dict) -> str:
     return r["preprocess"] + (f" (−{int(extra)} rows > R×)" if _num(extra) and extra > 0 else "")
 
 
+def _gap_cell(g: dict) -> str:
+    """The generalization gap of the seeds that recorded it (runs before issue 19 did not: n/r)."""
+    return f"{g['generalization_gap']:+.1%}" if _num(g.get("generalization_gap")) else "n/r"
+
+
 def section_layers(rows: list[dict]) -> str:
     g = layer_groups(rows)
     body = [[r["model"], _layer_data(r), f"{r['dict_mult']}d", str(r["layer"]), ms(r, "normalized_loss"),
-             ms(r, "avg_coef_norm"), ms(r, "l0"), ms(r, "explained_variance"), fmt(r["lam"]), *status_cells(r)] for r in g]
-    out = table(["model", "data", "dictionary", "hidden state", "normalized_loss", "avg_coef_norm", "l0", "expl. var.", "λ (auto)",
-                 *STATUS_HEADER], body)
+             _gap_cell(r), ms(r, "avg_coef_norm"), ms(r, "l0"), ms(r, "explained_variance"), fmt(r["lam"]),
+             *status_cells(r)] for r in g]
+    out = table(["model", "data", "dictionary", "hidden state", "normalized_loss", "gap (held-out / in-sample − 1)",
+                 "avg_coef_norm", "l0", "expl. var.", "λ (auto)", *STATUS_HEADER], body)
     parts = []
     for (model, prep, mult), pts in layer_curves(g):
         lo = min(pts, key=lambda r: r["normalized_loss"])
