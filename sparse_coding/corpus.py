@@ -1,6 +1,6 @@
 """Text corpora read by a model to produce activations, and their cut into fixed-length contexts.
 
-Corpora (all loaded through Hugging Face `datasets`, all local):
+Corpora (all local; read lazily, only as far as the contexts a cache needs):
 - `wiki`: the English Wikipedia sample shipped inside the gensim wheel
   (`enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2`), articles only,
   redirects dropped, markup removed with gensim's `filter_wiki` plus a little extra cleaning;
@@ -24,7 +24,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -254,27 +254,52 @@ def _wiki_articles(path: Path) -> Iterator[dict]:
                 yield {"title": title, "text": clean}
 
 
-def load_documents(corpus: Any):
-    """The corpus in a fixed order: a `datasets.Dataset` with a "text" column (wiki, kjv), or a lazy iterator of
-    texts: the user's files (`text_documents`), a streamed Hugging Face source (`hf_documents`)."""
-    import datasets
+class WholeBatches:
+    """Documents read lazily and given to the tokenizer DOC_BATCH at a time, however long (wiki, kjv).
 
-    datasets.disable_progress_bars()
+    The tokenising stops after the batch that completes the contexts a cache needs, so these batches set
+    `corpus_tokens_read` in a cache's manifest: they are the batches of the `datasets.Dataset` these corpora
+    were read into before, and must stay so.
+    """
+
+    def __init__(self, texts: Iterable[str]):
+        self.texts = texts
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.texts)
+
+
+DOC_BATCH = 64
+
+
+def load_documents(corpus: Any):
+    """The corpus in a fixed order, read no further than the tokenising asks: `WholeBatches` of texts (wiki, kjv),
+    or a lazy iterator of texts: the user's files (`text_documents`), a streamed Hugging Face source
+    (`hf_documents`)."""
     if corpus.name == "hf":
+        import datasets
+
+        datasets.disable_progress_bars()
         return hf_documents(corpus)
     files = source_files(corpus)
     if corpus.name == "wiki":
-        rows = list(_wiki_articles(files[0]))
-        return datasets.Dataset.from_list(rows)
+        return WholeBatches(article["text"] for article in _wiki_articles(files[0]))
     if corpus.name == "kjv":
-        verses = datasets.load_dataset("json", data_files=str(files[0]), split="train")
-        chapters: dict[tuple, list[str]] = {}
-        for book, chapter, text in zip(verses["book"], verses["chapter"], verses["text"]):
-            chapters.setdefault((book, chapter), []).append(text)
-        return datasets.Dataset.from_list(
-            [{"title": f"{b} {c}", "text": " ".join(v)} for (b, c), v in chapters.items()]
-        )
+        return WholeBatches(_kjv_chapters(files[0]))
     return text_documents(files)
+
+
+def _kjv_chapters(path: Path) -> list[str]:
+    """One document per chapter: its verses joined by spaces, chapters in the order they first appear."""
+    import json
+
+    chapters: dict[tuple, list[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                verse = json.loads(line)
+                chapters.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"])
+    return [" ".join(verses) for verses in chapters.values()]
 
 
 PIECE_CHARS = 1 << 18  # a longer paragraph or line is cut (at a space) into pieces of about this size
@@ -357,16 +382,18 @@ def _jsonl_texts(f, path: Path) -> Iterator[str]:
 
 
 def _text_batches(docs) -> Iterator[list[str]]:
-    """Documents in batches for the tokenizer: 64 documents or about PIECE_CHARS characters."""
-    if hasattr(docs, "column_names"):  # a datasets.Dataset (wiki, kjv)
-        for start in range(0, len(docs), 64):
-            yield docs[start : start + 64]["text"]
+    """Documents in batches for the tokenizer: DOC_BATCH documents for `WholeBatches` (and a `datasets.Dataset`),
+    else DOC_BATCH documents or about PIECE_CHARS characters."""
+    if hasattr(docs, "column_names"):  # a datasets.Dataset
+        for start in range(0, len(docs), DOC_BATCH):
+            yield docs[start : start + DOC_BATCH]["text"]
         return
+    whole = isinstance(docs, WholeBatches)
     batch, chars = [], 0
     for text in docs:
         batch.append(text)
         chars += len(text)
-        if len(batch) == 64 or chars >= PIECE_CHARS:
+        if len(batch) == DOC_BATCH or (chars >= PIECE_CHARS and not whole):
             yield batch
             batch, chars = [], 0
     if batch:
