@@ -20,6 +20,7 @@ from sparse_coding.cache_store import (
     DTYPES,
     MAX_D,
     MAX_ROWS,
+    LayerStats,
     build_lock,
     check_replaceable,
     claim_output,
@@ -27,6 +28,7 @@ from sparse_coding.cache_store import (
     finish_layer,
     human_bytes,
     layer_key,
+    open_shard,
     read_manifest,
     replacing,
     sha256_file,
@@ -70,6 +72,63 @@ def _progress(total: int, initial: int, desc: str):
 # Building from a model
 
 
+class _BackgroundWriter:
+    """Runs one job at a time on a thread, in the order given, while the caller computes the next shard.
+
+    `submit` first waits for the job before it (at most one shard waits to be written, one is being filled)
+    and raises its error; `close` waits for a job still running without raising (an error of the caller's is
+    already on its way).
+    """
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
+        self._pending = None
+
+    def submit(self, fn: Callable, *args: Any) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        from concurrent.futures import wait
+
+        if self._pending is not None:
+            wait([self._pending])
+        self._pool.shutdown()
+
+
+def _device_of(model: Any) -> Any:
+    """The device the model's weights are on (the forward pass runs there)."""
+    import torch
+
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def _describe_device(device: Any) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def _kept_positions(keep: np.ndarray, device: Any) -> Any:
+    """The context positions stored, as a slice when they are contiguous (always, for `build_contexts`'s
+    contexts: the special tokens are at the ends), else as an index tensor on `device`."""
+    import torch
+
+    positions = np.flatnonzero(keep)
+    if len(positions) and positions[-1] - positions[0] + 1 == len(positions):
+        return slice(int(positions[0]), int(positions[-1]) + 1)
+    return torch.as_tensor(positions, device=device)
+
+
 def build_hidden_states(out: Path, *args: Any, force: bool = False, **kwargs: Any) -> Path:
     """Run the model over the corpus once and store `hidden_states[K]` for every K in `layers`.
 
@@ -101,6 +160,9 @@ def _build_hidden_states(
 ) -> Path:
     """Run the model over the corpus once and store `hidden_states[K]` for every K in `layers`.
 
+    The forward pass runs where the model is (CPU or CUDA) in its own dtype; each batch's hidden states are copied
+    once, into the shard being filled, in the cache dtype. A finished shard is written (sha256, file, fsync) and
+    added to its layer's statistics on a background thread while the next shard's forward passes run.
     Resumes an interrupted build; adds layers to an existing cache of the same tokens.
     `fail_after_shards` raises after that many new shards (fault injection for tests).
     """
@@ -148,38 +210,62 @@ def _build_hidden_states(
     def path_of(key: str, s: int) -> Path:
         return out / "layers" / key / shard_name(s)
 
-    todo = [(s, [key for key in keys if not shard_done(path_of(key, s))]) for s in range(n_shards)]
-    todo = [(s, miss) for s, miss in todo if miss]
+    def shard_rows_of(s: int) -> int:
+        return min(rows_per_shard, n_rows - s * rows_per_shard)
+
+    missing = [[key for key in keys if not shard_done(path_of(key, s))] for s in range(n_shards)]
     itemsize = np.dtype(dtype).itemsize
-    need = sum(min(rows_per_shard, n_rows - s * rows_per_shard) * d * itemsize * len(miss) for s, miss in todo)
+    need = sum(shard_rows_of(s) * d * itemsize * len(miss) for s, miss in enumerate(missing))
     check_disk(out, need)
-    rows_done = n_rows - sum(min(rows_per_shard, n_rows - s * rows_per_shard) for s, _ in todo)
-    keep = torch.as_tensor(ctx.keep)
+    rows_done = n_rows - sum(shard_rows_of(s) for s, miss in enumerate(missing) if miss)
+    device = _device_of(model)
+    kept = _kept_positions(ctx.keep, device)
+    stats = {key: LayerStats(d) for key in keys}
+
+    def store(s: int, arrays: dict[str, np.ndarray]) -> None:
+        """Shard `s` of every layer: written (those in `arrays`, each let go once written) and added to the
+        statistics, in shard order."""
+        for key in keys:
+            arr = arrays.pop(key, None)
+            if arr is None:  # written by an earlier, interrupted build
+                arr = open_shard(path_of(key, s), shard_rows_of(s), d, dtype)
+            else:
+                write_shard(path_of(key, s), arr)
+            stats[key].add(arr, shard_name(s))
+            del arr
+
     written = 0
     bar = _progress(n_rows, rows_done, f"{model_info['name']} layers {','.join(keys)}")
+    writer = _BackgroundWriter()
     try:
         with torch.inference_mode():
-            for s, missing in todo:
-                parts: dict[str, list] = {key: [] for key in missing}
-                for b0 in range(s * ctx_per_shard, min((s + 1) * ctx_per_shard, n_ctx), B):
-                    ids = torch.as_tensor(ctx.input_ids[b0 : min(b0 + B, len(ctx.input_ids))])
-                    outputs = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
-                    hs = outputs.hidden_states
-                    for key in missing:
-                        parts[key].append(hs[int(key)][:, keep, :].reshape(-1, d).float().numpy())
-                    bar.update(min(ids.shape[0] * k, n_rows - b0 * k))
-                lo = s * rows_per_shard
-                n = min(rows_per_shard, n_rows - lo)
-                for key in missing:
-                    arr = np.concatenate(parts[key])[:n].astype(dtype)
-                    write_shard(path_of(key, s), arr)
+            for s in range(n_shards):
+                if not missing[s]:
+                    writer.submit(store, s, {})
+                    continue
+                c0, c1 = s * ctx_per_shard, min((s + 1) * ctx_per_shard, n_ctx)
+                # shard s of every missing layer, filled batch by batch: one copy from the model's output
+                shard = {key: np.empty((c1 - c0, k, d), dtype=dtype) for key in missing[s]}
+                for b0 in range(c0, c1, B):
+                    b1 = min(b0 + B, c1)
+                    ids = torch.as_tensor(ctx.input_ids[b0:b1]).to(device)
+                    hs = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
+                    for key, arr in shard.items():
+                        torch.from_numpy(arr[b0 - c0 : b1 - c0]).copy_(hs[int(key)][:, kept])
+                    bar.update(min((b1 - b0) * k, n_rows - b0 * k))
+                n = shard_rows_of(s)
+                writer.submit(store, s, {key: arr.reshape(-1, d)[:n] for key, arr in shard.items()})
+                del shard  # the writer holds it now, and lets each layer go once written
                 written += 1
                 if fail_after_shards is not None and written >= fail_after_shards:
+                    writer.wait()
                     raise RuntimeError(f"fault injection: stopped after {written} shards")
+        writer.wait()
     finally:
+        writer.close()
         bar.close()
 
-    entries = {key: finish_layer(out, key, n_rows, rows_per_shard, d, dtype) for key in keys}
+    entries = {key: finish_layer(out, key, n_rows, rows_per_shard, d, dtype, stats[key]) for key in keys}
     base = {
         "kind": "hidden_states",
         "model": {**{key: model_info[key] for key in ("name", "hub_id", "fingerprint", "num_layers", "hidden_size")},
@@ -202,6 +288,7 @@ def _build_hidden_states(
         "rows_per_shard": rows_per_shard,
         "tokens": {"file": "tokens.npy", "sha256": sha256_file(tokens_file), "dtype": "int32"},
         "build_seconds": round(time.time() - t0, 2),
+        "build_device": _describe_device(device),  # provenance only: not part of the build identity
         "build": identity,
     }
     write_manifest(out, base, entries, old)
@@ -485,7 +572,8 @@ def ensure_cache(cfg: Any, *, shard_rows: int = DEFAULT_SHARD_ROWS, force: bool 
         keys = [layer_key(k) for k in models.parse_layers(cfg.layer, num_layers, cfg.model.name)]
     if not force and (out / "manifest.json").is_file() and all(k in read_manifest(out)["layers"] for k in keys):
         return out
-    model, tokenizer, info = models.load_model(cfg.model)
+    # the forward pass runs on model.device (token embeddings are read from the weights: no forward pass)
+    model, tokenizer, info = models.load_model(cfg.model, device="cpu" if token_emb else models.resolve_device(cfg.model))
     if token_emb:
         return build_token_embeddings(out, model, info, dtype=cfg.cache_dtype, shard_rows=shard_rows, force=force)
     return build_hidden_states(out, model, tokenizer, info, cfg.corpus, [int(k) for k in keys],

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from sparse_coding.atomic import atomic_write_bytes
+from sparse_coding.atomic import atomic_write, atomic_write_bytes
 from sparse_coding.errors import ConfigError
 
 FORMAT_VERSION = 1
@@ -111,19 +111,33 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.npy"
 
 
+def npy_header(arr: np.ndarray) -> bytes:
+    """The bytes `np.save` puts before a C-contiguous array's data (format 1.0: any (rows, d) float array)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(arr))
+    return buf.getvalue()
+
+
 def write_shard(path: Path, arr: np.ndarray) -> str:
-    """Write one shard safely: checksum sidecar first, then the shard renamed into place."""
-    data = _npy_bytes(arr)
-    digest = hashlib.sha256(data).hexdigest()
+    """Write one shard safely: checksum sidecar first, then the shard renamed into place.
+
+    The file holds the bytes `np.save` writes (header, then the C-order data); the data is hashed and written
+    from the array's own memory, not from a serialised copy.
+    """
+    arr = np.ascontiguousarray(arr)
+    header, data = npy_header(arr), arr.reshape(-1).view(np.uint8)
+    h = hashlib.sha256(header)
+    h.update(data)
+    digest = h.hexdigest()
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         _atomic_write_bytes(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
-        _atomic_write_bytes(path, data)
+        atomic_write(path, lambda f: (f.write(header), f.write(data)))
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        raise ConfigError(f"{path}: no space left on device ({human_bytes(len(data))} shard); the shards written so "
-                          "far are complete: free space and rerun the same command to resume") from None
+        raise ConfigError(f"{path}: no space left on device ({human_bytes(len(header) + data.nbytes)} shard); the "
+                          "shards written so far are complete: free space and rerun the same command to resume") from None
     return digest
 
 
@@ -486,40 +500,62 @@ def open_shard(file: Path, rows: int, d: int, dtype: str) -> np.ndarray:
 # Statistics and manifest
 
 
-def layer_stats(files: list[Path], rows: list[int], d: int, dtype: str, chunk: int = 65536) -> dict:
-    """Mean row and mean squared norm over the finite rows of one layer, in float64."""
-    total = np.zeros(d, np.float64)
-    sq = 0.0
-    n_finite = 0
-    n_bad = 0
-    first_bad = None
-    for f, r in zip(files, rows):
-        arr = open_shard(f, r, d, dtype)
-        for s in range(0, r, chunk):
-            x = np.asarray(arr[s : s + chunk], dtype=np.float64)
+class LayerStats:
+    """The mean row and mean squared norm over the finite rows of one layer, in float64, summed shard by shard.
+
+    Shards must be added in order; each is summed in chunks of `chunk` rows, so the sums (and the manifest's
+    numbers) are the same bits whether a shard is added from memory while it is written or read back from disk.
+    """
+
+    def __init__(self, d: int, chunk: int = 65536):
+        self.total = np.zeros(d, np.float64)
+        self.sq = 0.0
+        self.n_finite = self.n_bad = 0
+        self.first_bad: Optional[dict] = None
+        self.chunk = chunk
+
+    def add(self, arr: np.ndarray, name: str) -> None:
+        """Add one shard's rows (`name`: its file name, reported for the first non-finite row)."""
+        for s in range(0, arr.shape[0], self.chunk):
+            x = np.asarray(arr[s : s + self.chunk], dtype=np.float64)
             ok = np.isfinite(x).all(axis=1)
             if not ok.all():
-                if first_bad is None:
-                    first_bad = {"file": f.name, "row": int(s + np.flatnonzero(~ok)[0])}
-                n_bad += int((~ok).sum())
+                if self.first_bad is None:
+                    self.first_bad = {"file": name, "row": int(s + np.flatnonzero(~ok)[0])}
+                self.n_bad += int((~ok).sum())
                 x = x[ok]
-            total += x.sum(axis=0)
-            sq += float(np.einsum("ij,ij->", x, x))
-            n_finite += x.shape[0]
-    mean = total / max(n_finite, 1)
-    msn = sq / max(n_finite, 1)
-    return {
-        "mean": mean,
-        "n_finite": n_finite,
-        "n_nonfinite": n_bad,
-        "first_nonfinite": first_bad,
-        "mean_sq_norm": msn,
-        "centered_mean_sq_norm": msn - float(mean @ mean),
-    }
+            self.total += x.sum(axis=0)
+            self.sq += float(np.einsum("ij,ij->", x, x))
+            self.n_finite += x.shape[0]
+
+    def result(self) -> dict:
+        mean = self.total / max(self.n_finite, 1)
+        msn = self.sq / max(self.n_finite, 1)
+        return {
+            "mean": mean,
+            "n_finite": self.n_finite,
+            "n_nonfinite": self.n_bad,
+            "first_nonfinite": self.first_bad,
+            "mean_sq_norm": msn,
+            "centered_mean_sq_norm": msn - float(mean @ mean),
+        }
 
 
-def finish_layer(out: Path, key: str, n_rows: int, rows_per_shard: int, d: int, dtype: str) -> dict:
-    """Manifest entries (shards with checksums, statistics) for a layer whose shards are all written."""
+def layer_stats(files: list[Path], rows: list[int], d: int, dtype: str, chunk: int = 65536) -> dict:
+    """Mean row and mean squared norm over the finite rows of one layer, in float64, read from its shards."""
+    stats = LayerStats(d, chunk)
+    for f, r in zip(files, rows):
+        stats.add(open_shard(f, r, d, dtype), f.name)
+    return stats.result()
+
+
+def finish_layer(out: Path, key: str, n_rows: int, rows_per_shard: int, d: int, dtype: str,
+                 stats: Optional[LayerStats] = None) -> dict:
+    """Manifest entries (shards with checksums, statistics) for a layer whose shards are all written.
+
+    `stats`: the layer's statistics already summed over every shard (while they were written); else they are
+    read back from the shards.
+    """
     n_shards = -(-n_rows // rows_per_shard)
     rows = [min(rows_per_shard, n_rows - i * rows_per_shard) for i in range(n_shards)]
     files = [out / "layers" / key / shard_name(i) for i in range(n_shards)]
@@ -527,7 +563,7 @@ def finish_layer(out: Path, key: str, n_rows: int, rows_per_shard: int, d: int, 
     for f, r in zip(files, rows):
         digest = f.with_name(f.name + ".sha256").read_text().strip()
         shards.append({"file": f.name, "rows": r, "sha256": digest})
-    st = layer_stats(files, rows, d, dtype)
+    st = stats.result() if stats is not None else layer_stats(files, rows, d, dtype)
     mean_file = out / "layers" / key / "mean.npy"
     write_npy(mean_file, st.pop("mean"))
     st["mean_file"] = f"layers/{key}/mean.npy"

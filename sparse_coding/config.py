@@ -142,7 +142,9 @@ class ModelConfig:
     name: Optional[str] = "???"  # a named config (registry), or with source=hf any hub id
     path: Optional[str] = None  # a local directory holding the weights; overrides the registry
     source: str = "registry"  # "hf" (conf/model/hf.yaml): any transformers model by hub id or folder
-    dtype: str = "float32"
+    dtype: str = "float32"  # the forward pass's compute dtype (part of a cache's identity)
+    # where the forward pass runs: auto (CUDA when available, else CPU), cpu or cuda; not part of a cache's identity
+    device: str = "auto"
 
 
 @dataclass

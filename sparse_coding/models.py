@@ -294,6 +294,7 @@ def validate_model_config(cfg: Any) -> None:
     num_layers, _ = read_model_shape(path, cfg.model.name)
     if not isinstance(cfg.model.dtype, str) or cfg.model.dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError(f"model.dtype={cfg.model.dtype!r}: choose float32, float16 or bfloat16")
+    check_device(getattr(cfg.model, "device", "auto"))
     if not isinstance(cfg.cache_dtype, str) or cfg.cache_dtype not in ("float32", "float16"):
         raise ConfigError(f"cache_dtype={cfg.cache_dtype!r}: choose float32 or float16")
     if cfg.activation == "token_embeddings":
@@ -305,6 +306,34 @@ def validate_model_config(cfg: Any) -> None:
         raise ConfigError(
             f"corpus.context_len={cfg.corpus.context_len} exceeds model={cfg.model.name}'s {max_pos} positions"
         )
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device(device: Any) -> None:
+    """`model.device`: auto, cpu or cuda; cuda only where torch sees a CUDA device (torch is imported for that
+    check alone: auto and cpu keep validation free of heavy imports)."""
+    if not isinstance(device, str) or device not in DEVICES:
+        raise ConfigError(f"model.device={device!r}: choose auto (CUDA when available, else the CPU), cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("model.device=cuda: torch sees no CUDA device on this machine "
+                              f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}): "
+                              "use model.device=cpu or model.device=auto")
+
+
+def resolve_device(model_cfg: Any) -> str:
+    """The device the forward pass runs on: `model.device`, with auto → cuda when available, else cpu."""
+    device = str(getattr(model_cfg, "device", None) or "auto")
+    check_device(device)
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def max_positions(path: Path) -> Optional[int]:
@@ -413,10 +442,11 @@ def prepare_model_dir(model_cfg: Any) -> Path:
     return path
 
 
-def load_model(model_cfg: Any) -> tuple[Any, Any, dict]:
-    """(model in eval mode, tokenizer, info) from local files only.
+def load_model(model_cfg: Any, device: str = "cpu") -> tuple[Any, Any, dict]:
+    """(model in eval mode on `device`, tokenizer, info) from local files only.
 
-    info: name, hub_id, path, fingerprint (sha256 of config + weights), num_layers, hidden_size.
+    info: name, hub_id, path, fingerprint (sha256 of config + weights), num_layers, hidden_size, dtype, device.
+    The cache builder passes `resolve_device(model_cfg)`; other callers keep the CPU default.
     """
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -425,6 +455,7 @@ def load_model(model_cfg: Any) -> tuple[Any, Any, dict]:
     dtype = getattr(torch, str(getattr(model_cfg, "dtype", "float32")))
     model = AutoModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     model.eval()
+    model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     num_layers, width = read_model_shape(path, model_cfg.name)
     info = {
@@ -435,6 +466,7 @@ def load_model(model_cfg: Any) -> tuple[Any, Any, dict]:
         "num_layers": num_layers,
         "hidden_size": width,
         "dtype": str(getattr(model_cfg, "dtype", None) or "float32"),  # the compute dtype: part of a cache's identity
+        "device": str(device),  # where the forward pass runs: provenance only, not part of a cache's identity
         "class": type(model).__name__,
     }
     return model, tokenizer, info
