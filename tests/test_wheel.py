@@ -75,7 +75,8 @@ def test_the_wheel_holds_the_configs_the_sweeps_and_the_entry_points(installed):
     assert sweeps == package.parent / "sweeps"
     assert sorted(p.name for p in sweeps.glob("*.yaml")) == sorted(p.name for p in (ROOT / "sweeps").glob("*.yaml"))
     assert (package.parent / "__main__.py").is_file() and (package.parent / "lightning_compat.py").is_file()
-    for script in ("sparse-coding-train", "sparse-coding-sweep", "sparse-coding-cache", "sparse-coding-experiments"):
+    for script in ("sparse-coding-train", "sparse-coding-sweep", "sparse-coding-cache", "sparse-coding-experiments",
+                   "sparse-coding-features"):
         assert (installed / "bin" / script).is_file(), script
 
 
