@@ -39,7 +39,7 @@ def gemm_seconds(d: int, m: int, batch: int) -> tuple[float, float]:
 def fit_run(d: int, m: int, batch: int, steps: int, out: Path) -> dict:
     from hydra import compose, initialize_config_dir
 
-    from sparse_coding.config import register_configs
+    from sparse_coding.config.schema import register_configs
     from sparse_coding.paths import config_dir
     from sparse_coding.run import run
 

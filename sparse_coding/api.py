@@ -20,23 +20,28 @@ from sparse_coding.errors import ConfigError
 
 def compose(overrides: Iterable[str] = ()):
     """The composed, validated run config for Hydra override strings."""
+    return compose_and_plan(overrides)[0]
+
+
+def compose_and_plan(overrides: Iterable[str] = ()):
+    """(the composed, validated run config, its plan) for Hydra override strings."""
     from sparse_coding.cache import compose_config
-    from sparse_coding.config import validate
+    from sparse_coding.config.checks import validate
+    from sparse_coding.config.overrides import check_overrides, one_line
     from sparse_coding.models import check_trainable
-    from sparse_coding.overrides import check_overrides, one_line
 
     if isinstance(overrides, str) or not hasattr(overrides, "__iter__"):
         raise ConfigError(f"overrides must be a list of strings like ['model=minilm', 'layer=3'], not {overrides!r}")
     checked = check_overrides(list(overrides))  # a misspelled key or a wrong type: one line naming the fix
     try:
         cfg = compose_config(checked)
-        validate(cfg)
+        plan = validate(cfg)
     except Exception as e:  # noqa: BLE001 - what check_overrides cannot see (an interpolation, a config file's own error)
         if not type(e).__module__.startswith(("hydra", "omegaconf")):
             raise
         raise ConfigError(f"cannot compose the config from {' '.join(checked) or '(no overrides)'}: {one_line(e)}") from None
     check_trainable(cfg)
-    return cfg
+    return cfg, plan
 
 
 def default_out_dir() -> Path:
@@ -47,10 +52,10 @@ def default_out_dir() -> Path:
 
 def measure(overrides: Iterable[str] = ()) -> dict:
     """Train and evaluate like `python train.py OVERRIDES`; returns the metrics dict of metrics.json."""
-    cfg = compose(overrides)
+    cfg, plan = compose_and_plan(overrides)
     from sparse_coding.run import run
     from sparse_coding.rundir import start_run
 
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir()
     with start_run(out_dir, cfg.ckpt_path, cfg.overwrite):  # never replaces a finished run (see rundir)
-        return run(cfg, out_dir)
+        return run(cfg, out_dir, plan=plan)

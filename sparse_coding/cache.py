@@ -74,7 +74,7 @@ def compose_config(overrides: list[str], config_dir: Optional[Path] = None, conf
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from sparse_coding.config import register_configs
+    from sparse_coding.config.schema import register_configs
 
     register_configs()
     from sparse_coding.paths import config_dir as package_config_dir
@@ -138,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
-            from sparse_coding.config import validate
+            from sparse_coding.config.checks import validate
 
             cfg = compose_build_config(args.overrides)
             if args.cfg:

@@ -1,6 +1,6 @@
 """The training entry point (`python train.py`, console script `sparse-coding-train`): check the
-overrides (sparse_coding.overrides), compose the Hydra config from the package's conf/, validate it
-(fast, before heavy imports), run."""
+overrides (sparse_coding.config.overrides, .preflight), compose the Hydra config from the package's conf/,
+validate it into the run's plan (fast, before heavy imports), run."""
 
 import sys
 from pathlib import Path
@@ -8,7 +8,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from sparse_coding.config import register_configs, validate
+from sparse_coding.config.checks import validate
+from sparse_coding.config.schema import register_configs
 from sparse_coding.errors import ConfigError
 from sparse_coding.paths import config_dir
 
@@ -18,11 +19,11 @@ register_configs()
 def train() -> None:
     """`python train.py OVERRIDES`: a misspelled key or a value of the wrong type is one line (exit 2) before
     Hydra composes; a Trainer argument beyond the schema is passed on as `++trainer.ARG=VALUE`."""
-    from sparse_coding.overrides import check_command_line
+    from sparse_coding.config.overrides import check_command_line
 
     try:
         sys.argv[1:] = check_command_line(sys.argv[1:])
-        from sparse_coding.preflight import check_command_line as before_hydra
+        from sparse_coding.config.preflight import check_command_line as before_hydra
 
         before_hydra(sys.argv[1:])  # what Hydra itself would stop on with a traceback (run dir, interpolations)
     except ConfigError as err:
@@ -34,7 +35,7 @@ def train() -> None:
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def _compose_and_run(cfg: DictConfig) -> None:
     try:
-        validate(cfg)
+        plan = validate(cfg)
         from hydra.core.hydra_config import HydraConfig
 
         from sparse_coding.models import check_trainable
@@ -47,7 +48,7 @@ def _compose_and_run(cfg: DictConfig) -> None:
             write_hydra_files(cfg)  # .hydra/ (conf/train.yaml: hydra.output_subdir=null) only for a run that starts
             from sparse_coding.run import run  # torch and Lightning: after the checks, so a refusal is quick
 
-            run(cfg, out_dir)
+            run(cfg, out_dir, plan=plan)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -185,7 +185,7 @@ def _hf_load(corpus: Any):
 def _hf_problem(corpus: Any, e: Exception) -> str:
     import datasets
 
-    from sparse_coding.overrides import one_line
+    from sparse_coding.config.overrides import one_line
 
     what = (f"the hub data set {corpus.get('dataset')!r} (config={corpus.get('config')}, "
             f"split={corpus.get('split') or 'train'}, revision={corpus.get('revision') or 'main'})"

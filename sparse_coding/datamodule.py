@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from sparse_coding.config.schema import DataConfig, SolverConfig
 from sparse_coding.synthetic import SyntheticSource, generate
 
 NO_GROUP = -1  # evaluation rows of synthetic data are independent: no cluster ids (sparse_coding.metrics)
@@ -167,13 +168,13 @@ class SyntheticDataModule(pl.LightningDataModule):
         dim: int,
         n: int,
         n_val: int,
-        seed: int = 0,
-        active: float = 10.0,
-        noise: float = 0.1,
-        scale: float = 1.0,
-        batch_size: int = 1024,
-        eval_batch_size: int = 4096,
-        preact_std: float = 1.0,
+        seed: int = DataConfig.seed,  # the defaults are the schema's; a run passes every setting (from_config)
+        active: float = DataConfig.active,
+        noise: float = DataConfig.noise,
+        scale: float = DataConfig.scale,
+        batch_size: int = DataConfig.batch_size,
+        eval_batch_size: int = SolverConfig.eval_batch_size,
+        preact_std: float = DataConfig.preact_std,
     ) -> None:
         super().__init__()
         data = generate(name, dim, n + n_val, seed, active=active, noise=noise, preact_std=preact_std)
@@ -200,10 +201,10 @@ class SyntheticDataModule(pl.LightningDataModule):
     @classmethod
     def from_config(cls, cfg) -> "SyntheticDataModule":
         d = cfg.data
-        kind = FreshSyntheticDataModule if d.get("fresh", False) else SyntheticDataModule
+        kind = FreshSyntheticDataModule if d.fresh else SyntheticDataModule
         return kind(
             d.name, d.dim, d.n, d.n_val, seed=d.seed, active=d.active, noise=d.noise, scale=d.scale,
-            batch_size=d.batch_size, eval_batch_size=cfg.solver.eval_batch_size, preact_std=d.get("preact_std", 0.0),
+            batch_size=d.batch_size, eval_batch_size=cfg.solver.eval_batch_size, preact_std=d.preact_std,
         )
 
     def describe(self) -> dict:
@@ -288,9 +289,10 @@ class FreshSyntheticDataModule(SyntheticDataModule):
     """`data.fresh=true`: training batches drawn fresh from the generator (an epoch is `n` rows); the
     held-out set (`n_val` rows) and the in-sample rows (the first `n_val` rows trained on) are fixed."""
 
-    def __init__(self, name: str, dim: int, n: int, n_val: int, seed: int = 0, active: float = 10.0,
-                 noise: float = 0.1, scale: float = 1.0, batch_size: int = 1024, eval_batch_size: int = 4096,
-                 preact_std: float = 1.0) -> None:
+    def __init__(self, name: str, dim: int, n: int, n_val: int, seed: int = DataConfig.seed,
+                 active: float = DataConfig.active, noise: float = DataConfig.noise, scale: float = DataConfig.scale,
+                 batch_size: int = DataConfig.batch_size, eval_batch_size: int = SolverConfig.eval_batch_size,
+                 preact_std: float = DataConfig.preact_std) -> None:
         pl.LightningDataModule.__init__(self)
         self.source = SyntheticSource(name, dim, seed, active=active, noise=noise, preact_std=preact_std)
         held_out = self.source.draw(n_val, stream_seed(seed, 2))

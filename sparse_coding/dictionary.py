@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from sparse_coding.config.schema import SolverConfig
 from sparse_coding.errors import ConfigError
 
 FILE = "dictionary.safetensors"
@@ -193,8 +194,8 @@ def _read(path: "str | Path") -> tuple[Path, Path, dict, dict]:
     solver = meta.get("config")
     solver = solver.get("solver") if isinstance(solver, dict) else None
     solver = solver if isinstance(solver, dict) else {}
-    meta.setdefault("solver", {"max_steps": solver.get("max_steps", 256), "tol": solver.get("tol"),
-                               "batch_size": solver.get("eval_batch_size", 4096)})
+    meta.setdefault("solver", {"max_steps": solver.get("max_steps", SolverConfig.max_steps), "tol": solver.get("tol"),
+                               "batch_size": solver.get("eval_batch_size", SolverConfig.eval_batch_size)})
     meta.setdefault("preprocessing", {"center_mean": None, "normalize": "none"})
     return file, side, meta, tensors
 
@@ -261,7 +262,7 @@ def _entries(file: Path, where: Path, meta: Any, tensors: dict) -> list[tuple[st
             mean = torch.tensor(mean, dtype=phi.dtype if phi.is_floating_point() else torch.float64)
         kwargs = dict(phi=phi, lam=entry["lam"], mean=mean, normalize=prep.get("normalize", "none"),
                       max_steps=solver.get("max_steps"), tol=solver.get("tol"),
-                      batch_size=solver.get("batch_size", 4096), label=label, dict_mult=entry.get("dict_mult"),
+                      batch_size=solver.get("batch_size", SolverConfig.eval_batch_size), label=label, dict_mult=entry.get("dict_mult"),
                       drop_positions=prep.get("drop_positions", 0), max_norm_ratio=prep.get("max_norm_ratio", 0.0),
                       median_row_norm=prep.get("median_row_norm"))
         out.append((label, kwargs))
@@ -280,7 +281,8 @@ class SparseDictionary(nn.Module):
     """
 
     def __init__(self, phi: Tensor, lam: float, *, mean: Optional[Tensor] = None, normalize: str = "none",
-                 max_steps: int = 256, tol: Optional[float] = None, batch_size: int = 4096,
+                 max_steps: int = SolverConfig.max_steps, tol: Optional[float] = None,
+                 batch_size: int = SolverConfig.eval_batch_size,
                  label: str = "dictionary", dict_mult: Optional[float] = None, drop_positions: int = 0,
                  max_norm_ratio: float = 0.0, median_row_norm: Optional[float] = None) -> None:
         super().__init__()
@@ -485,13 +487,13 @@ class SparseDictionary(nn.Module):
     def _solved(self, x: Tensor):
         """(rows, Φ, [(first row, SolveResult)]) of x (..., d): the solver call of the run's validation step
         (same settings, batch size and one Gram matrix for every batch), in the compute dtype."""
-        from sparse_coding.solver import DEFAULT_TOL, solve
+        from sparse_coding.solver import solve
 
         rows, lead = self._rows(x)
         rows = self._preprocess_rows(rows)
         phi = self._phi(rows.dtype)
         gram = phi.T @ phi
-        tol = DEFAULT_TOL if self.tol is None else self.tol
+        tol = SolverConfig.tol if self.tol is None else self.tol
         results = [(start, solve(rows[start:start + self.batch_size], phi, self.lam, self.max_steps, gram=gram,
                                  tol=tol))
                    for start in range(0, rows.shape[0], self.batch_size)]

@@ -28,7 +28,7 @@ SUPPORTED = ">=2.6,<3"  # pyproject.toml's bound: the versions these members wer
 # RichProgressBar needs rich>=10.2.2 (Lightning's own requirement string)
 RICH_AVAILABLE = bool(RequirementCache("rich>=10.2.2"))
 
-# Lightning's multiprocessing launcher (ddp_spawn / ddp_fork), subclassed by sparse_coding.trainer._RunStateLauncher
+# Lightning's multiprocessing launcher (ddp_spawn / ddp_fork), subclassed by sparse_coding.config.trainer._RunStateLauncher
 MultiProcessingLauncher = _MultiProcessingLauncher
 
 
@@ -68,8 +68,8 @@ PRIVATE_METHODS: dict[type, tuple[str, ...]] = {
     ModelCheckpoint: ("_save_checkpoint", "_should_save_on_train_epoch_end", "_monitor_candidates",  # AtomicCheckpoint
                       "_save_topk_checkpoint", "_save_last_checkpoint"),
     RichProgressBar: ("_get_train_description",),  # sparse_coding.progress.PassProgressBar
-    DDPStrategy: ("_configure_launcher",),  # sparse_coding.trainer.SpawnDDPStrategy
-    _MultiProcessingLauncher: ("_collect_rank_zero_results", "_wrapping_function"),  # sparse_coding.trainer._RunStateLauncher
+    DDPStrategy: ("_configure_launcher",),  # sparse_coding.config.trainer.SpawnDDPStrategy
+    _MultiProcessingLauncher: ("_collect_rank_zero_results", "_wrapping_function"),  # sparse_coding.config.trainer._RunStateLauncher
 }
 PRIVATE_ATTRIBUTES: dict[type, tuple[str, ...]] = {
     ModelCheckpoint: ("_every_n_train_steps", "_last_global_step_saved", "_last_checkpoint_saved",

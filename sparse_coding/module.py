@@ -22,18 +22,16 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from sparse_coding.config.plan import dictionary_label
+from sparse_coding.config.schema import DictionaryConfig, SolverConfig
 from sparse_coding.errors import ConfigError
 from sparse_coding.lightning_compat import attached_trainer, should_update_logs
 from sparse_coding.metrics import SparsityMetrics
-from sparse_coding.solver import DEFAULT_TOL, SolveResult, all_finite, solve
+from sparse_coding.solver import SolveResult, all_finite, solve
 
 
 class NonFiniteError(ConfigError):
     """Training met NaN/Inf (data, loss, gradient or Phi): the run stops before Phi is updated with it."""
-
-
-def dictionary_label(mult: int, lam: "float | str") -> str:
-    return f"mult{mult}_lam{lam}"
 
 
 IN_SAMPLE_KEYS = ("normalized_loss", "normalized_loss_se", "normalized_loss_se_rows", "avg_coef_norm",
@@ -57,16 +55,17 @@ class SparseCodingModule(pl.LightningModule):
         dim: int,
         grid: list,
         *,
-        lr: float = 1e-2,
-        optimizer: str = "adam",
-        inner_steps: int = 1,
-        lam_tol: float = 0.02,
-        lam_init_rounds: int = 3,
+        # the run passes every setting (sparse_coding.run.build_module); these defaults are the schema's
+        lr: float = DictionaryConfig.lr,
+        optimizer: str = DictionaryConfig.optimizer,
+        inner_steps: int = DictionaryConfig.inner_steps,
+        lam_tol: float = DictionaryConfig.lam_tol,
+        lam_init_rounds: int = DictionaryConfig.lam_init_rounds,
         lam_round_every: int = 0,
-        max_steps: int = 256,
-        tol: float = DEFAULT_TOL,
-        dead_window: int = 16384,
-        init: str = "data",
+        max_steps: int = SolverConfig.max_steps,
+        tol: float = SolverConfig.tol,
+        dead_window: int = DictionaryConfig.dead_window,
+        init: str = DictionaryConfig.init,
         seed: int = 0,
         init_rows: Tensor | None = None,
         eval_groups: int = 0,

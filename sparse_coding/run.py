@@ -15,7 +15,8 @@ import torch
 from omegaconf import DictConfig
 
 from sparse_coding.checkpoints import resume_checkpoint
-from sparse_coding.config import SYNTHETIC_DATA, dictionary_grid
+from sparse_coding.config.plan import RunPlan, resolve
+from sparse_coding.config.trainer import PerRankLoaders, build_trainer  # the Trainer from conf/trainer and conf/callbacks
 from sparse_coding.convergence import (ConvergenceMonitor, check_train_batches, eval_every_samples,
                                       insufficient_sample_advice, resolution_note, sample_sufficiency,
                                       trainer_schedule, unconverged_advice)
@@ -23,34 +24,32 @@ from sparse_coding.loggers import build_logger, finish_logger, log_run_files
 from sparse_coding.module import SparseCodingModule
 from sparse_coding.outputs import collect_results, print_table, write_outputs
 from sparse_coding.rundir import own_run_dir
-from sparse_coding.trainer import PerRankLoaders, build_trainer  # the Trainer from conf/trainer and conf/callbacks
 
 
-def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
-    if cfg.model is None and cfg.data.name in SYNTHETIC_DATA:
+def build_datamodule(cfg: DictConfig, plan: RunPlan) -> pl.LightningDataModule:
+    if plan.data.source == "synthetic":
         from sparse_coding.datamodule import SyntheticDataModule
 
         return SyntheticDataModule.from_config(cfg)
     from sparse_coding.streaming import CacheDataModule
 
-    if cfg.model is None or (cfg.data.name == "cache" and cfg.data.path is not None):
-        path = Path(cfg.data.path)  # with a model: a given cache of that model (checked by validate)
+    if plan.data.source == "cache":
+        path = Path(plan.data.path)  # with a model: a given cache of that model (checked by validate)
     else:
         from sparse_coding.cache import ensure_cache
 
         path = ensure_cache(cfg)
-    return CacheDataModule.from_config(cfg, path)
+    return CacheDataModule.from_config(cfg, plan.data, path)
 
 
-def build_module(cfg: DictConfig, datamodule) -> SparseCodingModule:
+def build_module(cfg: DictConfig, plan: RunPlan, datamodule) -> SparseCodingModule:
     d = cfg.dictionary
-    grid = dictionary_grid(d)
     init_rows = None
     if d.init == "data" and hasattr(datamodule, "init_rows"):
-        init_rows = datamodule.init_rows(max(m for m, _ in grid) * datamodule.dim, cfg.seed)
+        init_rows = datamodule.init_rows(max(m.mult for m in plan.grid) * datamodule.dim, cfg.seed)
     return SparseCodingModule(
         dim=datamodule.dim,
-        grid=grid,
+        grid=plan.pairs,
         lr=d.lr,
         optimizer=d.optimizer,
         inner_steps=d.inner_steps,
@@ -77,20 +76,21 @@ def lambda_round_batches(cfg: DictConfig, datamodule) -> int:
     return eval_every_samples(cfg, datamodule.val_rows, batch) // batch
 
 
-def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> dict:
+def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (), *, plan: RunPlan | None = None) -> dict:
     """Train and evaluate; returns the metrics dict that is written to metrics.json.
 
+    `plan`: what `config.checks.validate(cfg)` returned (without it the config is resolved here, unchecked).
     The run owns `out_dir` while it runs (a lock: a second run on it stops with one line).
     """
     with own_run_dir(out_dir):
-        return _run(cfg, out_dir, callbacks)
+        return _run(cfg, plan or resolve(cfg), out_dir, callbacks)
 
 
-def _run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> dict:
+def _run(cfg: DictConfig, plan: RunPlan, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(cfg)
-    module = build_module(cfg, datamodule)
+    datamodule = build_datamodule(cfg, plan)
+    module = build_module(cfg, plan, datamodule)
     # before the logger and the Trainer: a refused resume (other settings or data, a finished run) writes nothing
     ckpt_path = resume_checkpoint(cfg.ckpt_path, out_dir, module, cfg.trainer, datamodule)
     check_train_batches(cfg, datamodule.batches_per_epoch())
@@ -99,12 +99,12 @@ def _run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) 
     schedule = trainer_schedule(cfg, datamodule.val_rows, int(cfg.data.batch_size), datamodule.epoch_batch_sizes())
     monitor = ConvergenceMonitor(c.window, c.tol, c.stop, c.max_samples, c.max_minutes,
                                  train_rows=getattr(datamodule, "train_rows", None),
-                                 is_cache=cfg.model is not None or cfg.data.name == "cache",
+                                 is_cache=plan.data.source != "synthetic",
                                  fixed_rows=cfg.get("activation") == "token_embeddings",
                                  max_steps_from=schedule.pop("max_steps_from"))
     failed = True
     try:
-        trainer = build_trainer(cfg, out_dir, logger, [monitor, *callbacks], schedule)
+        trainer = build_trainer(plan, out_dir, logger, [monitor, *callbacks], schedule)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         # the final measurement: held-out rows and, beside them, as many training rows (in-sample)
         trainer.validate(module, dataloaders=PerRankLoaders(datamodule, "val_dataloader", "in_sample_dataloader"),

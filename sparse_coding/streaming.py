@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from sparse_coding import cache as cache_mod
 from sparse_coding import preprocess
+from sparse_coding.config.schema import DataConfig
 from sparse_coding.errors import ConfigError
 
 BLOCK_ROWS = 1024
@@ -319,11 +320,13 @@ class _ResumableEpochLoader(_EpochLoader):
 class CacheDataModule(pl.LightningDataModule):
     """Rows of one cached layer as (B × d) float32 batches; `.dim`, `.truth` (None), `.describe()`."""
 
-    def __init__(self, path: Any, layer: Any = None, batch_size: int = 1024, val_fraction: float = 0.1,
-                 shuffle_buffer: int = 65536, seed: int = 0, center: bool = True, skip_nonfinite: bool = False,
-                 num_workers: int = 0, *, rank: Optional[int] = None, world_size: Optional[int] = None,
-                 expected_dim: Optional[int] = None, verify: bool = True, drop_positions: int = 0,
-                 normalize: str = "none", max_norm_ratio: float = 0.0):
+    def __init__(self, path: Any, layer: Any = None, batch_size: int = DataConfig.batch_size,
+                 val_fraction: float = DataConfig.val_fraction, shuffle_buffer: int = DataConfig.shuffle_buffer,
+                 seed: int = DataConfig.seed, center: bool = DataConfig.center,
+                 skip_nonfinite: bool = DataConfig.skip_nonfinite, num_workers: int = DataConfig.num_workers, *,
+                 rank: Optional[int] = None, world_size: Optional[int] = None, expected_dim: Optional[int] = None,
+                 verify: bool = True, drop_positions: int = DataConfig.drop_positions,
+                 normalize: str = DataConfig.normalize, max_norm_ratio: float = DataConfig.max_norm_ratio):
         super().__init__()
         self.path = Path(path)
         m = cache_mod.read_manifest(self.path)
@@ -471,14 +474,12 @@ class CacheDataModule(pl.LightningDataModule):
         return out[0], out[1]
 
     @classmethod
-    def from_config(cls, cfg: Any, path: Any) -> "CacheDataModule":
-        """From a composed run config: cfg.data holds the loader settings, cfg.layer the layer."""
+    def from_config(cls, cfg: Any, data: Any, path: Any) -> "CacheDataModule":
+        """From a composed run config and its plan's data (`config.plan.DataPlan`: the layer, the model's width):
+        cfg.data holds the loader settings."""
         d = cfg.data
-        layer = None
         expected = None
         if cfg.model is not None:
-            from sparse_coding import models
-
             m = cache_mod.read_manifest(Path(path))
             if m.get("model") and m["model"].get("name") != cfg.model.name:
                 raise ConfigError(f"{path}/manifest.json: cache of model {m['model'].get('name')}, the run asks for "
@@ -488,18 +489,13 @@ class CacheDataModule(pl.LightningDataModule):
                 raise ConfigError(f"{path}/manifest.json: activations computed with model.dtype={built_in}, the run asks "
                                   f"for model.dtype={cfg.model.dtype}: use model.dtype={built_in} or the cache of "
                                   f"model.dtype={cfg.model.dtype} (built without data.path)")
-            mdir = models.resolve_model_path(cfg.model)
-            expected = models.read_model_shape(mdir, cfg.model.name)[1]
-            if cfg.activation == "hidden_states":
-                if isinstance(cfg.layer, str) and cfg.layer.strip().lower() == "all":
-                    raise ConfigError("layer=all builds every layer's cache; train one layer per run: layer=K")
-                layer = cfg.layer
-        elif cfg.layer is not None:
-            layer = cfg.layer
-        return cls(path, layer, batch_size=d.batch_size, val_fraction=d.val_fraction, shuffle_buffer=d.shuffle_buffer,
+            expected = data.model.width
+            if isinstance(data.layer, str) and data.layer.strip().lower() == "all":
+                raise ConfigError("layer=all builds every layer's cache; train one layer per run: layer=K")
+        return cls(path, data.layer, batch_size=d.batch_size, val_fraction=d.val_fraction, shuffle_buffer=d.shuffle_buffer,
                    seed=d.seed, center=d.center, skip_nonfinite=d.skip_nonfinite, num_workers=d.num_workers,
-                   expected_dim=expected, drop_positions=d.get("drop_positions", 0),
-                   normalize=d.get("normalize", "none"), max_norm_ratio=d.get("max_norm_ratio", 0.0))
+                   expected_dim=expected, drop_positions=d.drop_positions,
+                   normalize=d.normalize, max_norm_ratio=d.max_norm_ratio)
 
     # -- distributed and epochs
 

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from sparse_coding.config import register_configs
+from sparse_coding.config.schema import register_configs
 from sparse_coding.run import run
 
 register_configs()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sparse_coding import cache, models
+from sparse_coding.config.plan import resolve
 from sparse_coding.corpus import build_contexts
 from sparse_coding.errors import ConfigError
 from tinymodels import forward_hidden, make_tiny_gpt2, run_cfg
@@ -290,7 +291,7 @@ def test_model_dtype_is_part_of_the_cache_identity(tiny_gpt2, gpt2_cache, tmp_pa
                        f"model.dtype={cfg.model.dtype}"])
         with pytest.raises(ConfigError, match=f"computed with model.dtype={other}, the run asks for "
                                               f"model.dtype={cfg.model.dtype}"):
-            CacheDataModule.from_config(run, path)
+            CacheDataModule.from_config(run, resolve(run).data, path)
     # a cache recorded before model_dtype was (float32 by construction) is still this float32 cache
     legacy = {**m32, "build": {k: v for k, v in m32["build"].items() if k != "model_dtype"}}
     legacy["model"] = {k: v for k, v in m32["model"].items() if k != "dtype"}

@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT
-from sparse_coding.config import register_configs
+from sparse_coding.config.schema import register_configs
 from sparse_coding.convergence import has_converged, unconverged_advice
 
 register_configs()
@@ -131,7 +131,7 @@ def test_history_survives_resume(tmp_path):
 def test_a_run_killed_before_writing_its_outputs_resumes_to_them(tmp_path, protocol):
     """Ended (converged or at its budget), checkpointed, then killed before metrics.json: resuming writes the
     outputs from the checkpoint without training further, and only then refuses to resume it again."""
-    from sparse_coding.config import ConfigError
+    from sparse_coding.errors import ConfigError
 
     first = train(tmp_path, SMALL + protocol)
     (tmp_path / "metrics.json").unlink()

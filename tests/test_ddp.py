@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_train
-from sparse_coding.config import register_configs
+from sparse_coding.config.schema import register_configs
 from sparse_coding.run import run
 
 register_configs()

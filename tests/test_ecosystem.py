@@ -114,7 +114,7 @@ def test_measure_api_and_the_loaded_dictionary_reproduce_metrics_json(tmp_path):
 
 def test_a_centred_cache_dictionary_encodes_raw_activations(tmp_path):
     from sparse_coding import SparseDictionary, cache
-    from sparse_coding.config import validate
+    from sparse_coding.config.checks import validate
     from sparse_coding.run import run
     from sparse_coding.solver import solve
     from sparse_coding.streaming import CacheDataModule

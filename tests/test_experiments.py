@@ -57,7 +57,7 @@ def _has_convergence() -> bool:
 
 @pytest.mark.parametrize("scale", ["quick", "paper"])
 def test_point_overrides_compose_and_validate(scale):
-    from sparse_coding.config import validate
+    from sparse_coding.config.checks import validate
 
     if scale == "paper" and not _has_convergence():
         pytest.skip("the paper scale's configs set the `convergence` group (issue 10), not in this tree yet")
@@ -442,7 +442,7 @@ def test_max_norm_ratio_with_drop_positions(gpt2_cache):
 
 
 def test_preprocess_switches_are_validated(tmp_path):
-    from sparse_coding.config import validate
+    from sparse_coding.config.checks import validate
     from sparse_coding.errors import ConfigError
 
     for bad, what in ((["data.drop_positions=1"], "real activations"), (["data.normalize=l2"], "data.normalize"),

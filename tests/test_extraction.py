@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sparse_coding import cache, cache_store, corpus, models
-from sparse_coding.config import validate
+from sparse_coding.config.checks import validate
 from sparse_coding.errors import ConfigError
 from tinymodels import make_tiny_gpt2, run_cfg
 

@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT
-from sparse_coding.config import register_configs
+from sparse_coding.config.schema import register_configs
 from sparse_coding.dictionary import SparseDictionary
 from sparse_coding.features import (FeatureStats, _stream_seed, main, recovery, split_blocks, synthetic_rows,
                                     true_features, windows)

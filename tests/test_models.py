@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from sparse_coding import models
-from sparse_coding.config import validate
+from sparse_coding.config.checks import validate
 from sparse_coding.errors import ConfigError
 from tinymodels import forward_hidden, make_tiny_gpt2, run_cfg
 
@@ -70,7 +70,7 @@ def test_train_py_offline_without_weights_stops_fast(empty_hf):
 
 
 def test_validation_does_not_import_torch(empty_hf):
-    code = ("import sys; from sparse_coding.cache import compose_config; from sparse_coding.config import validate; "
+    code = ("import sys; from sparse_coding.cache import compose_config; from sparse_coding.config.checks import validate; "
             "validate(compose_config(['model=minilm','layer=2'])); "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)

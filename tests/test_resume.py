@@ -282,11 +282,12 @@ def test_a_train_py_process_stopped_by_a_signal_resumes_exactly(tmp_path, refere
 
 def resume_check(out: Path, overrides_: list):
     """What `ckpt_path=last` decides for this config, without training: resume_checkpoint as run() calls it."""
+    from sparse_coding.api import compose_and_plan
     from sparse_coding.run import build_datamodule, build_module
 
-    cfg = compose_cfg([*overrides_, "ckpt_path=last"])
-    dm = build_datamodule(cfg)
-    return checkpoints.resume_checkpoint(cfg.ckpt_path, out, build_module(cfg, dm), cfg.trainer, dm)
+    cfg, plan = compose_and_plan([*QUIET, *overrides_, "ckpt_path=last"])
+    dm = build_datamodule(cfg, plan)
+    return checkpoints.resume_checkpoint(cfg.ckpt_path, out, build_module(cfg, plan, dm), cfg.trainer, dm)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT
-from sparse_coding.config import register_configs
+from sparse_coding.config.schema import register_configs
 from sparse_coding.datamodule import FreshSyntheticDataModule, SyntheticDataModule
 from sparse_coding.metrics import SparsityMetrics, ratio_se
 
@@ -149,11 +149,12 @@ def test_fresh_run_reports_a_small_gap_and_a_fixed_small_sample_a_large_one(tmp_
 
     # SparseDictionary.measure reproduces both numbers on the same rows
     from sparse_coding import SparseDictionary
+    from sparse_coding.config.plan import resolve
     from sparse_coding.run import build_datamodule
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=QUIET + base + ["data.fresh=false", "data.n=512"])
-    dm = build_datamodule(cfg)
+    dm = build_datamodule(cfg, resolve(cfg))
     d = SparseDictionary.load(tmp_path / "fixed")
     held, ins = d.measure(dm.val_x), d.measure(dm.in_sample_x)
     assert held["normalized_loss"] == pytest.approx(fixed["normalized_loss"], rel=1e-6)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sparse_coding import cache
+from sparse_coding.config.plan import resolve
 from sparse_coding.errors import ConfigError
 from sparse_coding.streaming import CacheDataModule, batch_plan, stream_plan
 from tinymodels import make_tiny_gpt2, run_cfg
@@ -153,12 +154,14 @@ def test_width_and_model_mismatch(tmp_path):
     built = cache.ensure_cache(run_cfg(["model=gpt2", f"model.path={tiny}", "layer=1", "corpus=kjv",
                                         "corpus.context_len=16", "corpus.max_tokens=400", f"cache_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="layer 0 is not in this cache \\(it holds 1\\)"):
-        CacheDataModule.from_config(cfg, built)
-    dm = CacheDataModule.from_config(run_cfg(["model=gpt2", f"model.path={tiny}", "layer=1", "data.batch_size=64"]), built)
+        CacheDataModule.from_config(cfg, resolve(cfg).data, built)
+    one = run_cfg(["model=gpt2", f"model.path={tiny}", "layer=1", "data.batch_size=64"])
+    dm = CacheDataModule.from_config(one, resolve(one).data, built)
     assert dm.dim == 32 and dm.describe()["model"] == "gpt2" and dm.describe()["corpus"] == "kjv"
     assert next(iter(dm.train_dataloader())).shape == (64, 32)
     with pytest.raises(ConfigError, match="cache of model gpt2, the run asks for model=minilm"):
-        CacheDataModule.from_config(run_cfg(["model=minilm", "layer=1"]), built)
+        minilm = run_cfg(["model=minilm", "layer=1"])
+        CacheDataModule.from_config(minilm, resolve(minilm).data, built)
 
 
 def test_lightning_fit_reads_the_trainer_epoch(data):

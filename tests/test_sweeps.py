@@ -12,7 +12,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, run_train
-from sparse_coding.config import register_configs, validate
+from sparse_coding.config.checks import validate
+from sparse_coding.config.schema import register_configs
 from sparse_coding.errors import ConfigError
 from sparse_coding.loggers import flat_config
 from sparse_coding.sweep import build_command, check_sweep, entry_point_problem, find_sweep, load_sweep, propose

@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, run_train
-from sparse_coding.config import register_configs
+from sparse_coding.config.schema import register_configs
 
 register_configs()
 

@@ -20,10 +20,11 @@ from safetensors.torch import load_file
 from conftest import run_train
 from sparse_coding.api import compose, measure
 from sparse_coding.errors import ConfigError
-from sparse_coding.overrides import check_overrides
+from sparse_coding.config.overrides import check_overrides
 from sparse_coding.run import run
-from sparse_coding.run_checks import RUN_OWNED, trainer_arguments
-from sparse_coding.trainer import GradientClipping, SpawnDDPStrategy, build_trainer
+from sparse_coding.config.keys import RUN_OWNED, trainer_arguments
+from sparse_coding.config.plan import resolve
+from sparse_coding.config.trainer import GradientClipping, SpawnDDPStrategy, build_trainer
 
 TINY = ["logger=none", "trainer.enable_progress_bar=false", "data=sparse_linear", "data.dim=16", "data.active=4",
         "data.n=1024", "data.n_val=512", "data.batch_size=256", "trainer.max_epochs=2", "convergence.stop=false",
@@ -100,7 +101,7 @@ def test_the_trainer_is_built_from_the_settings(tmp_path):
                           "trainer.gradient_clip_algorithm=value", "trainer.min_epochs=1", "callbacks=lr_monitor",
                           "logger=csv", "++callbacks.summary._target_=pytorch_lightning.callbacks.ModelSummary",
                           "callbacks.summary.max_depth=2"])
-    trainer = build_trainer(cfg, tmp_path, logger=False)
+    trainer = build_trainer(resolve(cfg), tmp_path, logger=False)
     assert type(trainer.profiler).__name__ == "SimpleProfiler"
     assert trainer.limit_val_batches == 0.5 and trainer.min_epochs == 1 and trainer.max_epochs == 2
     assert trainer.gradient_clip_val is None  # Lightning refuses it for manual optimization: our callback clips
@@ -110,18 +111,18 @@ def test_the_trainer_is_built_from_the_settings(tmp_path):
     assert "LearningRateMonitor" in names and "AtomicCheckpoint" in names
     assert [cb._max_depth for cb in trainer.callbacks if type(cb).__name__ == "ModelSummary"] == [2]
 
-    spawn = build_trainer(compose(TINY + ["trainer.strategy=ddp_spawn", "trainer.accelerator=cpu"]), tmp_path, False)
+    spawn = build_trainer(resolve(compose(TINY + ["trainer.strategy=ddp_spawn", "trainer.accelerator=cpu"])), tmp_path, False)
     assert isinstance(spawn.strategy, SpawnDDPStrategy) and spawn.strategy._start_method == "spawn"
 
 
 def test_a_setting_lightning_refuses_is_one_line(tmp_path):
     cfg = compose(TINY + ["trainer.profiler=bogus"])  # a value only Lightning knows the choices of
     with pytest.raises(ConfigError, match="Lightning refused the trainer.* settings: .*profiler") as e:
-        build_trainer(cfg, tmp_path, logger=False)
+        build_trainer(resolve(cfg), tmp_path, logger=False)
     assert "\n" not in str(e.value)
     bad_callback = compose(TINY + ["callbacks.x._target_=pytorch_lightning.callbacks.NoSuchCallback"])
     with pytest.raises(ConfigError, match="callbacks.x: cannot build") as e:
-        build_trainer(bad_callback, tmp_path, logger=False)
+        build_trainer(resolve(bad_callback), tmp_path, logger=False)
     assert "\n" not in str(e.value)
 
 

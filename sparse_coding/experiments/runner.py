@@ -84,16 +84,16 @@ def run_point(point: Point, scale: str, root: Path = DEFAULT_ROOT) -> Path:
     out = run_dir(root, scale, point)
     if (out / "metrics.json").is_file():
         return out
-    from sparse_coding.config import validate
+    from sparse_coding.config.checks import validate
     from sparse_coding.run import run
 
     resumed = (out / "checkpoints" / "last.ckpt").is_file()
     overrides = point.all_overrides(scale) + QUIET + [f"out_dir={out}"] + (["ckpt_path=last"] if resumed else [])
     cfg = compose(overrides)
-    validate(cfg)
+    plan = validate(cfg)
     load_start = os.getloadavg()[0]
     t0 = time.time()
-    run(cfg, out)
+    run(cfg, out, plan=plan)
     seconds = time.time() - t0
     if resumed and (out / "metrics.json").is_file():  # this invocation is only the end: the fit's clock spans all
         fit = json.loads((out / "metrics.json").read_text()).get("timing", {}).get("fit_seconds") or 0.0

@@ -22,9 +22,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from reliability.helpers import ROOT, as_nobody, child_env, error_lines, import_cache, run_py
-from sparse_coding import config as config_mod
-from sparse_coding import run_checks
-from sparse_coding.config import ModelConfig, RunConfig, validate
+from sparse_coding.config import resources
+from sparse_coding.config import schema as config_mod
+from sparse_coding.config.checks import validate
+from sparse_coding.config.schema import ModelConfig, RunConfig
 from sparse_coding.errors import ConfigError
 
 FUZZ_EXAMPLES = 400
@@ -123,7 +124,7 @@ def test_every_bad_value_fails_fast_with_one_line(fixtures, tmp_path):
 
 
 def test_hydra_level_errors_are_one_line(tmp_path):
-    """What Hydra itself would refuse in several lines is checked before it composes (sparse_coding.overrides)."""
+    """What Hydra itself would refuse in several lines is checked before it composes (sparse_coding.config.overrides)."""
     for overrides, expected in ((["model=bogus"], "no such model config"), (["data.dim=abc"], "data.dim=abc"),
                                 (["corpus=bogus"], "no such corpus config"), (["layer=[bogus"], "cannot read the override")):
         proc = run_py(["train.py", *overrides, "logger=none", f"hydra.run.dir={tmp_path}"], timeout=120)
@@ -178,11 +179,11 @@ def test_unreadable_cache_in_process(fixtures, monkeypatch):
 STARTUP_SCRIPT = r"""
 import json, sys, time
 t0 = time.perf_counter()
-from sparse_coding.config import validate
+from sparse_coding.config.checks import validate
 from sparse_coding.errors import ConfigError
 t_import = time.perf_counter() - t0
 from sparse_coding.cache import compose_config  # Hydra's compose API (not our start-up)
-from sparse_coding.overrides import check_overrides  # before Hydra composes (loads Hydra's parser, as Hydra would)
+from sparse_coding.config.overrides import check_overrides  # before Hydra composes (loads Hydra's parser, as Hydra would)
 cases = json.loads(sys.argv[1])
 worst = 0.0
 messages = []
@@ -368,7 +369,7 @@ def _resolve(field, value, fx):
 @given(data=st.data())
 def test_validate_never_crashes_and_never_accepts_an_invalid_config(fixtures, data):
     # the memory estimate depends on the machine; test_hostile.py holds it
-    with mock.patch.object(run_checks, "available_memory", lambda: None):
+    with mock.patch.object(resources, "available_memory", lambda: None):
         _validate_never_crashes(fixtures, data)
 
 

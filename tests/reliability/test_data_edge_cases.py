@@ -29,7 +29,7 @@ QUIET = ["logger=none", "trainer.enable_progress_bar=false"]
 
 def train(tmp_path, overrides):
     from sparse_coding.cache import compose_config
-    from sparse_coding.config import validate
+    from sparse_coding.config.checks import validate
     from sparse_coding.run import run
 
     cfg = compose_config(QUIET + overrides)

@@ -18,9 +18,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparse_coding import cache, checkpoints, corpus, run_checks
+from sparse_coding import cache, checkpoints, corpus
+from sparse_coding.config import resources
 from sparse_coding.cache import compose_config
-from sparse_coding.config import validate
+from sparse_coding.config.checks import validate
 from sparse_coding.errors import ConfigError
 from sparse_coding.rundir import check_writable, own_run_dir
 from reliability.helpers import import_cache, one_line
@@ -312,7 +313,7 @@ def test_sizes_that_cannot_fit_in_memory_are_refused_before_allocating(monkeypat
         validate(compose_config(TINY + ["dictionary.mult=4000", "data.dim=256"]))  # a 1M x 1M Gram matrix
     one_line(e.value)
     assert time.time() - t0 < 5
-    monkeypatch.setattr(run_checks, "available_memory", lambda: 1 << 10)
+    monkeypatch.setattr(resources, "available_memory", lambda: 1 << 10)
     with pytest.raises(ConfigError, match="is available: lower dictionary.mult"):
         validate(compose_config(TINY))
 

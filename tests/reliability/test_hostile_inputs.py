@@ -215,15 +215,15 @@ def _crafted_run(finished_run: Path, out: Path, craft) -> Path:
 
 @pytest.mark.parametrize("case", list(CRAFTED))
 def test_a_crafted_checkpoint_is_one_line_naming_it(finished_run, tmp_path, case):
-    from sparse_coding.api import compose
+    from sparse_coding.api import compose_and_plan
     from sparse_coding.run import build_datamodule, build_module
 
     craft, expected = CRAFTED[case]
     run = _crafted_run(finished_run, tmp_path / "run", craft)
-    cfg = compose([*QUICK, "trainer.max_steps=8", "ckpt_path=last"])
-    dm = build_datamodule(cfg)
+    cfg, plan = compose_and_plan([*QUICK, "trainer.max_steps=8", "ckpt_path=last"])
+    dm = build_datamodule(cfg, plan)
     with pytest.raises(ConfigError) as e:
-        checkpoints.resume_checkpoint("last", run, build_module(cfg, dm), cfg.trainer, dm)
+        checkpoints.resume_checkpoint("last", run, build_module(cfg, plan, dm), cfg.trainer, dm)
     msg = str(e.value)
     assert "\n" not in msg and str(run / "checkpoints" / "last.ckpt") in msg and expected in msg, msg
 

@@ -65,7 +65,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None:
 @pytest.fixture(scope="module")
 def reference_cache(tiny_gpt2, tmp_path_factory) -> Path:
     """The same build, uninterrupted, in this process (the CLI's code path: compose, validate, ensure_cache)."""
-    from sparse_coding.config import validate
+    from sparse_coding.config.checks import validate
 
     cache_dir = tmp_path_factory.mktemp("reference")
     cfg = cache.compose_config(build_args(tiny_gpt2, cache_dir)[5:])
@@ -140,7 +140,7 @@ def outputs(out: Path):
 
 
 def test_sigkill_during_training_then_resume_gives_the_same_phi_and_metrics(tmp_path):
-    from sparse_coding.config import validate
+    from sparse_coding.config.checks import validate
     from sparse_coding.run import run
 
     clean = tmp_path / "clean"  # the uninterrupted run, in this process (train.py's code path)

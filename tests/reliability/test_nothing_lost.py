@@ -28,7 +28,7 @@ import pytest
 from reliability.helpers import error_lines, file_digests, import_cache, one_line, run_py
 from sparse_coding import cache, cache_store, checkpoints, corpus
 from sparse_coding.cache import compose_config
-from sparse_coding.config import validate
+from sparse_coding.config.checks import validate
 from sparse_coding.errors import ConfigError
 
 

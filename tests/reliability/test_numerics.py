@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 
 from sparse_coding.cache import compose_config
-from sparse_coding.config import validate
+from sparse_coding.config.checks import validate
 from sparse_coding.module import NonFiniteError
 from sparse_coding.run import run
 

@@ -3,7 +3,7 @@ validation paths never give a traceback (only ConfigError, one line), never chan
 one.
 
 - override lists drawn from hostile values go through `train.py`'s checks in process: the pre-Hydra check of the
-  command line (sparse_coding.preflight) and compose + validate (sparse_coding.api.compose);
+  command line (sparse_coding.config.preflight) and compose + validate (sparse_coding.api.compose);
 - a finished or interrupted run directory, damaged at random (files deleted, truncated, overwritten, replaced by a
   folder), goes through what `train.py` does before training: start_run, resume_checkpoint (fresh, ckpt_path=last,
   ckpt_path=FILE, overwrite=true); every file's content is still in the directory afterwards (set aside at most),
@@ -63,7 +63,7 @@ VALUES = {
 @given(st.dictionaries(st.sampled_from(sorted(VALUES)), st.integers(0, 20), min_size=1, max_size=4))
 def test_random_overrides_are_accepted_or_refused_with_one_line(tmp_path, choice):
     from sparse_coding.api import compose
-    from sparse_coding.preflight import check_command_line
+    from sparse_coding.config.preflight import check_command_line
 
     overrides = [*TINY[:3], *[f"{k}={VALUES[k][i % len(VALUES[k])]}".replace("RUN", str(tmp_path / "run"))
                               for k, i in choice.items()]]
@@ -88,7 +88,7 @@ def digests(d: Path) -> dict:
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     """A finished run (12 steps, checkpoints at steps 3, 6, ... and epoch ends), the config and a built module."""
-    from sparse_coding.api import compose
+    from sparse_coding.api import compose, compose_and_plan
     from sparse_coding.run import build_datamodule, build_module, run
 
     out = tmp_path_factory.mktemp("template") / "run"
@@ -96,9 +96,9 @@ def template(tmp_path_factory):
     run(cfg, out)
     (out / ".hydra").mkdir()
     (out / ".hydra" / "config.yaml").write_text("seed: 0\n")
-    longer = compose([*TINY, "trainer.max_steps=24"])
-    dm = build_datamodule(longer)
-    return out, longer, dm, build_module(longer, dm)
+    longer, plan = compose_and_plan([*TINY, "trainer.max_steps=24"])
+    dm = build_datamodule(longer, plan)
+    return out, longer, dm, build_module(longer, plan, dm)
 
 
 DAMAGE = ("delete", "truncate", "garbage", "flip", "folder", "keep")

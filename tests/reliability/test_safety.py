@@ -82,7 +82,7 @@ def test_a_pickle_payload_is_never_executed_on_import(tmp_path):
 def test_caches_and_dictionaries_are_npy_json_safetensors(tmp_path):
     from safetensors import safe_open
 
-    from sparse_coding.config import validate
+    from sparse_coding.config.checks import validate
     from sparse_coding.run import run
 
     path = import_cache(tmp_path / "c", np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32))

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from sparse_coding.config.overrides import one_line
 from sparse_coding.errors import ConfigError
 
 MAX_JOBS = 256  # sweep jobs composed ahead; a larger sweep is checked job by job as Hydra runs it
@@ -77,13 +78,7 @@ def _compose(overrides: list[str]) -> None:
     except Exception as e:  # noqa: BLE001 - anything compose lets through would be Hydra's traceback later
         if not type(e).__module__.startswith(("hydra", "omegaconf")):
             raise
-        raise ConfigError(f"cannot compose the config from {' '.join(overrides)}: {_one_line(e)}") from None
-
-
-def _one_line(e: BaseException) -> str:
-    from sparse_coding.overrides import one_line
-
-    return one_line(e)
+        raise ConfigError(f"cannot compose the config from {' '.join(overrides)}: {one_line(e)}") from None
 
 
 def _given(overrides: list[str], key: str) -> Optional[str]:

@@ -1,7 +1,8 @@
 """The run's Lightning Trainer, from conf/trainer and conf/callbacks (the lightning-hydra-template way).
 
-- `build_trainer`: every `trainer.*` setting is passed to `pytorch_lightning.Trainer` (run_checks checked
-  the keys against the installed Trainer's signature and refused the ones the run sets itself); the run
+- `build_trainer`: every `trainer.*` setting of the run's plan is passed to `pytorch_lightning.Trainer`
+  (sparse_coding.config.checks checked the keys against the installed Trainer's signature and refused the
+  ones the run sets itself); the run
   adds what it owns: the evaluation cadence and budget (`convergence.*`), the logger, the run directory,
   its checkpoint and progress bar, and every `callbacks.NAME` built with `hydra.utils.instantiate`. A
   setting Lightning refuses stops with one line (`ConfigError`).
@@ -27,26 +28,26 @@ from typing import Any, Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from sparse_coding.checkpoints import AtomicCheckpoint
+from sparse_coding.config.keys import RUN_OWNED, RUN_TRAINER_KEYS
+from sparse_coding.config.overrides import one_line
+from sparse_coding.config.plan import RunPlan
 from sparse_coding.errors import ConfigError
 from sparse_coding.lightning_compat import RICH_AVAILABLE
 from sparse_coding.lightning_compat import MultiProcessingLauncher as _MultiProcessingLauncher
-from sparse_coding.overrides import one_line
 from sparse_coding.progress import PassProgressBar
-from sparse_coding.run_checks import RUN_OWNED, RUN_TRAINER_KEYS, trainer_items
 
 
-def build_trainer(cfg: DictConfig, out_dir: Path, logger, callbacks: Sequence[pl.Callback] = (),
+def build_trainer(plan: RunPlan, out_dir: Path, logger, callbacks: Sequence[pl.Callback] = (),
                   schedule: dict | None = None) -> pl.Trainer:
-    """The Lightning Trainer; `schedule` (sparse_coding.convergence.trainer_schedule) sets the held-out
-    evaluation cadence and the budget."""
-    t = cfg.trainer
-    schedule = schedule or {"max_steps": t.max_steps, "val_check_interval": None, "check_val_every_n_epoch": 1,  # once per epoch
-                            "max_time": None}
+    """The Lightning Trainer of a run's plan; `schedule` (sparse_coding.convergence.trainer_schedule) sets the
+    held-out evaluation cadence and the budget."""
+    t = plan.trainer
+    schedule = schedule or {"max_steps": t["max_steps"], "val_check_interval": None, "check_val_every_n_epoch": 1,
+                            "max_time": None}  # once per epoch
     args, implied = trainer_arguments(t)
     # last.ckpt at every epoch end and, with trainer.checkpoint_every_n_steps=N, every N optimizer steps
     # (mid-epoch: the data loaders store their position, so `ckpt_path=last` resumes at the next batch).
@@ -54,8 +55,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, logger, callbacks: Sequence[pl
     # writes last.ckpt only when it saves some checkpoint (save_top_k=0 never writes one mid-run).
     checkpoint = [] if args.get("enable_checkpointing") is False else [
         AtomicCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=1,
-                         every_n_train_steps=t.checkpoint_every_n_steps or None)]
-    bar = [PassProgressBar()] if t.enable_progress_bar and RICH_AVAILABLE else []
+                         every_n_train_steps=t["checkpoint_every_n_steps"] or None)]
+    bar = [PassProgressBar()] if t["enable_progress_bar"] and RICH_AVAILABLE else []
     args.update(
         max_steps=schedule["max_steps"],
         max_time=schedule["max_time"],
@@ -65,7 +66,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, logger, callbacks: Sequence[pl
         use_distributed_sampler=False,  # the data modules split batches across ranks themselves
         default_root_dir=str(out_dir),
         logger=logger,
-        callbacks=[*checkpoint, *bar, *implied, *callbacks, *config_callbacks(cfg)],
+        callbacks=[*checkpoint, *bar, *implied, *callbacks, *config_callbacks(plan.callbacks)],
     )
     try:
         return pl.Trainer(**args)
@@ -73,21 +74,19 @@ def build_trainer(cfg: DictConfig, out_dir: Path, logger, callbacks: Sequence[pl
         raise ConfigError(f"Lightning refused the trainer.* settings: {one_line(e)}") from None
 
 
-def trainer_arguments(t: Any) -> tuple[dict, list]:
-    """`trainer.*` as Trainer keyword arguments, and the callbacks they stand for (gradient clipping).
+def trainer_arguments(items: dict) -> tuple[dict, list]:
+    """The plan's `trainer.*` (plain values) as Trainer keyword arguments, and the callbacks they stand for
+    (gradient clipping).
 
     A value with a `_target_` (a profiler or plugin object) is instantiated; a spawning DDP strategy
     name becomes a SpawnDDPStrategy.
     """
     from hydra.utils import instantiate
 
-    items = trainer_items(t)
     args = {}
     for key, value in items.items():
         if key in RUN_TRAINER_KEYS or key in RUN_OWNED or key == "max_steps":  # max_steps: the schedule's
             continue
-        if isinstance(value, DictConfig) or OmegaConf.is_list(value):
-            value = OmegaConf.to_container(value, resolve=True)
         args[key] = instantiate(value, _convert_="all") if _has_target(value) else value
     clip, algorithm = args.pop("gradient_clip_val", None), args.pop("gradient_clip_algorithm", None)
     implied = [GradientClipping(clip, algorithm or "norm")] if clip else []
@@ -105,15 +104,12 @@ def _has_target(value: Any) -> bool:
     return False
 
 
-def config_callbacks(cfg: Any) -> list[pl.Callback]:
-    """Every `callbacks.NAME` entry (null: left out), built with hydra.utils.instantiate."""
+def config_callbacks(entries: dict) -> list[pl.Callback]:
+    """Every `callbacks.NAME` entry of the plan, built with hydra.utils.instantiate."""
     from hydra.utils import instantiate
 
-    entries = cfg.get("callbacks") if hasattr(cfg, "get") else getattr(cfg, "callbacks", None)
     built = []
-    for name, entry in (entries or {}).items():
-        if entry is None:
-            continue
+    for name, entry in entries.items():
         try:
             callback = instantiate(entry)
         except Exception as e:  # noqa: BLE001 - Hydra wraps whatever the class raised

@@ -1,7 +1,7 @@
 """Hydra override strings checked before Hydra composes them (`python train.py ...`, `measure([...])`).
 
 Hydra refuses a key its typed config lacks with several lines and a hint to add it with `+`, which the
-check of the composed config (sparse_coding.run_checks) then refuses too; a value of the wrong type is
+check of the composed config (sparse_coding.config.keys) then refuses too; a value of the wrong type is
 a stack of lines. Here each override is read with Hydra's own parser and checked against the run's
 schema first, so every such mistake is one line (exit 2 / `ConfigError`) naming the closest valid key.
 Cheap: Hydra's parser (which Hydra loads anyway) and small dataclasses, no torch or Lightning.
@@ -15,8 +15,9 @@ import functools
 import typing
 from typing import Any, Optional, Sequence
 
+from sparse_coding.config.keys import config_groups, dataclass_in, trainer_arguments, unknown_key_message
+from sparse_coding.config.schema import SYNTHETIC_FIELDS, RunConfig
 from sparse_coding.errors import ConfigError
-from sparse_coding.run_checks import config_groups, dataclass_in, run_schema, trainer_arguments, unknown_key_message
 
 
 def _group_options(group: str) -> list[str]:
@@ -130,7 +131,7 @@ def _check_key_override(text: str, o: Any, data_choice: Optional[str], OverrideT
     path = key.split(".")
     if path[0] == "callbacks":  # any entry: check_callbacks checks each has a _target_
         return f"++{text}" if o.type == OverrideType.CHANGE else text
-    schema = run_schema()
+    schema = RunConfig
     hints = typing.get_type_hints(schema)
     for depth, part in enumerate(path[:-1]):
         names = {f.name for f in dataclasses.fields(schema)}
@@ -146,8 +147,6 @@ def _check_key_override(text: str, o: Any, data_choice: Optional[str], OverrideT
         if section == "trainer" and leaf in trainer_arguments():
             return f"++{text}" if o.type == OverrideType.CHANGE else text  # a Trainer argument no config file sets
         raise ConfigError(unknown_key_message(key))
-    from sparse_coding.config import SYNTHETIC_FIELDS
-
     if section == "data" and leaf in SYNTHETIC_FIELDS and data_choice == "cache" and o.type != OverrideType.DEL:
         raise ConfigError(f"{key} does not apply to data=cache (real activations, a model's or a cache's): remove it")
     if o.type == OverrideType.CHANGE:
