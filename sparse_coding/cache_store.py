@@ -83,12 +83,8 @@ def _is_file(path: Path) -> bool:
         raise unreadable(path, e) from None
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write_bytes(path, data)  # never a partial file (disk full, interrupt)
-
-
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -99,7 +95,7 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 def write_npy(path: Path, arr: np.ndarray) -> None:
     """Write an array as `.npy` atomically (tokens, mean rows)."""
-    _atomic_write_bytes(path, _npy_bytes(arr))
+    atomic_write_bytes(path, _npy_bytes(arr))
 
 
 def layer_key(layer: Any) -> str:
@@ -131,7 +127,7 @@ def write_shard(path: Path, arr: np.ndarray) -> str:
     digest = h.hexdigest()
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _atomic_write_bytes(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
+        atomic_write_bytes(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
         atomic_write(path, lambda f: (f.write(header), f.write(data)))
     except OSError as e:
         if e.errno != errno.ENOSPC:

@@ -24,7 +24,6 @@ from pytorch_lightning.loggers import WandbLogger
 from sparse_coding.errors import ConfigError
 from sparse_coding.paths import run_id
 
-WANDB_MODES = ("online", "offline", "disabled")
 _claimed_ids: set[str] = set()
 
 
@@ -127,11 +126,21 @@ def build_logger(cfg: DictConfig, out_dir: Path):
     return logger
 
 
+def flatten_for_summary(result: dict) -> dict:
+    """A run's result as W&B summary keys: `final/KEY` (`final/LABEL/KEY` for each dictionary of a bank), the
+    numbers of each dictionary and of its in-sample measurement (`.../in_sample/KEY`)."""
+    entries = result.get("dictionaries", [result])
+    flat = {}
+    for entry in entries:
+        prefix = "final" if len(entries) == 1 else f"final/{entry['label']}"
+        flat.update({f"{prefix}/{k}": v for k, v in entry.items() if isinstance(v, (int, float))})
+        flat.update({f"{prefix}/in_sample/{k}": v for k, v in entry.get("in_sample", {}).items()})
+    return flat
+
+
 def log_run_files(logger, out_dir: Path, result: dict) -> None:
     """Summary metrics, the plots as images and the dictionary as an artifact, on the run's W&B run."""
     import wandb
-
-    from sparse_coding.outputs import flatten_for_summary
 
     run = logger.experiment
     run.summary.update(flatten_for_summary(result))

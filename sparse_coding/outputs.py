@@ -24,16 +24,6 @@ def collect_results(cfg: DictConfig, datamodule, module: SparseCodingModule) -> 
     return {**common, "dictionaries": entries}
 
 
-def flatten_for_summary(result: dict) -> dict:
-    entries = result.get("dictionaries", [result])
-    flat = {}
-    for entry in entries:
-        prefix = "final" if len(entries) == 1 else f"final/{entry['label']}"
-        flat.update({f"{prefix}/{k}": v for k, v in entry.items() if isinstance(v, (int, float))})
-        flat.update({f"{prefix}/in_sample/{k}": v for k, v in entry.get("in_sample", {}).items()})
-    return flat
-
-
 def write_outputs(out_dir: Path, cfg: DictConfig, module: SparseCodingModule, result: dict, datamodule=None) -> None:
     """The dictionary first, then dictionary.json, metrics.json and plots; each written atomically and
     independently of the others (one that fails does not stop the rest). Raises ConfigError afterwards

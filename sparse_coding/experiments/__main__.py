@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="train every point of the named experiments (finished points are skipped)")
     r.add_argument("names", nargs="+", choices=[*EXPERIMENTS, *EXTRAS])
     r.add_argument("--scale", choices=[*SCALES, *SCALE_ALIASES], default="quick",
-                   help="quick: the d=64 report's settings; paper: the settings SPEC reads as the paper's (not "
+                   help="quick: the d=64 report's settings; paper: the settings this project reads as the paper's (not "
                         "verified), trained until converged (full = paper)")
     r.add_argument("--root", type=Path, default=Path("outputs/experiments"), help="where run directories go")
     r.add_argument("--results", type=Path, default=None,

@@ -1,11 +1,12 @@
-"""The paper's six claims (SPEC §7, in the words of the summary this machine holds), checked on our runs.
+"""The paper's six claims (in the words of the summary of the paper this project holds: docs/method.md), checked on
+our runs.
 
 Each check returns a `Claim`: the verdict rule (stated in the report before the numbers, and coded
 here with the constants below), our numbers (held-out, each with how many of its runs converged) and
 a verdict: *confirmed*, *partly confirmed* (the qualifier says which part holds), *not confirmed* or
 *inconclusive*. A point that did not converge on a kept seed, whose solver hit its cap on >= 1 % of
 rows, or whose seeds collapsed, can neither confirm nor refute (`tables.group`'s `flagged`).
-No number is compared with a number of the paper's: SPEC §7 withdrew them (no source here).
+No number is compared with a number of the paper's: the project holds none (docs/method.md).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sparse_coding.experiments.tables import (
 CONFIRMED, PARTLY, NOT_CONFIRMED, INCONCLUSIVE = "confirmed", "partly confirmed", "not confirmed", "inconclusive"
 VERDICTS = (CONFIRMED, PARTLY, NOT_CONFIRMED, INCONCLUSIVE)
 
-CLAIMS = {  # SPEC §7, word for word
+CLAIMS = {  # word for word from the summary of the paper (docs/method.md, opening paragraph)
     1: "On synthetic sparse linear data the average coefficient norm and the normalized loss closely approximate the "
        "true sparsity a/2, deviating at higher a (where the data stops being sparse relative to d); L0 and the final "
        "loss are worse measures.",

@@ -46,11 +46,9 @@ def load_dictionaries(out: Path) -> tuple[dict, list[tuple[str, torch.Tensor, fl
 
 def held_out_rows(config: dict, n: int) -> torch.Tensor:
     """The first n held-out rows the run evaluated on (same generator or cache split, centred)."""
-    from sparse_coding.config.plan import resolve
     from sparse_coding.run import build_datamodule
 
-    cfg = OmegaConf.create(config)
-    dm = build_datamodule(cfg, resolve(cfg))
+    dm = build_datamodule(OmegaConf.create(config))
     if hasattr(dm, "setup"):
         dm.setup("validate")
     rows = []
@@ -65,7 +63,7 @@ KKT_TOL = 1e-3  # the exact solution counts as converged when its KKT violation 
 
 
 def code_metrics(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, lam: float) -> dict:
-    """SPEC §4 metrics of one code alpha (float64 sums over these rows)."""
+    """The metrics of docs/method.md §5 of one code alpha (float64 sums over these rows)."""
     x, phi, alpha = x.double(), phi.double(), alpha.double()
     resid = (x - alpha @ phi.T).pow(2).sum(1)
     l1 = alpha.sum(1)

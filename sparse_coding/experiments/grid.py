@@ -9,7 +9,7 @@ Scales:
 
 - `quick`: the reduced settings of the committed d=64 report (fixed epochs, `*_quick.yaml`); its
   CSVs stay in docs/results/ as an extra.
-- `paper`: the settings SPEC reads as the paper's (issue 11; not verifiable against the paper here,
+- `paper`: the settings this project reads as the paper's (issue 11, docs/method.md §8; not verifiable here,
   so our own choices): d=256, n=16384, 8d (16d for layers), full
   vocabularies, >= 100k-token layer caches, and every run trains **until converged** (the
   `convergence` config group) within a generous sample/minute budget instead of a fixed number of
@@ -83,7 +83,6 @@ class Point:
     overrides: list[str]
     seed: int
     x: dict = field(default_factory=dict)  # what the point varies (a, data, model, layer, ...)
-    base_of: bool = False  # sensitivity: needs the auto lambda of the same overrides without a lambda bank
 
     def all_overrides(self, scale: str) -> list[str]:
         return [f"+experiment={self.family}_{scale}", *self.overrides, f"seed={self.seed}", f"data.seed={self.seed}"]
@@ -191,10 +190,10 @@ def layers_remedy_points(scale: str) -> list[Point]:
 def sensitivity_points(scale: str) -> list[Point]:
     """A fixed-lambda bank around each seed's auto value (filled in from the `after` point at run time)."""
     model, layer = SENSITIVITY_REAL
-    pts = [Point("sensitivity", "layers", [f"model={model}", f"layer={layer}"], s, {"case": f"{model} layer {layer}"},
-                 base_of=True) for s in SEEDS]
-    pts += [Point("sensitivity", "synthetic", ["data=sparse_linear", "data.active=10"], s, {"case": "sparse_linear a=10"},
-                  base_of=True) for s in SEEDS]
+    pts = [Point("sensitivity", "layers", [f"model={model}", f"layer={layer}"], s, {"case": f"{model} layer {layer}"})
+           for s in SEEDS]
+    pts += [Point("sensitivity", "synthetic", ["data=sparse_linear", "data.active=10"], s, {"case": "sparse_linear a=10"})
+            for s in SEEDS]
     return pts
 
 

@@ -2,8 +2,8 @@
 
 Every table carries the status of its points beside the metrics: converged (seeds converged /
 seeds run, collapsed ones included), λ converged, capped and dead fractions, samples seen, optimizer
-steps, seeds. Every metric is held-out. No number is the paper's: SPEC §7 withdrew the figure values
-an earlier spec attributed to it (no source on this machine). Values are mean ± sample sd over seeds, or the run's own
+steps, seeds. Every metric is held-out. No number is the paper's: the project holds none of its figure values
+(docs/method.md, opening paragraph). Values are mean ± sample sd over seeds, or the run's own
 standard error (SE) when there is one seed; groups of >= 5 seeds (the heavy-tailed control) are
 summarised by their median [min–max]. A collapsed seed (COLLAPSE below) is listed and left out of
 the summary, never averaged in.
@@ -16,7 +16,7 @@ import statistics
 
 from sparse_coding.experiments.grid import ALL_SENSITIVITY_FACTORS, REMEDY
 
-# SPEC §7: our own calibration, an independent reference learner under exactly these definitions (MP + Adam,
+# Our own calibration (docs/method.md §5), an independent reference learner under exactly these definitions (MP + Adam,
 # 8d, converged, n=16384, held-out rows, d=256): (normalized_loss, S1). Not the paper's numbers.
 CALIBRATION = {"a=10": (7.2, 5.6), "a=20": (12.4, 10.3), "gaussian": (47, None)}
 PAPER_MODELS_NOTE = ("The paper's own models (GPT-2, GPT-Neo, TinyStories, BERT) have no weights on this machine: we "

@@ -86,7 +86,7 @@ def test_disk_full_is_one_line_not_a_traceback(small_disk, tmp_path, monkeypatch
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cache_store, "_atomic_write_bytes", full)  # write_shard lives in cache_store
+    monkeypatch.setattr(cache_store, "atomic_write_bytes", full)  # write_shard lives in cache_store
     with pytest.raises(ConfigError) as info:
         cache.write_shard(small_disk / "shard_00000.npy", np.zeros((4, 4), np.float32))
     assert "\n" not in str(info.value) and "no space left on device" in str(info.value)
