@@ -46,9 +46,11 @@ def load_dictionaries(out: Path) -> tuple[dict, list[tuple[str, torch.Tensor, fl
 
 def held_out_rows(config: dict, n: int) -> torch.Tensor:
     """The first n held-out rows the run evaluated on (same generator or cache split, centred)."""
+    from sparse_coding.config.plan import resolve
     from sparse_coding.run import build_datamodule
 
-    dm = build_datamodule(OmegaConf.create(config))
+    cfg = OmegaConf.create(config)
+    dm = build_datamodule(cfg, resolve(cfg))
     if hasattr(dm, "setup"):
         dm.setup("validate")
     rows = []
