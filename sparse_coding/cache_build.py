@@ -21,6 +21,7 @@ from sparse_coding.cache_store import (
     MAX_D,
     MAX_ROWS,
     LayerStats,
+    ShardFile,
     build_lock,
     check_replaceable,
     claim_output,
@@ -73,33 +74,34 @@ def _progress(total: int, initial: int, desc: str):
 
 
 class _BackgroundWriter:
-    """Runs one job at a time on a thread, in the order given, while the caller computes the next shard.
+    """Runs jobs on one thread, in the order given, while the caller goes on (the next forward pass).
 
-    `submit` first waits for the job before it (at most one shard waits to be written, one is being filled)
-    and raises its error; `close` waits for a job still running without raising (an error of the caller's is
-    already on its way).
+    `submit` waits while `depth` jobs are unfinished and raises the first error of a finished one; `wait` waits
+    for them all and raises the first error; `close` waits for them all without raising (an error of the
+    caller's is already on its way).
     """
 
-    def __init__(self):
+    def __init__(self, depth: int = 2):
         from concurrent.futures import ThreadPoolExecutor
 
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
-        self._pending = None
+        self._pending: list = []
+        self._depth = depth
 
     def submit(self, fn: Callable, *args: Any) -> None:
-        self.wait()
-        self._pending = self._pool.submit(fn, *args)
+        while len(self._pending) >= self._depth:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(fn, *args))
 
     def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        while self._pending:
+            self._pending.pop(0).result()
 
     def close(self) -> None:
         from concurrent.futures import wait
 
-        if self._pending is not None:
-            wait([self._pending])
+        wait(self._pending)
+        self._pending = []
         self._pool.shutdown()
 
 
@@ -221,29 +223,39 @@ def _build_hidden_states(
     device = _device_of(model)
     kept = _kept_positions(ctx.keep, device)
     stats = {key: LayerStats(d) for key in keys}
+    opened: list[ShardFile] = []  # every shard file begun (a finished one is left alone by `discard`)
 
-    def store(s: int, arrays: dict[str, np.ndarray]) -> None:
-        """Shard `s` of every layer: written (those in `arrays`, each let go once written) and added to the
+    def write_rows(pieces: list[tuple[ShardFile, np.ndarray]]) -> None:
+        for file, rows in pieces:
+            file.write(rows)
+
+    def finish_shard(s: int, shard: dict[str, tuple[ShardFile, np.ndarray]]) -> None:
+        """Shard `s` of every layer in place (those in `shard`, each let go once done) and added to the layer's
         statistics, in shard order."""
         for key in keys:
-            arr = arrays.pop(key, None)
-            if arr is None:  # written by an earlier, interrupted build
+            file, arr = shard.pop(key, (None, None))
+            if file is None:  # written by an earlier, interrupted build
                 arr = open_shard(path_of(key, s), shard_rows_of(s), d, dtype)
             else:
-                write_shard(path_of(key, s), arr)
+                file.finish()
             stats[key].add(arr, shard_name(s))
             del arr
 
     written = 0
     bar = _progress(n_rows, rows_done, f"{model_info['name']} layers {','.join(keys)}")
+    # the forward pass runs here; a background thread writes each batch's rows as they come (sha256 and file),
+    # and finishes each shard (fsync, sidecar, rename, statistics)
     writer = _BackgroundWriter()
     try:
         with torch.inference_mode():
             for s in range(n_shards):
                 if not missing[s]:
-                    writer.submit(store, s, {})
+                    writer.submit(finish_shard, s, {})
                     continue
                 c0, c1 = s * ctx_per_shard, min((s + 1) * ctx_per_shard, n_ctx)
+                n = shard_rows_of(s)
+                files = {key: ShardFile(path_of(key, s), n, d, dtype) for key in missing[s]}
+                opened.extend(files.values())
                 # shard s of every missing layer, filled batch by batch: one copy from the model's output
                 shard = {key: np.empty((c1 - c0, k, d), dtype=dtype) for key in missing[s]}
                 for b0 in range(c0, c1, B):
@@ -252,10 +264,11 @@ def _build_hidden_states(
                     hs = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
                     for key, arr in shard.items():
                         torch.from_numpy(arr[b0 - c0 : b1 - c0]).copy_(hs[int(key)][:, kept])
-                    bar.update(min((b1 - b0) * k, n_rows - b0 * k))
-                n = shard_rows_of(s)
-                writer.submit(store, s, {key: arr.reshape(-1, d)[:n] for key, arr in shard.items()})
-                del shard  # the writer holds it now, and lets each layer go once written
+                    lo, hi = (b0 - c0) * k, min((b1 - c0) * k, n)  # the rows of this batch the shard keeps
+                    writer.submit(write_rows, [(files[key], arr.reshape(-1, d)[lo:hi]) for key, arr in shard.items()])
+                    bar.update(hi - lo)
+                writer.submit(finish_shard, s, {key: (files[key], arr.reshape(-1, d)[:n]) for key, arr in shard.items()})
+                del shard, files  # the writer holds them now, and lets each layer go once done
                 written += 1
                 if fail_after_shards is not None and written >= fail_after_shards:
                     writer.wait()
@@ -264,6 +277,8 @@ def _build_hidden_states(
     finally:
         writer.close()
         bar.close()
+        for file in opened:  # shards left unfinished by an error or an interrupt
+            file.discard()
 
     entries = {key: finish_layer(out, key, n_rows, rows_per_shard, d, dtype, stats[key]) for key in keys}
     base = {

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from sparse_coding.atomic import atomic_write, atomic_write_bytes
+from sparse_coding.atomic import atomic_write_bytes
 from sparse_coding.errors import ConfigError
 
 FORMAT_VERSION = 1
@@ -107,34 +107,94 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.npy"
 
 
-def npy_header(arr: np.ndarray) -> bytes:
-    """The bytes `np.save` puts before a C-contiguous array's data (format 1.0: any (rows, d) float array)."""
+def npy_header(shape: tuple, dtype: Any) -> bytes:
+    """The bytes `np.save` puts before the data of a C-contiguous array of this shape and dtype (format 1.0)."""
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(arr))
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                               "fortran_order": False, "shape": tuple(int(n) for n in shape)})
     return buf.getvalue()
 
 
-def write_shard(path: Path, arr: np.ndarray) -> str:
-    """Write one shard safely: checksum sidecar first, then the shard renamed into place.
+class ShardFile:
+    """One shard written as its rows come, in order: the bytes `np.save` writes (header, then the C-order rows),
+    hashed as they go out, into a temporary file beside the shard (`.NAME.tmp-PID`, the name `atomic_write` uses
+    and a killed build's successor removes).
 
-    The file holds the bytes `np.save` writes (header, then the C-order data); the data is hashed and written
-    from the array's own memory, not from a serialised copy.
+    `finish` makes it a shard the way `write_shard` always has: the data fsynced, the checksum sidecar written,
+    then the shard renamed into place. On any failure, and on `discard`, the temporary file is removed; a full
+    disk is one line.
     """
-    arr = np.ascontiguousarray(arr)
-    header, data = npy_header(arr), arr.reshape(-1).view(np.uint8)
-    h = hashlib.sha256(header)
-    h.update(data)
-    digest = h.hexdigest()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        atomic_write_bytes(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
-        atomic_write(path, lambda f: (f.write(header), f.write(data)))
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
+
+    def __init__(self, path: Path, rows: int, d: int, dtype: Any):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.size = rows * d * np.dtype(dtype).itemsize
+        self._left = self.size
+        self._done = False
+        self._hash = hashlib.sha256()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.tmp, "wb")
+        self._out(npy_header((rows, d), dtype))
+
+    def write(self, rows: np.ndarray) -> None:
+        """Append rows (C-contiguous, of the shard's dtype and width)."""
+        data = rows.reshape(-1).view(np.uint8)
+        if data.nbytes > self._left:
+            self.discard()
+            raise ValueError(f"{self.path}: {data.nbytes} more bytes than the shard holds")
+        self._left -= data.nbytes
+        self._out(data)
+
+    def finish(self) -> str:
+        """The shard in place and its sha256 (also in the sidecar)."""
+        if self._left:
+            self.discard()
+            raise ValueError(f"{self.path}: {self._left} bytes short of the shard")
+        digest = self._hash.hexdigest()
+        with self._failing():
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            atomic_write_bytes(self.path.with_name(self.path.name + ".sha256"), (digest + "\n").encode())
+            os.replace(self.tmp, self.path)
+        self._done = True
+        return digest
+
+    def discard(self) -> None:
+        """Remove the temporary file of a shard not finished (nothing, for a finished one)."""
+        if self._done:
+            return
+        with contextlib.suppress(OSError):
+            self._file.close()  # closes the file even when its last flush fails (a full disk)
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+    def _out(self, data: Any) -> None:
+        self._hash.update(data)
+        with self._failing():
+            self._file.write(data)
+
+    @contextlib.contextmanager
+    def _failing(self):
+        try:
+            yield
+        except BaseException as e:
+            self.discard()
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise ConfigError(f"{self.path}: no space left on device ({human_bytes(self.size)} shard); the shards "
+                                  "written so far are complete: free space and rerun the same command to resume") from None
             raise
-        raise ConfigError(f"{path}: no space left on device ({human_bytes(len(header) + data.nbytes)} shard); the "
-                          "shards written so far are complete: free space and rerun the same command to resume") from None
-    return digest
+
+
+def write_shard(path: Path, arr: np.ndarray) -> str:
+    """Write one shard safely: the data hashed and written from the array's own memory (no serialised copy), the
+    checksum sidecar, then the shard renamed into place (`ShardFile`)."""
+    arr = np.ascontiguousarray(arr)
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: a shard is (rows, d), not {arr.shape}")
+    shard = ShardFile(path, arr.shape[0], arr.shape[1], arr.dtype)
+    shard.write(arr)
+    return shard.finish()
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,8 +573,9 @@ class LayerStats:
     def add(self, arr: np.ndarray, name: str) -> None:
         """Add one shard's rows (`name`: its file name, reported for the first non-finite row)."""
         for s in range(0, arr.shape[0], self.chunk):
-            x = np.asarray(arr[s : s + self.chunk], dtype=np.float64)
-            ok = np.isfinite(x).all(axis=1)
+            rows = arr[s : s + self.chunk]
+            ok = np.isfinite(rows).all(axis=1)  # in the stored dtype: half the bytes of float64, the same rows
+            x = np.asarray(rows, dtype=np.float64)
             if not ok.all():
                 if self.first_bad is None:
                     self.first_bad = {"file": name, "row": int(s + np.flatnonzero(~ok)[0])}

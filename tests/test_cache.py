@@ -104,10 +104,10 @@ def test_real_subprocess_killed_mid_build_resumes(tiny_gpt2, gpt2_cache, tmp_pat
     """A real process dies (os._exit) right after its first shard; the rerun completes to the same bytes."""
     _, clean = gpt2_cache
     code = (
-        "import os, sys; sys.path.insert(0, %r); from sparse_coding import cache, cache_build; from tinymodels import run_cfg\n"
-        "orig = cache_build.write_shard\n"
-        "def dying(p, a):\n    d = orig(p, a)\n    os._exit(9)\n"
-        "cache_build.write_shard = dying\n"
+        "import os, sys; sys.path.insert(0, %r); from sparse_coding import cache, cache_store; from tinymodels import run_cfg\n"
+        "orig = cache_store.ShardFile.finish\n"
+        "def dying(self):\n    d = orig(self)\n    os._exit(9)\n"
+        "cache_store.ShardFile.finish = dying\n"
         "cache.ensure_cache(run_cfg(['model=gpt2','model.path=%s','layer=all','corpus=kjv','corpus.context_len=16',"
         "'corpus.max_tokens=300','corpus.batch_size=4','cache_dir=%s']), shard_rows=64)\n"
     ) % (str(ROOT / "tests"), tiny_gpt2, tmp_path)

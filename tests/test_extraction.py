@@ -120,6 +120,23 @@ def test_shard_bytes_are_np_save_bytes(tmp_path, shape, dtype):
     assert (tmp_path / "shard_00000.npy").read_bytes() == buf.getvalue()
     assert digest == cache.sha256_file(tmp_path / "shard_00000.npy")
     assert (tmp_path / "shard_00000.npy.sha256").read_text().strip() == digest
+    # written as the rows come, in pieces: the same file
+    streamed = cache_store.ShardFile(tmp_path / "shard_00001.npy", *shape, dtype)
+    for lo in range(0, shape[0] + 1, max(1, shape[0] // 3)):
+        streamed.write(arr[lo : lo + max(1, shape[0] // 3)])
+    assert streamed.finish() == digest and (tmp_path / "shard_00001.npy").read_bytes() == buf.getvalue()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard_00000.npy", "shard_00000.npy.sha256",
+                                                         "shard_00001.npy", "shard_00001.npy.sha256"]
+
+
+def test_a_shard_file_refuses_rows_it_does_not_hold(tmp_path):
+    with pytest.raises(ValueError, match="more bytes than the shard holds"):
+        cache_store.ShardFile(tmp_path / "shard_00000.npy", 4, 3, np.float32).write(np.zeros((5, 3), np.float32))
+    short = cache_store.ShardFile(tmp_path / "shard_00000.npy", 4, 3, np.float32)
+    short.write(np.zeros((3, 3), np.float32))
+    with pytest.raises(ValueError, match="short of the shard"):
+        short.finish()
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
 
 
 def test_statistics_summed_while_writing_equal_those_read_back(tmp_path):
@@ -143,23 +160,21 @@ def test_statistics_summed_while_writing_equal_those_read_back(tmp_path):
 def test_a_failed_shard_write_stops_the_build_with_its_error(tiny_gpt2, tmp_path, monkeypatch):
     """A write on the background thread that fails (a full disk) raises in the build, nothing half-done is kept,
     and the rerun resumes to the same cache as an undisturbed build."""
-    from sparse_coding import cache_build
+    real, calls = cache_store.ShardFile.write, []
 
-    real, calls = cache_build.write_shard, []
+    def failing(self, rows):
+        calls.append(self.path)
+        if len(calls) == 4:  # shard 1 of layer 0: shard 0 of every layer is complete
+            raise ConfigError(f"{self.path}: no space left on device")
+        return real(self, rows)
 
-    def failing(path, arr):
-        calls.append(path)
-        if len(calls) == 4:
-            raise ConfigError(f"{path}: no space left on device")
-        return real(path, arr)
-
-    monkeypatch.setattr(cache_build, "write_shard", failing)
+    monkeypatch.setattr(cache_store.ShardFile, "write", failing)
     cfg = gpt2_cfg(tiny_gpt2, tmp_path / "a")
     with pytest.raises(ConfigError, match="no space left on device"):
         cache.ensure_cache(cfg, shard_rows=64)
     partial = next((tmp_path / "a").glob("gpt2-*/hidden_states/*"))
     assert not (partial / "manifest.json").exists() and not list(partial.rglob("*.tmp-*"))
-    monkeypatch.setattr(cache_build, "write_shard", real)
+    monkeypatch.setattr(cache_store.ShardFile, "write", real)
     resumed = cache.ensure_cache(cfg, shard_rows=64)
     clean = cache.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path / "b"), shard_rows=64)
     assert manifest_without_provenance(resumed) == manifest_without_provenance(clean)
