@@ -6,7 +6,8 @@
 
 The same config, validation and outputs as `python train.py OVERRIDES`; the run directory is
 `out_dir=DIR` when given, else `outputs/DATE/TIME-RUNID` under the current directory. A bad config
-raises `ConfigError` (one line saying what to change) instead of exiting.
+raises `ConfigError` (one line saying what to change) instead of exiting; a missing or damaged input raises
+`DataError`, and a full disk, NaN in training or SIGTERM the other `errors.SparseCodingError` classes.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ from sparse_coding.cache_store import (  # noqa: F401 - re-exported
     write_npy,
     write_shard,
 )
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError, SparseCodingError
 
 
 def compose_config(overrides: list[str], config_dir: Optional[Path] = None, config_name: str = "train"):
@@ -162,10 +162,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{out}\n  {m['n_rows']} rows × d={m['d']} {m['dtype']} (layer 'data')")
         else:
             if not Path(args.path).is_dir():
-                raise ConfigError(f"{args.path}: not a cache folder")
+                raise DataError(f"{args.path}: not a cache folder")
             r = verify(Path(args.path))
             print(f"{args.path}: OK ({r['files']} files, {human_bytes(r['bytes'])}, {r['seconds']} s)")
-    except ConfigError as e:
+    except SparseCodingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

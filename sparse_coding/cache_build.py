@@ -39,7 +39,7 @@ from sparse_coding.cache_store import (
     write_npy,
     write_shard,
 )
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError, StorageError
 
 DEFAULT_SHARD_ROWS = 32768
 
@@ -56,7 +56,7 @@ def check_disk(out: Path, need: int) -> None:
     free = shutil.disk_usage(probe).free
     print(f"[cache] {out}: needs {human_bytes(need)} on disk (free: {human_bytes(free)})", file=sys.stderr)
     if need > free:
-        raise ConfigError(
+        raise StorageError(
             f"cache {out} needs {human_bytes(need)} but only {human_bytes(free)} is free: lower corpus.max_tokens, "
             "use cache_dtype=float16, fewer layers, or another cache_dir"
         )
@@ -205,7 +205,7 @@ def _build_hidden_states(
     if tokens_file.is_file():
         prev = np.load(tokens_file, allow_pickle=False)
         if not np.array_equal(prev, token_ids):
-            raise ConfigError(f"{tokens_file}: holds other tokens than this corpus gives; rebuild with --force")
+            raise DataError(f"{tokens_file}: holds other tokens than this corpus gives; rebuild with --force")
     else:
         write_npy(tokens_file, token_ids)
 
@@ -380,9 +380,9 @@ MAX_SHARD_BYTES = 1 << 31  # a shard is assembled in memory before it is written
 def check_sizes(out: Path, n_rows: int, d: int, shard_rows: int) -> None:
     """Sizes a manifest can hold and a shard that fits in memory, before anything is written."""
     if not 1 <= d <= MAX_D:
-        raise ConfigError(f"{out}: width d={d} is outside what a cache holds (1..{MAX_D})")
+        raise DataError(f"{out}: width d={d} is outside what a cache holds (1..{MAX_D})")
     if not 1 <= n_rows <= MAX_ROWS:
-        raise ConfigError(f"{out}: {n_rows} rows is outside what a cache holds (1..{MAX_ROWS})")
+        raise DataError(f"{out}: {n_rows} rows is outside what a cache holds (1..{MAX_ROWS})")
     if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
         raise ConfigError(f"--shard-rows={shard_rows!r} must be an integer >= 1")
     if min(shard_rows, n_rows) * d * 4 > MAX_SHARD_BYTES:
@@ -420,7 +420,7 @@ def load_user_array(path: Path, key: Optional[str] = None) -> np.ndarray:
     """An (n × d) float array from .npy (memory-mapped), .pt (weights_only) or .safetensors."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--input {path}: no such file")
+        raise DataError(f"--input {path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".npy":
         arr = _load_npy(path)
@@ -430,7 +430,7 @@ def load_user_array(path: Path, key: Optional[str] = None) -> np.ndarray:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-            raise ConfigError(f"{path}: cannot be loaded with torch.load(weights_only=True) ({e})") from None
+            raise DataError(f"{path}: cannot be loaded with torch.load(weights_only=True) ({e})") from None
         arr = _pick_tensor(obj, key, path)
     elif suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -438,14 +438,14 @@ def load_user_array(path: Path, key: Optional[str] = None) -> np.ndarray:
         try:
             tensors = load_file(str(path))
         except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: a damaged or foreign file
-            raise ConfigError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0][:160]})") from None
+            raise DataError(f"{path}: not a readable .safetensors file ({str(e).splitlines()[0][:160]})") from None
         arr = _pick_tensor(tensors, key, path)
     else:
-        raise ConfigError(f"{path}: use a .npy, .pt or .safetensors file")
+        raise DataError(f"{path}: use a .npy, .pt or .safetensors file")
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ConfigError(f"{path}: expected a 2-D (n × d) array, got shape {tuple(arr.shape)}")
+        raise DataError(f"{path}: expected a 2-D (n × d) array, got shape {tuple(arr.shape)}")
     if not np.issubdtype(arr.dtype, np.floating):
-        raise ConfigError(f"{path}: expected floating-point values, got {arr.dtype}")
+        raise DataError(f"{path}: expected floating-point values, got {arr.dtype}")
     return arr
 
 
@@ -455,24 +455,24 @@ def _load_npy(path: Path) -> np.ndarray:
         try:
             version = np.lib.format.read_magic(f)
         except ValueError:
-            raise ConfigError(f"{path}: not a .npy file (no NumPy header): save the array with numpy.save") from None
+            raise DataError(f"{path}: not a .npy file (no NumPy header): save the array with numpy.save") from None
         try:
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read(f)
         except (ValueError, SyntaxError) as e:
-            raise ConfigError(f"{path}: damaged .npy header ({str(e).splitlines()[0][:120]})") from None
+            raise DataError(f"{path}: damaged .npy header ({str(e).splitlines()[0][:120]})") from None
         offset = f.tell()
     if dtype.hasobject:
-        raise ConfigError(f"{path}: holds Python objects (pickled data), which are never loaded: save a float array")
+        raise DataError(f"{path}: holds Python objects (pickled data), which are never loaded: save a float array")
     need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     size = path.stat().st_size
     if size < need:
-        raise ConfigError(f"{path}: truncated: its header says {shape} {dtype} ({human_bytes(need)}) but the file "
-                          f"holds {human_bytes(size)}; copy or save it again")
+        raise DataError(f"{path}: truncated: its header says {shape} {dtype} ({human_bytes(need)}) but the file "
+                        f"holds {human_bytes(size)}; copy or save it again")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise ConfigError(f"{path}: cannot be read as .npy ({str(e).splitlines()[0][:160]})") from None
+        raise DataError(f"{path}: cannot be read as .npy ({str(e).splitlines()[0][:160]})") from None
 
 
 def _pick_tensor(obj: Any, key: Optional[str], path: Path) -> np.ndarray:
@@ -482,14 +482,14 @@ def _pick_tensor(obj: Any, key: Optional[str], path: Path) -> np.ndarray:
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if key is not None:
             if key not in tensors:
-                raise ConfigError(f"{path}: no tensor named {key!r} (has {', '.join(tensors)})")
+                raise DataError(f"{path}: no tensor named {key!r} (has {', '.join(tensors)})")
             obj = tensors[key]
         elif len(tensors) == 1:
             obj = next(iter(tensors.values()))
         else:
-            raise ConfigError(f"{path}: holds tensors {', '.join(tensors)}; choose one with --key")
+            raise DataError(f"{path}: holds tensors {', '.join(tensors)}; choose one with --key")
     if not isinstance(obj, torch.Tensor):
-        raise ConfigError(f"{path}: holds a {type(obj).__name__}, not a tensor")
+        raise DataError(f"{path}: holds a {type(obj).__name__}, not a tensor")
     t = obj.detach().cpu()
     return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
@@ -509,9 +509,9 @@ def check_representable(arr: np.ndarray, dtype: str, path: Path, chunk_rows: int
                 count += int(bad.sum())
                 largest = max(largest, float(np.abs(a[bad]).max()))
     if count:
-        raise ConfigError(f"{path}: {count} finite value{'s' if count != 1 else ''} (largest |x| = {largest:.3g}) "
-                          f"exceed the range of {dtype} (|x| <= {float(np.finfo(target).max):.3g}) and would be stored "
-                          f"as inf: scale the array down{' or import with --dtype float32' if dtype == 'float16' else ''}")
+        raise DataError(f"{path}: {count} finite value{'s' if count != 1 else ''} (largest |x| = {largest:.3g}) "
+                        f"exceed the range of {dtype} (|x| <= {float(np.finfo(target).max):.3g}) and would be stored "
+                        f"as inf: scale the array down{' or import with --dtype float32' if dtype == 'float16' else ''}")
 
 
 def import_array(input: Path, output: Path, *, dtype: str = "float32", key: Optional[str] = None,

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from sparse_coding.atomic import atomic_write_bytes
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError, StorageError
 
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16")
@@ -58,10 +58,10 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def unreadable(path: Path, e: OSError) -> ConfigError:
+def unreadable(path: Path, e: OSError) -> DataError:
     """One line for a cache file that cannot be read (permissions, an I/O error)."""
     why = "not readable by this user" if isinstance(e, PermissionError) else (e.strerror or type(e).__name__)
-    return ConfigError(f"{path}: cannot be read ({why}): fix its permissions (chmod), or rebuild the cache")
+    return DataError(f"{path}: cannot be read ({why}): fix its permissions (chmod), or rebuild the cache")
 
 
 def sha256_file(path: Path) -> str:
@@ -181,8 +181,8 @@ class ShardFile:
         except BaseException as e:
             self.discard()
             if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise ConfigError(f"{self.path}: no space left on device ({human_bytes(self.size)} shard); the shards "
-                                  "written so far are complete: free space and rerun the same command to resume") from None
+                raise StorageError(f"{self.path}: no space left on device ({human_bytes(self.size)} shard); the shards "
+                                   "written so far are complete: free space and rerun the same command to resume") from None
             raise
 
 
@@ -251,7 +251,7 @@ def wait_for_lock(f, message, timeout: Optional[float] = None) -> None:
     (Ctrl-C) that arrives at any moment of the wait raises at once (a blocking `flock` entered just
     after the signal was handled would swallow it and wait forever). `message(holder)` is printed once
     when the lock is held elsewhere (`holder`: " (pid N)" from the lock file, or ""). With `timeout`
-    (seconds) a wait that lasts longer raises ConfigError.
+    (seconds) a wait that lasts longer raises StorageError.
     """
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -271,7 +271,7 @@ def wait_for_lock(f, message, timeout: Optional[float] = None) -> None:
             return
         except BlockingIOError:
             if end is not None and time.monotonic() > end:
-                raise ConfigError(f"gave up waiting after {timeout:.0f} s for the lock held by another process{holder}")
+                raise StorageError(f"gave up waiting after {timeout:.0f} s for the lock held by another process{holder}")
 
 
 BUILD_RECORD = "build.json"
@@ -421,28 +421,28 @@ def shard_done(path: Path) -> bool:
 
 
 def read_manifest(path: Path) -> dict:
-    """The manifest of a cache folder; ConfigError when it is missing or not a manifest."""
+    """The manifest of a cache folder; DataError when it is missing or not a manifest."""
     path = Path(path)
     mf = path / "manifest.json"
     if not _is_file(mf):
-        raise ConfigError(f"{mf}: no manifest (not a cache, or its build did not finish: rerun the build to resume)")
+        raise DataError(f"{mf}: no manifest (not a cache, or its build did not finish: rerun the build to resume)")
     try:
         m = json.loads(mf.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{mf}: not valid JSON ({e})") from None
+        raise DataError(f"{mf}: not valid JSON ({e})") from None
     except (UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"{mf}: not a JSON text ({type(e).__name__}); rebuild the cache") from None
+        raise DataError(f"{mf}: not a JSON text ({type(e).__name__}); rebuild the cache") from None
     except OSError as e:
         raise unreadable(mf, e) from None
     if not isinstance(m, dict):
-        raise ConfigError(f"{mf}: holds a JSON {type(m).__name__}, not a manifest; rebuild the cache")
+        raise DataError(f"{mf}: holds a JSON {type(m).__name__}, not a manifest; rebuild the cache")
     for key in ("format_version", "d", "dtype", "n_rows", "layers", "shards", "rows_per_shard"):
         if key not in m:
-            raise ConfigError(f"{mf}: missing field {key!r}")
+            raise DataError(f"{mf}: missing field {key!r}")
     if m["format_version"] != FORMAT_VERSION:
-        raise ConfigError(f"{mf}: format_version {m['format_version']} is not {FORMAT_VERSION}; rebuild the cache")
+        raise DataError(f"{mf}: format_version {m['format_version']} is not {FORMAT_VERSION}; rebuild the cache")
     if m["dtype"] not in DTYPES:
-        raise ConfigError(f"{mf}: dtype {m['dtype']!r} is not one of {DTYPES}")
+        raise DataError(f"{mf}: dtype {m['dtype']!r} is not one of {DTYPES}")
     _check_manifest(m, mf)
     return m
 
@@ -460,8 +460,8 @@ def _check_manifest(m: dict, mf: Path) -> None:
     A crafted manifest (`..`, absolute paths, odd layer keys, negative or huge sizes) is refused
     before any file it names is opened or written.
     """
-    def bad(what: str) -> ConfigError:
-        return ConfigError(f"{mf}: {what}; the manifest is damaged or crafted: rebuild the cache")
+    def bad(what: str) -> DataError:
+        return DataError(f"{mf}: {what}; the manifest is damaged or crafted: rebuild the cache")
 
     def count(v: Any, lo: int, hi: int) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
@@ -514,7 +514,7 @@ def cache_file(root: Path, rel: str) -> Path:
     p = root / rel
     real_root = root.resolve()
     if not p.resolve().is_relative_to(real_root):
-        raise ConfigError(f"{p}: resolves outside the cache folder {real_root}; refusing to read it")
+        raise DataError(f"{p}: resolves outside the cache folder {real_root}; refusing to read it")
     return p
 
 
@@ -538,15 +538,15 @@ def shard_paths(path: Path, manifest: dict, key: str) -> list[Path]:
 def open_shard(file: Path, rows: int, d: int, dtype: str) -> np.ndarray:
     """Memory-map one shard and check its shape and dtype against the manifest."""
     if not _is_file(file):
-        raise ConfigError(f"{file}: shard is missing")
+        raise DataError(f"{file}: shard is missing")
     try:
         arr = np.load(file, mmap_mode="r", allow_pickle=False)
     except PermissionError as e:
         raise unreadable(file, e) from None
     except (ValueError, OSError, EOFError) as e:
-        raise ConfigError(f"{file}: cannot be read as .npy, truncated or altered ({e})") from None
+        raise DataError(f"{file}: cannot be read as .npy, truncated or altered ({e})") from None
     if arr.shape != (rows, d) or arr.dtype != np.dtype(dtype):
-        raise ConfigError(
+        raise DataError(
             f"{file}: shape {arr.shape} {arr.dtype} does not match the manifest's ({rows}, {d}) {dtype}"
         )
     return arr
@@ -652,7 +652,7 @@ def write_manifest(out: Path, base: dict, layer_entries: dict[str, dict], old: O
 def verify(path: Path, layers: Optional[Iterable[str]] = None) -> dict:
     """Check every listed file: present, right shape and dtype, sha256 as in the manifest.
 
-    Returns {"files": n, "bytes": n, "seconds": t}; raises ConfigError naming the first bad file.
+    Returns {"files": n, "bytes": n, "seconds": t}; raises DataError naming the first bad file.
     """
     path = Path(path)
     t0 = time.time()
@@ -661,44 +661,44 @@ def verify(path: Path, layers: Optional[Iterable[str]] = None) -> dict:
     n_files = n_bytes = 0
     for key in keys:
         if key not in m["shards"]:
-            raise ConfigError(f"{path}/manifest.json: lists no shards for layer {key}")
+            raise DataError(f"{path}/manifest.json: lists no shards for layer {key}")
         entries = m["shards"][key]
         if sum(e["rows"] for e in entries) != m["n_rows"]:
-            raise ConfigError(f"{path}/manifest.json: shards of layer {key} hold {sum(e['rows'] for e in entries)} "
-                              f"rows, the manifest says {m['n_rows']}")
+            raise DataError(f"{path}/manifest.json: shards of layer {key} hold {sum(e['rows'] for e in entries)} "
+                            f"rows, the manifest says {m['n_rows']}")
         for e in entries:
             f = cache_file(path, f"layers/{key}/{e['file']}")
             open_shard(f, e["rows"], m["d"], m["dtype"])
             if sha256_file(f) != e["sha256"]:
-                raise ConfigError(f"{f}: sha256 does not match the manifest (the shard was altered or corrupted)")
+                raise DataError(f"{f}: sha256 does not match the manifest (the shard was altered or corrupted)")
             n_files += 1
             n_bytes += f.stat().st_size
         st = m.get("stats", {}).get(key)
         if st is None:
-            raise ConfigError(f"{path}/manifest.json: no statistics for layer {key}")
+            raise DataError(f"{path}/manifest.json: no statistics for layer {key}")
         mf = cache_file(path, st["mean_file"])
         if not _is_file(mf) or sha256_file(mf) != st["mean_sha256"]:
-            raise ConfigError(f"{mf}: missing or its sha256 does not match the manifest")
+            raise DataError(f"{mf}: missing or its sha256 does not match the manifest")
         read_mean(mf, m["d"])
     tok = m.get("tokens")
     if tok:
         tf = cache_file(path, tok["file"])
         if not _is_file(tf) or sha256_file(tf) != tok["sha256"]:
-            raise ConfigError(f"{tf}: missing or its sha256 does not match the manifest")
+            raise DataError(f"{tf}: missing or its sha256 does not match the manifest")
         n_files += 1
     return {"files": n_files, "bytes": n_bytes, "seconds": round(time.time() - t0, 3)}
 
 
 def read_mean(file: Path, d: int) -> np.ndarray:
-    """A layer's stored mean row: a finite float vector of length d, or ConfigError."""
+    """A layer's stored mean row: a finite float vector of length d, or DataError."""
     try:
         mean = np.load(file, allow_pickle=False)
     except PermissionError as e:
         raise unreadable(file, e) from None
     except (ValueError, OSError, EOFError) as e:
-        raise ConfigError(f"{file}: cannot be read as .npy ({str(e).splitlines()[0][:120]}); rebuild the cache") from None
+        raise DataError(f"{file}: cannot be read as .npy ({str(e).splitlines()[0][:120]}); rebuild the cache") from None
     if mean.shape != (d,) or not np.issubdtype(mean.dtype, np.floating) or not np.isfinite(mean).all():
-        raise ConfigError(f"{file}: the mean row is {mean.shape} {mean.dtype}, not {d} finite floats; rebuild the cache")
+        raise DataError(f"{file}: the mean row is {mean.shape} {mean.dtype}, not {d} finite floats; rebuild the cache")
     return mean
 
 

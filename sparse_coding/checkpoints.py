@@ -30,7 +30,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from sparse_coding.atomic import atomic_write, not_a_regular_file
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError, StorageError, TrainingError
 from sparse_coding.lightning_compat import checkpoint_epochs_done, dump_checkpoint, is_last_batch, total_batch_idx
 from sparse_coding.rundir import check_fresh_run, is_launching_rank, set_aside_old_checkpoints
 
@@ -43,8 +43,8 @@ def atomic_save(obj: Any, path: Path) -> None:
         atomic_write(path, lambda f: torch.save(obj, f))
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ConfigError(f"{path}: no space left on device while writing a checkpoint; the previous "
-                              "checkpoint is intact: free space and resume with ckpt_path=last") from None
+            raise StorageError(f"{path}: no space left on device while writing a checkpoint; the previous "
+                               "checkpoint is intact: free space and resume with ckpt_path=last") from None
         raise
 
 
@@ -121,8 +121,8 @@ class AtomicCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step == 0:
-            raise ConfigError("the run trained on zero batches (nothing to measure): check trainer.limit_train_batches, "
-                              "trainer.max_steps and the data size")
+            raise TrainingError("the run trained on zero batches (nothing to measure): check "
+                                "trainer.limit_train_batches, trainer.max_steps and the data size")
         super().on_train_end(trainer, pl_module)
 
 
@@ -134,22 +134,22 @@ def check_regular(path: Path) -> None:
     """Refuse, with one line, a checkpoint path that is not a regular file (opening a FIFO blocks forever)."""
     problem = not_a_regular_file(path)
     if problem is not None:
-        raise ConfigError(f"{path} {problem}: a checkpoint must be a regular file; remove it or move it away "
-                          "(or give ckpt_path=FILE of another checkpoint)")
+        raise DataError(f"{path} {problem}: a checkpoint must be a regular file; remove it or move it away "
+                        "(or give ckpt_path=FILE of another checkpoint)")
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint's contents (weights_only, tensors memory-mapped); ConfigError when it is not a readable checkpoint."""
+    """A checkpoint's contents (weights_only, tensors memory-mapped); DataError when it is not a readable checkpoint."""
     check_regular(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, not a zip, unpickling refused: all "damaged"
-        raise ConfigError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters", "loops"} <= set(ckpt):
-        raise ConfigError(f"{path}: not a checkpoint of this tool (no state_dict/hyper_parameters/loops)")
+        raise DataError(f"{path}: not a checkpoint of this tool (no state_dict/hyper_parameters/loops)")
     problem = checkpoint_problem(ckpt)
     if problem is not None:
-        raise ConfigError(f"{path}: damaged or crafted checkpoint ({problem})")
+        raise DataError(f"{path}: damaged or crafted checkpoint ({problem})")
     return ckpt
 
 
@@ -221,7 +221,7 @@ def _intact(folder: Path, skip: Optional[Path] = None) -> list[tuple[Path, dict]
         check_regular(p)
         try:
             found.append((p, load_checkpoint(p)))
-        except ConfigError:
+        except DataError:
             continue
     return sorted(found, key=lambda pc: (pc[1].get("global_step", -1), pc[0].name.startswith("last"),
                                          pc[0].stat().st_mtime), reverse=True)  # load_checkpoint: an int step
@@ -260,8 +260,8 @@ def check_compatible(ckpt: dict, path: Path, module: torch.nn.Module) -> None:
                               "and dictionary settings, or start a new run (another hydra.run.dir)")
     lam_history = ckpt.get("lam_history")
     if isinstance(lam_history, list) and hasattr(module, "grid") and len(lam_history) != len(module.grid):
-        raise ConfigError(f"{path}: damaged or crafted checkpoint (lam_history holds {len(lam_history)} dictionaries, "
-                          f"the run trains {len(module.grid)})")
+        raise DataError(f"{path}: damaged or crafted checkpoint (lam_history holds {len(lam_history)} dictionaries, "
+                        f"the run trains {len(module.grid)})")
     check_optimizer_state(ckpt, path, module)
 
 
@@ -280,9 +280,9 @@ def check_optimizer_state(ckpt: dict, path: Path, module: torch.nn.Module) -> No
     want = reference.state_dict()
     saved = ckpt["optimizer_states"][0]
 
-    def refuse(what: str) -> ConfigError:
-        return ConfigError(f"{path}: damaged or crafted checkpoint (optimizer state: {what}); resume from another "
-                           "checkpoint (ckpt_path=FILE) or start a new run")
+    def refuse(what: str) -> DataError:
+        return DataError(f"{path}: damaged or crafted checkpoint (optimizer state: {what}); resume from another "
+                         "checkpoint (ckpt_path=FILE) or start a new run")
     groups = saved.get("param_groups")
     if not isinstance(groups, list) or len(groups) != len(want["param_groups"]) or not all(
             isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
@@ -377,10 +377,10 @@ def resume_checkpoint(ckpt_path: Optional[str], out_dir: Path, module: torch.nn.
             if path.exists():
                 try:
                     load_checkpoint(path)
-                except ConfigError as e:
+                except DataError as e:
                     why = f"is unusable ({str(e).removeprefix(f'{path}: ')})"
-            raise ConfigError(f"{path} {why} and there is no other intact checkpoint in {folder}: "
-                              "start a new run (without ckpt_path, or in another directory)")
+            raise DataError(f"{path} {why} and there is no other intact checkpoint in {folder}: "
+                            "start a new run (without ckpt_path, or in another directory)")
         newest, ckpt = ranked[0]
         if newest.resolve() != path.resolve():
             loaded = {p.resolve() for p, _ in ranked}
@@ -397,10 +397,10 @@ def resume_checkpoint(ckpt_path: Optional[str], out_dir: Path, module: torch.nn.
         folder = path.parent
         try:
             ckpt = load_checkpoint(path)
-        except ConfigError as e:
+        except DataError as e:
             fallback = _intact(folder, path)
             if not fallback:
-                raise ConfigError(f"{e}; no other intact checkpoint in {folder}: start a new run") from None
+                raise DataError(f"{e}; no other intact checkpoint in {folder}: start a new run") from None
             print(f"[resume] {path} is damaged ({e}); resuming from {fallback[0][0]} instead", file=sys.stderr)
             path, ckpt = fallback[0]
     check_same_data(ckpt, path, data)  # first: a data setting also changes derived hyper-parameters (epoch_batches)

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from sparse_coding.config.checks import validate
 from sparse_coding.config.schema import register_configs
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import SparseCodingError
 from sparse_coding.paths import config_dir
 
 register_configs()
@@ -26,7 +26,7 @@ def train() -> None:
         from sparse_coding.config.preflight import check_command_line as before_hydra
 
         before_hydra(sys.argv[1:])  # what Hydra itself would stop on with a traceback (run dir, interpolations)
-    except ConfigError as err:
+    except SparseCodingError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     _compose_and_run()
@@ -49,6 +49,6 @@ def _compose_and_run(cfg: DictConfig) -> None:
             from sparse_coding.run import run  # torch and Lightning: after the checks, so a refusal is quick
 
             run(cfg, out_dir, plan=plan)
-    except ConfigError as err:
+    except SparseCodingError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 
 from sparse_coding.atomic import not_a_regular_file
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError, SparseCodingError
 from sparse_coding.models import package_dir
 
 CLEAN_VERSION = 1  # bump when the cleaning or the context cut changes: changes every corpus fingerprint
@@ -65,7 +65,7 @@ def check_text_file(path: Path, name: Optional[str] = None) -> None:
     FIFO (reading it blocks), a device (/dev/zero never ends), a broken link, a missing file."""
     problem = not_a_regular_file(path)
     if problem is not None:
-        raise ConfigError(f"corpus.files: {name or path} {problem}: give local UTF-8 .txt or .jsonl files")
+        raise DataError(f"corpus.files: {name or path} {problem}: give local UTF-8 .txt or .jsonl files")
 
 
 def corpus_fingerprint(corpus: Any) -> str:
@@ -116,15 +116,15 @@ def hf_local_files(corpus: Any) -> tuple[str, list[Path]]:
         if any(ch in text for ch in "*?["):
             found = sorted(Path(f) for f in glob.glob(str(path), recursive=True) if Path(f).is_file())
             if not found:
-                raise ConfigError(f"corpus.path: {text} matches no file")
+                raise DataError(f"corpus.path: {text} matches no file")
         elif path.is_dir():
             found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in HF_FORMATS)
             if not found:
-                raise ConfigError(f"corpus.path: the directory {text} holds no {'/'.join(sorted(HF_FORMATS))} file")
+                raise DataError(f"corpus.path: the directory {text} holds no {'/'.join(sorted(HF_FORMATS))} file")
         else:
             problem = not_a_regular_file(path)
             if problem is not None:
-                raise ConfigError(f"corpus.path: {text} {problem}: give local parquet, arrow, jsonl or csv files")
+                raise DataError(f"corpus.path: {text} {problem}: give local parquet, arrow, jsonl or csv files")
             found = [path]
         files.extend(found)
     kinds = {HF_FORMATS.get(f.suffix.lower()) for f in files}
@@ -176,10 +176,10 @@ def _hf_load(corpus: Any):
             return datasets.load_dataset(dataset, corpus.get("config"), split=split,
                                          revision=revision).to_iterable_dataset()
         return datasets.load_dataset(dataset, corpus.get("config"), split=split, revision=revision, streaming=True)
-    except ConfigError:
+    except SparseCodingError:
         raise
     except Exception as e:  # noqa: BLE001 -- datasets raises many kinds (ConnectionError, FileNotFoundError, ValueError...)
-        raise ConfigError(_hf_problem(corpus, e)) from None
+        raise DataError(_hf_problem(corpus, e)) from None
 
 
 def _hf_problem(corpus: Any, e: Exception) -> str:
@@ -217,14 +217,14 @@ def hf_documents(corpus: Any) -> Iterator[str]:
                 raise ConfigError(f"corpus.text_field={field!r}: none of the source's {number} rows has it") from None
             return
         except Exception as e:  # noqa: BLE001 -- a file that fails mid-stream (bad parquet, unreadable hub shard)
-            raise ConfigError(_hf_problem(corpus, e)) from None
+            raise DataError(_hf_problem(corpus, e)) from None
         number += 1
         text = row.get("text")
         if text is None:
             continue
         found += 1
         if not isinstance(text, str):
-            raise ConfigError(f"corpus.text_field={field!r}: row {number} holds {type(text).__name__}, not text")
+            raise DataError(f"corpus.text_field={field!r}: row {number} holds {type(text).__name__}, not text")
         if text:
             yield from _pieces(text)
 
@@ -314,11 +314,11 @@ def text_documents(files: list[Path]) -> Iterator[str]:
         check_text_file(path)
         try:
             if path.stat().st_size == 0:
-                raise ConfigError(f"corpus.files: {path} is empty: give files that hold text")
+                raise DataError(f"corpus.files: {path} is empty: give files that hold text")
             with open(path, "rb") as f:
                 head = f.read(8192)
             if b"\0" in head:
-                raise ConfigError(f"corpus.files: {path} is a binary file (NUL bytes), not UTF-8 text")
+                raise DataError(f"corpus.files: {path} is a binary file (NUL bytes), not UTF-8 text")
             with open(path, encoding="utf-8", errors="strict") as f:
                 if path.suffix == ".jsonl":
                     yield from _jsonl_texts(f, path)
@@ -326,10 +326,10 @@ def text_documents(files: list[Path]) -> Iterator[str]:
                     for paragraph in _paragraphs(f):
                         yield from _pieces(paragraph)
         except UnicodeDecodeError as e:
-            raise ConfigError(f"corpus.files: {path} is not UTF-8 text ({e.reason} at byte {e.start} of a read "
-                              "block): convert it to UTF-8") from None
+            raise DataError(f"corpus.files: {path} is not UTF-8 text ({e.reason} at byte {e.start} of a read "
+                            "block): convert it to UTF-8") from None
         except OSError as e:
-            raise ConfigError(f"corpus.files: cannot read {path} ({e.strerror or e})") from None
+            raise DataError(f"corpus.files: cannot read {path} ({e.strerror or e})") from None
 
 
 def _paragraphs(f) -> Iterator[str]:
@@ -374,10 +374,10 @@ def _jsonl_texts(f, path: Path) -> Iterator[str]:
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise ConfigError(f"corpus.files: {path} line {number} is not valid JSON ({e.msg}): fix or remove it") from None
+            raise DataError(f"corpus.files: {path} line {number} is not valid JSON ({e.msg}): fix or remove it") from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise ConfigError(f"corpus.files: {path} line {number} has no string field 'text' (each line must be "
-                              '{"text": "..."})')
+            raise DataError(f"corpus.files: {path} line {number} has no string field 'text' (each line must be "
+                            '{"text": "..."})')
         yield from _pieces(row["text"])
 
 
@@ -460,7 +460,7 @@ def build_contexts(corpus: Any, tokenizer: Any, documents=None) -> Contexts:
         hf_logging.set_verbosity(verbosity)
     n_ctx = min(n_ctx_wanted, len(stream) // content)
     if n_ctx < 1:
-        raise ConfigError(f"corpus={corpus.name} has only {len(stream)} tokens, fewer than one context of {content}")
+        raise DataError(f"corpus={corpus.name} has only {len(stream)} tokens, fewer than one context of {content}")
     body = np.asarray(stream[: n_ctx * content], dtype=np.int64).reshape(n_ctx, content)
     ids = np.concatenate(
         [np.tile(np.asarray(prefix, np.int64), (n_ctx, 1)), body, np.tile(np.asarray(suffix, np.int64), (n_ctx, 1))],

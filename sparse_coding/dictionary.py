@@ -19,7 +19,7 @@ is None, and absent from `state_dict()`, when the run did not centre), so `.to(d
     d.save_pretrained("my_dict")                        # the files a run writes; from_pretrained reads them
 
 Every call computes in the input's dtype (float32 or float64; Φ is cast to it); half precision is
-refused. A file is validated on load: a damaged or inconsistent one raises one ConfigError line.
+refused. A file is validated on load: a damaged or inconsistent one raises one DataError line.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from sparse_coding.config.schema import SolverConfig
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError, SparseCodingError
 
 FILE = "dictionary.safetensors"
 SIDECAR = "dictionary.json"
@@ -151,7 +151,7 @@ def _is_number(v: Any) -> bool:
 
 
 def _read(path: "str | Path") -> tuple[Path, Path, dict, dict]:
-    """(the safetensors file, the file the metadata came from, the metadata, the tensors), or ConfigError."""
+    """(the safetensors file, the file the metadata came from, the metadata, the tensors), or DataError."""
     from safetensors import safe_open
 
     from sparse_coding.atomic import not_a_regular_file
@@ -163,34 +163,34 @@ def _read(path: "str | Path") -> tuple[Path, Path, dict, dict]:
         file = path
     problem = not_a_regular_file(file)
     if problem is not None:
-        raise ConfigError(f"{file}: {problem}; give a run directory, a save_pretrained or W&B artifact "
-                          f"directory (holding {FILE}), or the file itself")
+        raise DataError(f"{file}: {problem}; give a run directory, a save_pretrained or W&B artifact "
+                        f"directory (holding {FILE}), or the file itself")
     try:
         with safe_open(str(file), framework="pt") as f:
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # SafetensorError (truncated, random bytes), OSError, unsupported dtypes
-        raise ConfigError(f"{file}: not a readable safetensors file ({_one_line(err)})") from None
+        raise DataError(f"{file}: not a readable safetensors file ({_one_line(err)})") from None
     if META_KEY in header:
         try:
             meta = json.loads(header[META_KEY])
         except ValueError as err:
-            raise ConfigError(f"{file}: its {META_KEY!r} metadata is not valid JSON ({_one_line(err)})") from None
+            raise DataError(f"{file}: its {META_KEY!r} metadata is not valid JSON ({_one_line(err)})") from None
         if isinstance(meta, dict) and CHECKSUM in meta:
             if meta.pop(CHECKSUM) != content_sha256(meta, tensors):
-                raise ConfigError(f"{file}: its tensors or description do not match the checksum saved with them (the "
-                                  "file was altered or damaged): use an intact copy, or the run's checkpoint")
+                raise DataError(f"{file}: its tensors or description do not match the checksum saved with them (the "
+                                "file was altered or damaged): use an intact copy, or the run's checkpoint")
         return file, file, meta, tensors
     side = file.with_name(SIDECAR)  # a run written before the metadata existed
     if not_a_regular_file(side) is not None:
-        raise ConfigError(f"{file}: no {META_KEY!r} metadata and no {SIDECAR} beside it: "
-                          "not a sparse-coding dictionary")
+        raise DataError(f"{file}: no {META_KEY!r} metadata and no {SIDECAR} beside it: "
+                        "not a sparse-coding dictionary")
     try:
         meta = json.loads(side.read_text())
     except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ConfigError(f"{side}: not readable JSON ({_one_line(err)})") from None
+        raise DataError(f"{side}: not readable JSON ({_one_line(err)})") from None
     if not isinstance(meta, dict):
-        raise ConfigError(f"{side}: holds {type(meta).__name__}, not the dictionaries' description (an object)")
+        raise DataError(f"{side}: holds {type(meta).__name__}, not the dictionaries' description (an object)")
     solver = meta.get("config")
     solver = solver.get("solver") if isinstance(solver, dict) else None
     solver = solver if isinstance(solver, dict) else {}
@@ -202,10 +202,10 @@ def _read(path: "str | Path") -> tuple[Path, Path, dict, dict]:
 
 def _entries(file: Path, where: Path, meta: Any, tensors: dict) -> list[tuple[str, dict]]:
     """(label, constructor arguments) of every dictionary the metadata describes, checked against the
-    tensors; ConfigError naming `where` (the metadata's file) for whatever is wrong."""
+    tensors; DataError naming `where` (the metadata's file) for whatever is wrong."""
 
-    def bad(what: str) -> ConfigError:
-        return ConfigError(f"{where}: {what}")
+    def bad(what: str) -> DataError:
+        return DataError(f"{where}: {what}")
 
     if not isinstance(meta, dict):
         raise bad(f"the metadata is {type(meta).__name__}, not an object")
@@ -237,15 +237,15 @@ def _entries(file: Path, where: Path, meta: Any, tensors: dict) -> list[tuple[st
         if any(label == seen for seen, _ in out):
             raise bad(f"the label {label!r} appears twice")
         if name not in tensors:
-            raise ConfigError(f"{file}: no tensor {name!r} for dictionary {label!r} (it holds "
-                              f"{', '.join(sorted(tensors)) or 'no tensors'})")
+            raise DataError(f"{file}: no tensor {name!r} for dictionary {label!r} (it holds "
+                            f"{', '.join(sorted(tensors)) or 'no tensors'})")
         phi = tensors[name]
         if dim is not None and phi.dim() == 2 and phi.shape[0] != dim:
-            raise ConfigError(f"{file}: {label}: Φ has d={phi.shape[0]} rows but the metadata says dim={dim}")
+            raise DataError(f"{file}: {label}: Φ has d={phi.shape[0]} rows but the metadata says dim={dim}")
         size = entry.get("dict_size")
         if size is not None and phi.dim() == 2 and size != phi.shape[1]:
-            raise ConfigError(f"{file}: {label}: Φ has m={phi.shape[1]} columns but the metadata says "
-                              f"dict_size={size!r}")
+            raise DataError(f"{file}: {label}: Φ has m={phi.shape[1]} columns but the metadata says "
+                            f"dict_size={size!r}")
         column_major = entry.get("column_major", False)
         if not isinstance(column_major, bool):
             raise bad(f"{label}: column_major={column_major!r} must be true or false")
@@ -362,19 +362,19 @@ class SparseDictionary(nn.Module):
     @classmethod
     def load_bank(cls, path: "str | Path") -> dict[str, "SparseDictionary"]:
         """Every dictionary of a run (a bank has several), by label. The files are validated: whatever is
-        wrong with them raises one ConfigError line naming the file."""
+        wrong with them raises one DataError line naming the file."""
         file, where, meta, tensors = _read(path)
         bank: dict[str, SparseDictionary] = {}
         try:
             for label, kwargs in _entries(file, where, meta, tensors):
                 try:
                     bank[label] = cls(**kwargs)
-                except ConfigError as err:
-                    raise ConfigError(f"{file}: {label}: {err}") from None
-        except ConfigError:
+                except ConfigError as err:  # the constructor's check, failed by the file's contents
+                    raise DataError(f"{file}: {label}: {err}") from None
+        except SparseCodingError:
             raise
         except Exception as err:  # a shape of metadata the checks above did not foresee: still one line
-            raise ConfigError(f"{where}: malformed dictionary description ({_one_line(err)})") from None
+            raise DataError(f"{where}: malformed dictionary description ({_one_line(err)})") from None
         return bank
 
     @classmethod
@@ -405,7 +405,7 @@ class SparseDictionary(nn.Module):
             return cls.load(path / subfolder if subfolder else path, label)
         name = str(name_or_path)
         if not _HUB_ID.fullmatch(name) or ".." in name or name.endswith(".git"):
-            raise ConfigError(f"{name}: no such file or directory (and not a Hugging Face hub id 'owner/name')")
+            raise DataError(f"{name}: no such file or directory (and not a Hugging Face hub id 'owner/name')")
         snap = _snapshot(name, revision, subfolder)
         return cls.load(snap / subfolder if subfolder else snap, label)
 
@@ -600,7 +600,7 @@ class SparseDictionary(nn.Module):
 
 
 def _snapshot(hub_id: str, revision: Optional[str], subfolder: Optional[str]) -> Path:
-    """A local snapshot of a hub repo's dictionary files, or the one-line ConfigError."""
+    """A local snapshot of a hub repo's dictionary files, or a one-line ConfigError or DataError."""
     from sparse_coding.models import hub_offline
 
     local_copy = "or a local copy: from_pretrained(DIR) with a run, save_pretrained or W&B artifact directory"
@@ -616,7 +616,7 @@ def _snapshot(hub_id: str, revision: Optional[str], subfolder: Optional[str]) ->
         return Path(snapshot_download(hub_id, revision=revision, allow_patterns=patterns, local_files_only=offline))
     except Exception as err:  # offline and not cached, no network, unknown or gated repo
         if offline:
-            raise ConfigError(f"{hub_id}: not a local directory and not in the Hugging Face cache; fetching it "
-                              f"needs the network (HF_HUB_OFFLINE is set) {local_copy}") from None
-        raise ConfigError(f"{hub_id}: not a local directory, and the Hugging Face hub download failed "
-                          f"({_one_line(err)}); it needs the network and an existing repo id, {local_copy}") from None
+            raise DataError(f"{hub_id}: not a local directory and not in the Hugging Face cache; fetching it "
+                            f"needs the network (HF_HUB_OFFLINE is set) {local_copy}") from None
+        raise DataError(f"{hub_id}: not a local directory, and the Hugging Face hub download failed "
+                        f"({_one_line(err)}); it needs the network and an existing repo id, {local_copy}") from None

@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import SparseCodingError, StorageError
 
 FILES = ("features.json", "features.html", "density_histogram.png")
 
@@ -36,8 +36,8 @@ def write_report(out_dir: Path, report: dict) -> list[Path]:
         atomic_write_bytes(out_dir / "density_histogram.png", png)
         atomic_write_bytes(out_dir / "features.html", render_html(report, png).encode())
     except OSError as err:
-        raise ConfigError(f"{out_dir}: cannot write the features ({err.strerror or err}): make the run directory "
-                          "writable") from None
+        raise StorageError(f"{out_dir}: cannot write the features ({err.strerror or err}): make the run directory "
+                           "writable") from None
     return [out_dir / name for name in FILES]
 
 
@@ -201,9 +201,9 @@ def log_wandb(run, out_dir: Path, report: dict) -> str:
             where = getattr(wb, "dir", None) or str(out_dir / "wandb")
         finally:
             wb.finish()
-    except ConfigError:
+    except SparseCodingError:
         raise
     except Exception as err:  # noqa: BLE001 - wandb's own errors (service, network): one line
-        raise ConfigError(f"W&B logging failed ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); "
-                          f"the files in {out_dir} are written: rerun with --no-wandb to skip it") from None
+        raise StorageError(f"W&B logging failed ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); "
+                           f"the files in {out_dir} are written: rerun with --no-wandb to skip it") from None
     return f"{mode} run in {Path(where).parent if mode == 'offline' else where}"

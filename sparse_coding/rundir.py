@@ -28,16 +28,12 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, RunInterrupted, StorageError
 
 LOCK_NAME = ".run.lock"
 OUTPUTS = ("metrics.json", "dictionary.safetensors", "dictionary.json")  # a finished run's results
 _HANDED_DOWN: set = set()  # run directories whose lock start_run holds for the run() inside it
 MIN_FREE_BYTES = 16 << 20  # below this a run cannot even write its first checkpoint and outputs
-
-
-class RunInterrupted(ConfigError):
-    """The run was stopped from outside (SIGTERM); its last checkpoint resumes it."""
 
 
 def is_launching_rank() -> bool:
@@ -57,12 +53,12 @@ def check_writable(out_dir: Path, need: int = MIN_FREE_BYTES) -> None:
         probe.unlink()
     except OSError as e:
         what = "is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "is not writable"
-        raise ConfigError(f"run directory {out_dir} {what} ({e.strerror}): choose another hydra.run.dir "
-                          "(or out_dir) or fix it") from None
+        raise StorageError(f"run directory {out_dir} {what} ({e.strerror}): choose another hydra.run.dir "
+                           "(or out_dir) or fix it") from None
     free = shutil.disk_usage(out_dir).free
     if free < need:
-        raise ConfigError(f"run directory {out_dir} has {free >> 20} MiB free, a run needs at least {need >> 20} MiB "
-                          "for its checkpoints and outputs: free space or choose another hydra.run.dir")
+        raise StorageError(f"run directory {out_dir} has {free >> 20} MiB free, a run needs at least {need >> 20} MiB "
+                           "for its checkpoints and outputs: free space or choose another hydra.run.dir")
 
 
 def _unused(path: Path) -> Path:
@@ -97,16 +93,16 @@ def own_run_dir(out_dir: Path) -> Iterator[None]:
     try:
         f = open(lock_file, "a+")
     except OSError as e:
-        raise ConfigError(f"{lock_file}, the run directory's lock file, cannot be opened ({e.strerror}): it must be "
-                          "a plain file; remove it (no run holds a lock on something else)") from None
+        raise StorageError(f"{lock_file}, the run directory's lock file, cannot be opened ({e.strerror}): it must be "
+                           "a plain file; remove it (no run holds a lock on something else)") from None
     with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "?"
-            raise ConfigError(f"run directory {out_dir} is in use by another run (pid {holder}): wait for it to "
-                              "finish or choose another hydra.run.dir (or out_dir)") from None
+            raise StorageError(f"run directory {out_dir} is in use by another run (pid {holder}): wait for it to "
+                               "finish or choose another hydra.run.dir (or out_dir)") from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
@@ -182,7 +178,7 @@ def start_run(out_dir: Path, ckpt_path=None, overwrite: bool = False) -> Iterato
     """Own `out_dir` for a run and make sure the run cannot replace a finished one (module docstring).
 
     Everything a refused run could change happens after the checks: call `write_hydra_files` and
-    `run()` inside. Raises ConfigError (one line) when the directory is in use or holds a finished run.
+    `run()` inside. Raises StorageError when the directory is in use, ConfigError when it holds a finished run.
     """
     out_dir = Path(out_dir)
     with own_run_dir(out_dir):

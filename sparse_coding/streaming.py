@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from sparse_coding import cache as cache_mod
 from sparse_coding import preprocess
 from sparse_coding.config.schema import DataConfig
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError
 
 BLOCK_ROWS = 1024
 MIN_VAL_ROWS = 2  # fvu divides by the held-out variance: a single row has none
@@ -181,9 +181,9 @@ class RowStream(IterableDataset):
         elif not ok.all():
             row = lo + int(np.flatnonzero(~ok)[0])
             if self.skip_nonfinite:  # the manifest's count missed this row: the advice below would be circular
-                raise ConfigError(f"{self.files[s]}: row {row} holds NaN/Inf that the manifest does not count: the cache "
-                                  "changed after it was built; rebuild it")
-            raise ConfigError(f"{self.files[s]}: row {row} holds NaN/Inf (use data.skip_nonfinite=true to skip such rows)")
+                raise DataError(f"{self.files[s]}: row {row} holds NaN/Inf that the manifest does not count: the cache "
+                                "changed after it was built; rebuild it")
+            raise DataError(f"{self.files[s]}: row {row} holds NaN/Inf (use data.skip_nonfinite=true to skip such rows)")
         if self.mean is not None:
             x -= self.mean
         return preprocess.normalize_rows(x, self.normalize), rows
@@ -348,8 +348,8 @@ class CacheDataModule(pl.LightningDataModule):
         self.files = cache_mod.shard_paths(self.path, m, self.layer)
         self.shard_rows = [int(e["rows"]) for e in entries]
         if sum(self.shard_rows) != int(m["n_rows"]):
-            raise ConfigError(f"{self.path}/manifest.json: shards of layer {self.layer} hold {sum(self.shard_rows)} rows, "
-                              f"the manifest says {m['n_rows']}")
+            raise DataError(f"{self.path}/manifest.json: shards of layer {self.layer} hold {sum(self.shard_rows)} rows, "
+                            f"the manifest says {m['n_rows']}")
         for f, r in zip(self.files, self.shard_rows):  # shape/dtype of every shard against the manifest, cheaply
             cache_mod.open_shard(f, r, self.dim, m["dtype"])
         self.verification = cache_mod.ensure_verified(self.path, self.layer) if verify else {"verified": False}
@@ -357,13 +357,13 @@ class CacheDataModule(pl.LightningDataModule):
         self.n_nonfinite = int(st.get("n_nonfinite", 0))
         if self.n_nonfinite and not self.skip_nonfinite:
             bad = st.get("first_nonfinite") or {}
-            raise ConfigError(f"{self.path / 'layers' / self.layer / str(bad.get('file'))}: {self.n_nonfinite} rows "
-                              f"hold NaN/Inf (first: row {bad.get('row')}); set data.skip_nonfinite=true to skip them")
+            raise DataError(f"{self.path / 'layers' / self.layer / str(bad.get('file'))}: {self.n_nonfinite} rows "
+                            f"hold NaN/Inf (first: row {bad.get('row')}); set data.skip_nonfinite=true to skip them")
         msn = float(st.get("mean_sq_norm", 1.0))
         if msn == 0 or (self.center and float(st.get("centered_mean_sq_norm", 1.0)) <= 1e-10 * msn):
             what = "zero" if msn == 0 else "the same (zero after centring with data.center=true)"
-            raise ConfigError(f"{self.path}: every row of layer {self.layer} is {what}: there is nothing to code; "
-                              "check how the cache was made")
+            raise DataError(f"{self.path}: every row of layer {self.layer} is {what}: there is nothing to code; "
+                            "check how the cache was made")
         mean_file = cache_mod.cache_file(self.path, st["mean_file"])
         stored_mean = cache_mod.read_mean(mean_file, self.dim) if self.center else None
         self.mean = None if stored_mean is None else stored_mean.astype(np.float32)
@@ -375,8 +375,8 @@ class CacheDataModule(pl.LightningDataModule):
         if nb >= 2 and not any(is_val):
             is_val[nb // 2] = True
         if all(is_val) or not any(is_val):
-            raise ConfigError(f"{self.path}: {n} rows are too few to split into training and validation "
-                              f"(data.val_fraction={self.val_fraction}); a cache needs at least 2 rows")
+            raise DataError(f"{self.path}: {n} rows are too few to split into training and validation "
+                            f"(data.val_fraction={self.val_fraction}); a cache needs at least 2 rows")
         self.val_blocks = [b for b, v in zip(self.blocks, is_val) if v]
         self.train_blocks = [b for b, v in zip(self.blocks, is_val) if not v]
         self._bad = self._scan_nonfinite() if self.n_nonfinite else ({}, {})
@@ -417,9 +417,9 @@ class CacheDataModule(pl.LightningDataModule):
         self.in_sample_rows = (sum(hi - lo for _, lo, hi in self.in_sample_blocks)
                                - sum(len(v) for v in self._bad[2].values()))
         if self.val_rows < MIN_VAL_ROWS or self.train_rows < 1:
-            raise ConfigError(f"{self.path}: {self.train_rows} training and {self.val_rows} held-out rows (of {n}) are too "
-                              f"few to measure: fvu needs at least {MIN_VAL_ROWS} held-out rows; use a larger cache "
-                              "or a larger data.val_fraction")
+            raise DataError(f"{self.path}: {self.train_rows} training and {self.val_rows} held-out rows (of {n}) are too "
+                            f"few to measure: fvu needs at least {MIN_VAL_ROWS} held-out rows; use a larger cache "
+                            "or a larger data.val_fraction")
         self.num_workers = self._capped_workers(self.num_workers)
 
     def _capped_workers(self, requested: int) -> int:

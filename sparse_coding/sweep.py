@@ -42,7 +42,7 @@ from typing import Any, Optional
 
 import yaml
 
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, SparseCodingError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ROOT = PACKAGE_DIR.parent
@@ -325,7 +325,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         record = run_sweep(args.sweep_file, count=args.count, out=args.out, name=args.name, extra=tuple(extra),
                            dry_run=args.dry_run, wandb_mode=args.wandb_mode,
                            allow_any_command=args.allow_any_command, keep_going=args.keep_going)
-    except ConfigError as err:
+    except SparseCodingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     new = record["runs"][len(record["runs"]) - record.get("started", 0):]

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError
 
 GENERATORS = ("sparse_linear", "gaussian", "heavy_tailed", "rademacher", "sparse_nonlinear")
 
@@ -97,10 +97,10 @@ def generate(name: str, dim: int, n: int, seed: int, active: float = 10.0, noise
     """
     data = _generate(name, dim, n, seed, active, noise, preact_std)
     if not torch.isfinite(data.x).all():
-        raise ConfigError(f"data={name}: the generator produced NaN/Inf (dim={dim}, n={n}, seed={seed})")
+        raise DataError(f"data={name}: the generator produced NaN/Inf (dim={dim}, n={n}, seed={seed})")
     if not data.x.any():
-        raise ConfigError(f"data={name}: all {n} generated samples are zero (dim={dim}, active={active}, n={n}, "
-                          "centred): raise data.n/data.n_val (centring a single sample leaves zero) or data.active")
+        raise DataError(f"data={name}: all {n} generated samples are zero (dim={dim}, active={active}, n={n}, "
+                        "centred): raise data.n/data.n_val (centring a single sample leaves zero) or data.active")
     return data
 
 
@@ -167,8 +167,8 @@ class SyntheticSource:
                 calib = calib - self.shift
             self.power = calib.double().pow(2).sum(dim=1).mean().div(self.dim).sqrt().float()
             if not self.power > 0:
-                raise ConfigError(f"data={name}: the generator's calibration sample is all zero "
-                                  f"(dim={dim}, active={active}): raise data.active")
+                raise DataError(f"data={name}: the generator's calibration sample is all zero "
+                                f"(dim={dim}, active={active}): raise data.active")
 
     def _raw(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
         if self.name == "sparse_linear":
@@ -193,7 +193,7 @@ class SyntheticSource:
         x, alpha = self._raw(int(n), torch.Generator().manual_seed(int(seed)))
         x = (x - self.shift) / self.power
         if not torch.isfinite(x).all():
-            raise ConfigError(f"data={self.name}: the generator produced NaN/Inf (dim={self.dim}, seed={seed})")
+            raise DataError(f"data={self.name}: the generator produced NaN/Inf (dim={self.dim}, seed={seed})")
         truth = {}
         if alpha is not None:
             truth = (nonlinear_truth(alpha, self.w1, self.w2, self.active) if self.name == "sparse_nonlinear"

@@ -15,7 +15,7 @@ import torch
 from sparse_coding import cache, models
 from sparse_coding.config.plan import resolve
 from sparse_coding.corpus import build_contexts
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError, StorageError
 from tinymodels import forward_hidden, make_tiny_gpt2, run_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,28 +129,28 @@ def test_corruption_is_detected(gpt2_cache, tmp_path):
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0x01  # one bit of one value
     shard.write_bytes(bytes(data))
-    with pytest.raises(ConfigError, match=r"shard_00002\.npy: sha256 does not match"):
+    with pytest.raises(DataError, match=r"shard_00002\.npy: sha256 does not match"):
         cache.verify(path)
     proc = subprocess.run([sys.executable, "-m", "sparse_coding.cache", "verify", str(path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "shard_00002.npy" in proc.stderr
     shard.write_bytes(bytes(data[:-100]))  # truncated
-    with pytest.raises(ConfigError, match=r"shard_00002\.npy: cannot be read as \.npy, truncated"):
+    with pytest.raises(DataError, match=r"shard_00002\.npy: cannot be read as \.npy, truncated"):
         cache.verify(path)
     shutil.copy(clean / "layers" / "1" / "shard_00002.npy", shard)
     cache.verify(path)
     m = json.loads((path / "manifest.json").read_text())
     m["shards"]["1"][0]["rows"] = 63
     (path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ConfigError, match="shards of layer 1 hold 299 rows, the manifest says 300"):
+    with pytest.raises(DataError, match="shards of layer 1 hold 299 rows, the manifest says 300"):
         cache.verify(path)
     m["shards"]["1"][0]["rows"] = 64
     m["d"] = 31
     (path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ConfigError, match=r"shard_00000\.npy: shape \(64, 32\) float32 does not match .*\(64, 31\)"):
+    with pytest.raises(DataError, match=r"shard_00000\.npy: shape \(64, 32\) float32 does not match .*\(64, 31\)"):
         cache.verify(path)
     (path / "manifest.json").unlink()
-    with pytest.raises(ConfigError, match="no manifest"):
+    with pytest.raises(DataError, match="no manifest"):
         cache.verify(path)
 
 
@@ -246,13 +246,13 @@ def test_import_user_array(tmp_path, suffix):
 
 def test_import_rejects_bad_input(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(ConfigError, match="pickled data"):
+    with pytest.raises(DataError, match="pickled data"):
         cache.import_array(tmp_path / "obj.npy", tmp_path / "o1")
     np.save(tmp_path / "three.npy", np.zeros((2, 3, 4), np.float32))
-    with pytest.raises(ConfigError, match=r"2-D \(n × d\)"):
+    with pytest.raises(DataError, match=r"2-D \(n × d\)"):
         cache.import_array(tmp_path / "three.npy", tmp_path / "o2")
     np.save(tmp_path / "ints.npy", np.zeros((4, 3), np.int64))
-    with pytest.raises(ConfigError, match="floating-point"):
+    with pytest.raises(DataError, match="floating-point"):
         cache.import_array(tmp_path / "ints.npy", tmp_path / "o3")
 
 
@@ -264,7 +264,7 @@ def test_refuses_when_disk_is_too_small(tmp_path, monkeypatch, capsys):
     np.save(tmp_path / "x.npy", x)
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 0, 10_000))
-    with pytest.raises(ConfigError, match="needs 250.0 KiB but only 9.8 KiB is free"):
+    with pytest.raises(StorageError, match="needs 250.0 KiB but only 9.8 KiB is free"):
         cache.import_array(tmp_path / "x.npy", tmp_path / "out")
     assert "needs 250.0 KiB on disk" in capsys.readouterr().err
     assert not (tmp_path / "out" / "manifest.json").exists()

@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from sparse_coding import corpus as corpus_mod
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError
 from sparse_coding.models import validate_corpus
 from tinymodels import run_cfg
 
@@ -76,23 +76,23 @@ def test_hf_fingerprint_follows_the_source(tmp_path):
 def test_hf_missing_hub_dataset_offline_is_one_line():
     cfg = hf_corpus(dataset="nobody-here/no-such-dataset-xyz")
     validate_corpus(cfg)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(DataError) as err:
         list(corpus_mod.load_documents(cfg))
     message = str(err.value)
     assert "\n" not in message
     assert "nobody-here/no-such-dataset-xyz" in message and "not in the Hugging Face cache" in message
 
 
-@pytest.mark.parametrize("fields, match", [
-    ({}, "needs corpus.dataset=.* or corpus.path="),
-    ({"dataset": "a/b", "path": "x.parquet"}, "not both"),
-    ({"path": "/no/such/file.parquet"}, "corpus.path: /no/such/file.parquet"),
-    ({"path": "/no/such/*.parquet"}, "matches no file"),
-    ({"dataset": "a/b", "split": "train[:10%]"}, "cannot be sliced"),
-    ({"dataset": "a/b", "text_field": ""}, "corpus.text_field=''"),
+@pytest.mark.parametrize("fields, error, match", [
+    ({}, ConfigError, "needs corpus.dataset=.* or corpus.path="),
+    ({"dataset": "a/b", "path": "x.parquet"}, ConfigError, "not both"),
+    ({"path": "/no/such/file.parquet"}, DataError, "corpus.path: /no/such/file.parquet"),
+    ({"path": "/no/such/*.parquet"}, DataError, "matches no file"),
+    ({"dataset": "a/b", "split": "train[:10%]"}, ConfigError, "cannot be sliced"),
+    ({"dataset": "a/b", "text_field": ""}, ConfigError, "corpus.text_field=''"),
 ])
-def test_hf_fields_are_validated_in_one_line(fields, match):
-    with pytest.raises(ConfigError, match=match) as err:
+def test_hf_fields_are_validated_in_one_line(fields, error, match):
+    with pytest.raises(error, match=match) as err:
         validate_corpus(hf_corpus(**fields))
     assert "\n" not in str(err.value)
 

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from sparse_coding.dictionary import FILE, META_KEY, SIDECAR, SparseDictionary, save_dictionaries
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError
 from sparse_coding.solver import SolveResult
 
 D, MULT = 8, 4
@@ -212,17 +212,17 @@ def test_a_hub_id_offline_is_one_line_that_asks_for_the_network_or_a_local_copy(
     monkeypatch.chdir(tmp_path)  # "someone/dictionary" is not a local directory here
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(DataError) as err:
         SparseDictionary.from_pretrained("sparse-coding-tests/never-published-dictionary")
     msg = str(err.value)
     assert "\n" not in msg and "network" in msg and "local copy" in msg
     assert msg.startswith("sparse-coding-tests/never-published-dictionary:")
-    with pytest.raises(ConfigError, match="no such file or directory") as err:
+    with pytest.raises(DataError, match="no such file or directory") as err:
         SparseDictionary.from_pretrained(str(tmp_path / "no" / "such" / "run"))
     assert "\n" not in str(err.value)
 
 
-# ---- damaged and wrong files: one ConfigError line each -----------------------------------------
+# ---- damaged and wrong files: one DataError line each -----------------------------------------
 
 
 def meta_case(change):
@@ -366,14 +366,14 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("case", sorted(DAMAGES))
-def test_a_damaged_or_wrong_file_is_one_config_error_line(tmp_path, case):
+def test_a_damaged_or_wrong_file_is_one_data_error_line(tmp_path, case):
     out = tmp_path / "saved"
     make().save_pretrained(out)
     SparseDictionary.load(out)  # undamaged, it loads
     damage, word = DAMAGES[case]
     damage(out)
     for load in (SparseDictionary.load, SparseDictionary.load_bank, SparseDictionary.from_pretrained):
-        with pytest.raises(ConfigError) as err:  # any other exception fails the test
+        with pytest.raises(DataError) as err:  # any other exception fails the test
             load(out)
         msg = str(err.value)
         assert "\n" not in msg and str(out) in msg, msg  # one line, naming the file

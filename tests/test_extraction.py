@@ -16,7 +16,7 @@ import torch
 
 from sparse_coding import cache, cache_store, corpus, models
 from sparse_coding.config.checks import validate
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, StorageError
 from tinymodels import make_tiny_gpt2, run_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,12 +165,12 @@ def test_a_failed_shard_write_stops_the_build_with_its_error(tiny_gpt2, tmp_path
     def failing(self, rows):
         calls.append(self.path)
         if len(calls) == 4:  # shard 1 of layer 0: shard 0 of every layer is complete
-            raise ConfigError(f"{self.path}: no space left on device")
+            raise StorageError(f"{self.path}: no space left on device")
         return real(self, rows)
 
     monkeypatch.setattr(cache_store.ShardFile, "write", failing)
     cfg = gpt2_cfg(tiny_gpt2, tmp_path / "a")
-    with pytest.raises(ConfigError, match="no space left on device"):
+    with pytest.raises(StorageError, match="no space left on device"):
         cache.ensure_cache(cfg, shard_rows=64)
     partial = next((tmp_path / "a").glob("gpt2-*/hidden_states/*"))
     assert not (partial / "manifest.json").exists() and not list(partial.rglob("*.tmp-*"))

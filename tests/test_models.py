@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from sparse_coding import models
 from sparse_coding.config.checks import validate
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError
 from tinymodels import forward_hidden, make_tiny_gpt2, run_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_unknown_model_lists_the_names():
 
 def test_missing_weights_message_says_what_and_how(empty_hf):
     cfg = run_cfg(["model=gpt2", "layer=3"])
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(DataError) as err:
         validate(cfg)
     msg = str(err.value)
     assert "\n" not in msg
@@ -93,7 +93,7 @@ def test_layer_rules():
 def test_corpus_rules(tmp_path):
     with pytest.raises(ConfigError, match="corpus=text needs corpus.files"):
         validate(run_cfg(["model=minilm", "layer=1", "corpus=text"]))
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         validate(run_cfg(["model=minilm", "layer=1", "corpus=text", f"corpus.files=[{tmp_path}/nope.txt]"]))
     with pytest.raises(ConfigError, match="context_len=1 must be an integer >= 2"):
         validate(run_cfg(["model=minilm", "layer=1", "corpus.context_len=1"]))
@@ -106,7 +106,7 @@ def test_corpus_rules(tmp_path):
 
 
 def test_bad_model_path(tmp_path):
-    with pytest.raises(ConfigError, match="has no config.json and weights"):
+    with pytest.raises(DataError, match="has no config.json and weights"):
         validate(run_cfg(["model=gpt2", f"model.path={tmp_path}", "layer=0"]))
 
 
@@ -186,7 +186,7 @@ def test_any_hf_model_by_hub_id_from_the_hub_cache(tiny_gpt2, empty_hf):
 
 def test_hf_model_missing_offline_is_one_clear_line(empty_hf, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(DataError) as err:
         validate(run_cfg(["model=hf", "model.name=someone/not-here", "layer=1"]))
     msg = str(err.value)
     assert "\n" not in msg and "someone/not-here" in msg and "not on this machine" in msg and "model.path=DIR" in msg

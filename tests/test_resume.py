@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from sparse_coding import cache, checkpoints
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, StorageError
 from sparse_coding.run import run
 
 QUIET = ["logger=none", "trainer.enable_progress_bar=false"]
@@ -172,7 +172,7 @@ def test_a_full_disk_while_writing_a_checkpoint_resumes_exactly(tmp_path, refere
                                                                   disk_full_at_step, monkeypatch):
     every = ["trainer.checkpoint_every_n_steps=3"]
     disk_full_at_step(15)
-    with pytest.raises(ConfigError, match="no space left on device while writing a checkpoint; the previous "
+    with pytest.raises(StorageError, match="no space left on device while writing a checkpoint; the previous "
                                           "checkpoint is intact"):
         run(compose_cfg(overrides(name, cache_path, *every)), tmp_path)
     monkeypatch.undo()
@@ -194,7 +194,7 @@ def test_a_full_disk_while_writing_the_outputs_resumes_exactly(tmp_path, referen
         return real(path, data)
 
     monkeypatch.setattr(outputs_mod, "atomic_write_bytes", full)
-    with pytest.raises(ConfigError, match="could not write metrics.json .No space left on device."):
+    with pytest.raises(StorageError, match="could not write metrics.json .No space left on device."):
         run(compose_cfg(overrides(name, cache_path)), tmp_path)
     monkeypatch.undo()
     resume(name, cache_path, tmp_path)

@@ -11,7 +11,7 @@ import torch
 
 from sparse_coding import cache
 from sparse_coding.config.plan import resolve
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError
 from sparse_coding.streaming import CacheDataModule, batch_plan, stream_plan
 from tinymodels import make_tiny_gpt2, run_cfg
 
@@ -122,10 +122,10 @@ def test_corrupted_shard_stops_training(data, tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[200] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    with pytest.raises(ConfigError, match=r"shard_00003\.npy: sha256 does not match"):
+    with pytest.raises(DataError, match=r"shard_00003\.npy: sha256 does not match"):
         CacheDataModule(path)
     shard.write_bytes(bytes(raw[:-64]))
-    with pytest.raises(ConfigError, match=r"shard_00003\.npy: cannot be read as \.npy"):
+    with pytest.raises(DataError, match=r"shard_00003\.npy: cannot be read as \.npy"):
         CacheDataModule(path)
 
 
@@ -135,7 +135,7 @@ def test_nonfinite_rows_fail_or_are_skipped(tmp_path):
     x[[7, 1500], 2] = np.nan
     x[900, 1] = np.inf
     path = make_cache(tmp_path, x, shard_rows=500)
-    with pytest.raises(ConfigError, match=r"shard_00000\.npy: 3 rows hold NaN/Inf \(first: row 7\).*skip_nonfinite"):
+    with pytest.raises(DataError, match=r"shard_00000\.npy: 3 rows hold NaN/Inf \(first: row 7\).*skip_nonfinite"):
         CacheDataModule(path)
     dm = CacheDataModule(path, batch_size=128, skip_nonfinite=True, center=True)
     rows = torch.cat(list(dm.train_dataloader()) + [b for b, _ in dm.val_dataloader()])

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sparse_coding.config.schema import SYNTHETIC_DATA
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -126,35 +126,35 @@ def dictionary_grid(d: Any) -> tuple:
 
 
 def cache_manifest(path: Any) -> dict:
-    """The manifest of a given cache folder (cheap: stat calls and one small JSON file); ConfigError when it is
-    not a readable cache with a valid width."""
+    """The manifest of a given cache folder (cheap: stat calls and one small JSON file); ConfigError without a
+    path, DataError when it is not a readable cache with a valid width."""
     hint = "give the folder of a cache built by `python -m sparse_coding.cache build|import`"
     if not isinstance(path, str) or not path.strip():
         raise ConfigError(f"data=cache needs data.path=DIR ({hint})")
     try:
         folder = os.path.expanduser(path)
         if not os.path.exists(folder):
-            raise ConfigError(f"data.path={path!r} does not exist: {hint}")
+            raise DataError(f"data.path={path!r} does not exist: {hint}")
         if not os.path.isdir(folder):
-            raise ConfigError(f"data.path={path!r} is a file, not a cache folder: {hint}")
+            raise DataError(f"data.path={path!r} is a file, not a cache folder: {hint}")
         if not os.access(folder, os.R_OK | os.X_OK):
-            raise ConfigError(f"data.path={path!r} is not readable by this user: fix its permissions or copy the cache")
+            raise DataError(f"data.path={path!r} is not readable by this user: fix its permissions or copy the cache")
         manifest = os.path.join(folder, "manifest.json")
         if not os.path.isfile(manifest):
-            raise ConfigError(f"data.path={path!r} has no manifest.json: not a cache, or its build did not finish "
-                              "(rerun the build command to resume it)")
+            raise DataError(f"data.path={path!r} has no manifest.json: not a cache, or its build did not finish "
+                            "(rerun the build command to resume it)")
         if not os.access(manifest, os.R_OK):
-            raise ConfigError(f"{manifest} is not readable by this user: fix its permissions")
+            raise DataError(f"{manifest} is not readable by this user: fix its permissions")
         with open(manifest, "rb") as f:
             m = json.loads(f.read())
     except (OSError, ValueError) as e:  # ValueError: NUL in the path, or a manifest that is not JSON
-        if isinstance(e, ConfigError):
+        if isinstance(e, DataError):
             raise
-        raise ConfigError(f"data.path={path!r}: cannot read its manifest.json ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); rebuild the cache") from None
+        raise DataError(f"data.path={path!r}: cannot read its manifest.json ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); rebuild the cache") from None
     width = m.get("d") if isinstance(m, dict) else None
     if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-        raise ConfigError(f"data.path={path!r}: manifest.json has no valid width d; rebuild the cache")
+        raise DataError(f"data.path={path!r}: manifest.json has no valid width d; rebuild the cache")
     return m
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from sparse_coding.config.overrides import one_line
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, SparseCodingError, StorageError
 
 MAX_JOBS = 256  # sweep jobs composed ahead; a larger sweep is checked job by job as Hydra runs it
 
@@ -73,7 +73,7 @@ def _compose(overrides: list[str]) -> None:
 
     try:
         compose(overrides)
-    except ConfigError:
+    except SparseCodingError:
         raise
     except Exception as e:  # noqa: BLE001 - anything compose lets through would be Hydra's traceback later
         if not type(e).__module__.startswith(("hydra", "omegaconf")):
@@ -118,11 +118,11 @@ def check_run_dir(path: str, key: str = "hydra.run.dir") -> None:
     except OSError as e:
         what = "is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "is not writable"
         subject = f"{key}={path}" if existing == target else f"{key}={path} cannot be made: {existing}"
-        raise ConfigError(f"{subject} {what} ({e.strerror}): choose another {key} or fix it") from None
+        raise StorageError(f"{subject} {what} ({e.strerror}): choose another {key} or fix it") from None
     try:
         free = os.statvfs(existing).f_bavail * os.statvfs(existing).f_frsize
     except OSError:
         return
     if free < MIN_FREE_BYTES:
-        raise ConfigError(f"{key}={path} has {free >> 20} MiB free, a run needs at least {MIN_FREE_BYTES >> 20} MiB "
-                          f"for its checkpoints and outputs: free space or choose another {key}")
+        raise StorageError(f"{key}={path} has {free >> 20} MiB free, a run needs at least {MIN_FREE_BYTES >> 20} MiB "
+                           f"for its checkpoints and outputs: free space or choose another {key}")

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from sparse_coding.errors import SparseCodingError
 from sparse_coding.experiments.grid import EXPERIMENTS, SCALE_ALIASES, SCALES
 
 EXTRAS = ("solver_gap", "functional")
@@ -65,7 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, "1")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        return run_command(args)
+    except SparseCodingError as err:  # a bad --set override, a missing cache, a full disk: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
+
+def run_command(args: argparse.Namespace) -> int:
     if args.command == "report":
         from sparse_coding.experiments.report import write_report
 

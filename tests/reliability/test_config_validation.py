@@ -26,7 +26,7 @@ from sparse_coding.config import resources
 from sparse_coding.config import schema as config_mod
 from sparse_coding.config.checks import validate
 from sparse_coding.config.schema import ModelConfig, RunConfig
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError
 
 FUZZ_EXAMPLES = 400
 
@@ -172,7 +172,7 @@ def test_unreadable_cache_in_process(fixtures, monkeypatch):
         monkeypatch.setattr(os, "access", lambda p, mode, _t=str(target): False if str(p) == _t else real_access(p, mode))
         cfg = RunConfig()
         cfg.data.name, cfg.data.path = "cache", str(fixtures["cache32"])
-        with pytest.raises(ConfigError, match="not readable by this user"):
+        with pytest.raises(DataError, match="not readable by this user"):
             validate(cfg)
 
 
@@ -180,7 +180,7 @@ STARTUP_SCRIPT = r"""
 import json, sys, time
 t0 = time.perf_counter()
 from sparse_coding.config.checks import validate
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError
 t_import = time.perf_counter() - t0
 from sparse_coding.cache import compose_config  # Hydra's compose API (not our start-up)
 from sparse_coding.config.overrides import check_overrides  # before Hydra composes (loads Hydra's parser, as Hydra would)
@@ -201,7 +201,7 @@ for overrides in cases:
     try:
         validate(cfg)
         messages.append(None)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         messages.append(str(e))
     worst = max(worst, checking + time.perf_counter() - t)
 heavy = sorted(m for m in ("torch", "pytorch_lightning", "lightning", "transformers", "datasets", "wandb")
@@ -394,7 +394,7 @@ def _validate_never_crashes(fixtures, data):
     try:
         validate(cfg)
         accepted, message = True, ""
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         accepted, message = False, str(e)
     # any other exception propagates and fails the test with its traceback: validation must never crash
     event("accepted" if accepted else "rejected")

@@ -1,6 +1,6 @@
 """Issue 6, data: NaN/Inf, all-zero rows, constant columns, a single sample, d = 1, and a fuzzed solver.
 
-Each case gives a clear error (ConfigError, one line) or a documented, tested behaviour
+Each case gives a clear error (DataError, one line) or a documented, tested behaviour
 (docs/reliability.md). The solver is fuzzed with hypothesis: random shapes, scales 1e-6..1e6,
 duplicate (and opposite) dictionary columns, zero rows; it must return finite, non-negative
 coefficients, never raise the objective above ||x||^2 and stop within max_steps.
@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reliability.helpers import error_lines, import_cache, run_py
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import DataError
 from sparse_coding.solver import objective, solve, solve_reference
 from sparse_coding.streaming import CacheDataModule
 from sparse_coding.synthetic import GENERATORS, generate
@@ -117,7 +117,7 @@ def test_solver_rejects_nonfinite_input_with_a_clear_error(bad):
 def test_generators_give_finite_data(name, dim, n, seed, active):
     try:
         data = generate(name, dim, n, seed, active=min(active, 4 * dim))
-    except ConfigError as e:  # documented: all-zero samples (one centred sample, nothing active) are refused
+    except DataError as e:  # documented: all-zero samples (one centred sample, nothing active) are refused
         assert "generated samples are zero" in str(e) and "\n" not in str(e)
         return
     assert data.x.shape == (n, dim) and torch.isfinite(data.x).all() and data.x.any()
@@ -134,7 +134,7 @@ def test_nan_and_inf_in_a_cache_fail_with_the_file_and_row(tmp_path):
     arr = rng.standard_normal((300, 8)).astype(np.float32)
     arr[70, 3], arr[150, 0] = np.nan, np.inf
     path = import_cache(tmp_path / "c", arr)
-    with pytest.raises(ConfigError, match=r"shard_00001\.npy: 2 rows hold NaN/Inf \(first: row 6\).*skip_nonfinite"):
+    with pytest.raises(DataError, match=r"shard_00001\.npy: 2 rows hold NaN/Inf \(first: row 6\).*skip_nonfinite"):
         CacheDataModule(path)
     proc = run_py(["train.py", "data=cache", f"data.path={path}", *QUIET, f"hydra.run.dir={tmp_path / 'run'}"])
     lines = error_lines(proc)
@@ -164,7 +164,7 @@ def test_zero_rows_constant_columns_and_skipped_nan_rows_train_to_a_finite_phi(t
 def test_a_cache_with_nothing_to_code_is_refused(tmp_path, kind):
     arr = np.zeros((300, 8), np.float32) if kind == "zero" else np.tile(np.arange(8, dtype=np.float32), (300, 1))
     path = import_cache(tmp_path / "c", arr)
-    with pytest.raises(ConfigError, match="nothing to code"):
+    with pytest.raises(DataError, match="nothing to code"):
         CacheDataModule(path)
     if kind == "constant":  # without centring the rows are not zero: training is allowed
         CacheDataModule(path, center=False)
@@ -172,7 +172,7 @@ def test_a_cache_with_nothing_to_code_is_refused(tmp_path, kind):
 
 def test_a_single_row_cache_is_refused(tmp_path):
     path = import_cache(tmp_path / "c", np.ones((1, 4), np.float32))
-    with pytest.raises(ConfigError, match="too few to split"):
+    with pytest.raises(DataError, match="too few to split"):
         CacheDataModule(path, center=False)
 
 
@@ -181,7 +181,7 @@ def test_a_single_row_cache_is_refused(tmp_path):
 
 
 def test_one_centred_sample_is_refused_clearly():
-    with pytest.raises(ConfigError, match="generated samples are zero"):
+    with pytest.raises(DataError, match="generated samples are zero"):
         generate("sparse_nonlinear", 4, 1, 0, active=2.0)  # centring one sample leaves zero
 
 

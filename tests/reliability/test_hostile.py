@@ -22,7 +22,7 @@ from sparse_coding import cache, checkpoints, corpus
 from sparse_coding.config import resources
 from sparse_coding.cache import compose_config
 from sparse_coding.config.checks import validate
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError, StorageError, TrainingError
 from sparse_coding.rundir import check_writable, own_run_dir
 from reliability.helpers import import_cache, one_line
 
@@ -92,7 +92,7 @@ def test_a_shard_changed_in_place_with_its_mtime_kept_is_found_on_every_open(tmp
     data[-4:] = np.float32(1e3).tobytes()  # one value changed, size unchanged
     shard.write_bytes(bytes(data))
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
-    with pytest.raises(ConfigError, match="shard_00001.npy: sha256 does not match"):
+    with pytest.raises(DataError, match="shard_00001.npy: sha256 does not match"):
         CacheDataModule(path)
 
 
@@ -106,7 +106,7 @@ def test_a_manifest_with_stats_or_mean_of_the_wrong_type_or_shape_fails_verify(t
         m = json.loads(json.dumps(good))
         mutate(m)
         (path / "manifest.json").write_text(json.dumps(m))
-        with pytest.raises(ConfigError) as e:
+        with pytest.raises(DataError) as e:
             cache.verify(path)
         one_line(e.value)
     (path / "manifest.json").write_text(json.dumps(good))
@@ -114,7 +114,7 @@ def test_a_manifest_with_stats_or_mean_of_the_wrong_type_or_shape_fails_verify(t
     np.save(mean, np.zeros(5))  # wrong shape, checksum updated to match
     good["stats"]["data"]["mean_sha256"] = cache.sha256_file(mean)
     (path / "manifest.json").write_text(json.dumps(good))
-    with pytest.raises(ConfigError, match="mean row is \\(5,\\)"):
+    with pytest.raises(DataError, match="mean row is \\(5,\\)"):
         cache.verify(path)
 
 
@@ -127,7 +127,7 @@ def test_inputs_get_messages_that_say_what_they_are(tmp_path):
     np.save(tmp_path / "wide.npy", np.zeros((1, cache.MAX_D + 1), np.float16))
     for name, pattern in (("text.npy", "not a .npy file"), ("cut.npy", "truncated"),
                           ("bad.safetensors", "not a readable .safetensors"), ("wide.npy", "width d=1048577")):
-        with pytest.raises(ConfigError, match=pattern) as e:
+        with pytest.raises(DataError, match=pattern) as e:
             cache.import_array(tmp_path / name, tmp_path / f"out-{name}")
         assert "pickle" not in one_line(e.value)
         assert not (tmp_path / f"out-{name}").exists()
@@ -213,7 +213,7 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_newest_intact_one(trained, 
     assert Path(path).name.startswith("epoch=1-step=8") and "damaged" in capsys.readouterr().err
     for p in (run / "checkpoints").glob("*.ckpt"):
         p.write_bytes(b"junk")
-    with pytest.raises(ConfigError, match="no other intact checkpoint"):
+    with pytest.raises(DataError, match="no other intact checkpoint"):
         checkpoints.resume_checkpoint("last", run, module, longer)
 
 
@@ -227,7 +227,7 @@ def test_a_failed_checkpoint_write_leaves_the_old_one_and_no_temporary_file(tmp_
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", dies_midway)
-    with pytest.raises(ConfigError, match="no space left.*previous checkpoint is intact") as e:
+    with pytest.raises(StorageError, match="no space left.*previous checkpoint is intact") as e:
         checkpoints.atomic_save({"a": torch.zeros(3)}, target)
     one_line(e.value)
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
@@ -240,13 +240,13 @@ def test_outputs_are_independent_and_never_hold_nonfinite_numbers(trained, tmp_p
     blocked = tmp_path / "blocked"
     blocked.mkdir()
     (blocked / "metrics.json").mkdir()  # metrics.json cannot be written
-    with pytest.raises(ConfigError, match="could not write metrics.json.*written: dictionary.safetensors") as e:
+    with pytest.raises(StorageError, match="could not write metrics.json.*written: dictionary.safetensors") as e:
         write_outputs(blocked, cfg, module, {"normalized_loss": 1.0, "label": "x", "dim": 8})
     one_line(e.value)
     assert (blocked / "dictionary.safetensors").is_file()
     bad = tmp_path / "bad"
     bad.mkdir()
-    with pytest.raises(ConfigError, match="fvu.*not finite"):
+    with pytest.raises(TrainingError, match="fvu.*not finite"):
         write_outputs(bad, cfg, module, {"normalized_loss": 1.0, "fvu": float("inf"), "x": [float("nan")], "dim": 8})
     metrics = json.loads((bad / "metrics.json").read_text())  # strict JSON: no NaN/Infinity tokens
     assert metrics["fvu"] is None and metrics["not_finite"] == ["fvu", "x[0]"]
@@ -258,7 +258,7 @@ def test_outputs_are_independent_and_never_hold_nonfinite_numbers(trained, tmp_p
 
 def test_a_run_directory_is_owned_by_one_run(tmp_path):
     with own_run_dir(tmp_path / "run"):
-        with pytest.raises(ConfigError, match="in use by another run") as e:
+        with pytest.raises(StorageError, match="in use by another run") as e:
             with own_run_dir(tmp_path / "run"):
                 pass
         one_line(e.value)
@@ -268,11 +268,12 @@ def test_a_run_directory_is_owned_by_one_run(tmp_path):
 
 def test_a_run_directory_that_is_a_file_unwritable_or_full_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
-    for path, pattern in ((tmp_path / "file", "existing file"), (tmp_path / "file" / "sub", "not writable")):
-        with pytest.raises(ConfigError, match=pattern) as e:
+    for path, error, pattern in ((tmp_path / "file", ConfigError, "existing file"),
+                                 (tmp_path / "file" / "sub", StorageError, "not writable")):
+        with pytest.raises(error, match=pattern) as e:
             check_writable(path)
         one_line(e.value)
-    with pytest.raises(ConfigError, match="MiB free"):
+    with pytest.raises(StorageError, match="MiB free"):
         check_writable(tmp_path / "ok", need=1 << 60)
 
 
@@ -293,7 +294,7 @@ def test_data_too_small_to_measure_is_refused_before_training(tmp_path):
     from sparse_coding.streaming import CacheDataModule
 
     path = import_cache(tmp_path / "c", np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32))
-    with pytest.raises(ConfigError, match="too few to measure"):
+    with pytest.raises(DataError, match="too few to measure"):
         CacheDataModule(path)
     with pytest.raises(ConfigError, match="data.n_val=1"):
         validate(compose_config(TINY + ["data.n_val=1"]))
@@ -329,7 +330,7 @@ def test_text_corpora_fail_with_one_line_and_one_enormous_line_is_read_lazily(tm
              "notext.jsonl": (b'{"body": "x"}\n', "line 1 has no string field 'text'")}
     for name, (data, pattern) in cases.items():
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(ConfigError, match=pattern) as e:
+        with pytest.raises(DataError, match=pattern) as e:
             list(corpus.text_documents([tmp_path / name]))
         one_line(e.value)
     big = tmp_path / "one_line.txt"

@@ -23,7 +23,7 @@ import torch
 
 from reliability.helpers import as_nobody, child_env, error_lines, import_cache, run_py
 from sparse_coding import cache, cache_store, checkpoints
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import DataError, TrainingError
 
 QUICK = ["logger=none", "trainer.enable_progress_bar=false", "data=sparse_linear", "data.dim=8", "data.n=256",
          "data.n_val=64", "data.batch_size=64", "dictionary.mult=2", "trainer.max_steps=4"]
@@ -222,7 +222,7 @@ def test_a_crafted_checkpoint_is_one_line_naming_it(finished_run, tmp_path, case
     run = _crafted_run(finished_run, tmp_path / "run", craft)
     cfg, plan = compose_and_plan([*QUICK, "trainer.max_steps=8", "ckpt_path=last"])
     dm = build_datamodule(cfg, plan)
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(DataError) as e:
         checkpoints.resume_checkpoint("last", run, build_module(cfg, plan, dm), cfg.trainer, dm)
     msg = str(e.value)
     assert "\n" not in msg and str(run / "checkpoints" / "last.ckpt") in msg and expected in msg, msg
@@ -298,7 +298,7 @@ def test_an_unreadable_cache_file_or_folder_is_one_line(tmp_path, monkeypatch, w
     path = import_cache(tmp_path / "c", np.random.default_rng(0).standard_normal((300, 4)).astype(np.float32))
     _deny(monkeypatch, path / what)
     for attempt in (lambda: cache.verify(path), lambda: CacheDataModule(path, batch_size=32)):
-        with pytest.raises(ConfigError, match="cannot be read .not readable by this user.") as e:
+        with pytest.raises(DataError, match="cannot be read .not readable by this user.") as e:
             attempt()
         assert "\n" not in str(e.value) and str(path / "layers") in str(e.value)
 
@@ -375,7 +375,7 @@ def test_data_whose_squares_overflow_float32_is_one_line(tmp_path):
 
     x = (np.random.default_rng(0).standard_normal((600, 8)) * 1e25).astype(np.float32)
     path = import_cache(tmp_path / "c", x, 200)
-    with pytest.raises(ConfigError, match="overflow float32") as e:
+    with pytest.raises(TrainingError, match="overflow float32") as e:
         run(compose(["logger=none", "trainer.enable_progress_bar=false", "data=cache", f"data.path={path}",
                      "dictionary.mult=2", "trainer.max_steps=2", "data.batch_size=64"]), tmp_path / "run")
     assert "\n" not in str(e.value)

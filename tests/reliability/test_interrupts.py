@@ -21,6 +21,7 @@ import pytest
 
 from reliability.helpers import ROOT, child_env, file_digests, run_py
 from sparse_coding import cache
+from sparse_coding.errors import DataError
 
 TOKENS = 5000
 
@@ -82,7 +83,7 @@ def test_sigkill_during_cache_build_then_rerun_gives_the_identical_cache(tiny_gp
     assert proc.returncode == -signal.SIGKILL
     partial = cache_folder(tmp_path)
     assert not (partial / "manifest.json").exists()  # killed mid-way: not a cache yet
-    with pytest.raises(cache.ConfigError, match="no manifest"):
+    with pytest.raises(DataError, match="no manifest"):
         cache.read_manifest(partial)
     n_before = shards()
     rerun = run_py(build_args(tiny_gpt2, tmp_path), timeout=600)

@@ -29,7 +29,7 @@ from reliability.helpers import error_lines, file_digests, import_cache, one_lin
 from sparse_coding import cache, cache_store, checkpoints, corpus
 from sparse_coding.cache import compose_config
 from sparse_coding.config.checks import validate
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import ConfigError, DataError, StorageError
 
 
 def digests(d: Path) -> dict:
@@ -238,7 +238,7 @@ def test_the_cache_lock_wait_never_blocks_in_flock_and_says_what_it_waits_for(tm
     out = tmp_path / "c"
     with cache.build_lock(out):  # this open file description holds the lock, with our pid in the lock file
         monkeypatch.setattr(cache_store.fcntl, "flock", recording)
-        with pytest.raises(ConfigError, match="gave up waiting") as e:
+        with pytest.raises(StorageError, match="gave up waiting") as e:
             with open(tmp_path / ".c.lock", "a+b") as f:
                 cache_store.wait_for_lock(f, lambda holder: f"[cache] waiting for it{holder}", timeout=0.3)
         one_line(e.value)
@@ -302,8 +302,8 @@ def test_a_fifo_checkpoint_is_refused_not_waited_on(tmp_path, fifo):
     os.rename(fifo, last)
     timer = _unblock_after(last, 20)
     try:
-        for ckpt in ("last", str(last)):
-            with pytest.raises(ConfigError, match="FIFO") as e:
+        for ckpt, error in (("last", DataError), (str(last), ConfigError)):  # found in the run, or given
+            with pytest.raises(error, match="FIFO") as e:
                 checkpoints.resume_checkpoint(ckpt, tmp_path / "run", None, None)
             one_line(e.value)
     finally:
@@ -321,12 +321,12 @@ def test_corpus_files_that_are_not_regular_files_are_named_for_what_they_are(tmp
             cfg = compose_config(["corpus=text", f"corpus.files=[{path}]"])
             from sparse_coding import models
 
-            with pytest.raises(ConfigError, match=what) as e:
+            with pytest.raises(DataError, match=what) as e:
                 models.validate_corpus(cfg.corpus)
             one_line(e.value)
-            with pytest.raises(ConfigError, match=what):
+            with pytest.raises(DataError, match=what):
                 corpus.source_files(cfg.corpus)
-            with pytest.raises(ConfigError, match=what):
+            with pytest.raises(DataError, match=what):
                 next(corpus.text_documents([path]))
     finally:
         timer.cancel()

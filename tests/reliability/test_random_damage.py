@@ -1,6 +1,6 @@
 """Property tests (issue 22): random overrides, random run-directory states and random file damage through the
-validation paths never give a traceback (only ConfigError, one line), never change a file silently and never lose
-one.
+validation paths never give a traceback (only a SparseCodingError, one line), never change a file silently and never
+lose one.
 
 - override lists drawn from hostile values go through `train.py`'s checks in process: the pre-Hydra check of the
   command line (sparse_coding.config.preflight) and compose + validate (sparse_coding.api.compose);
@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from reliability.helpers import import_cache, one_line
 from sparse_coding import cache, checkpoints, rundir
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import DataError, SparseCodingError
 
 settings.load_profile("reliability")
 
@@ -70,7 +70,7 @@ def test_random_overrides_are_accepted_or_refused_with_one_line(tmp_path, choice
     for check in (check_command_line, compose):
         try:
             check(overrides)
-        except ConfigError as e:
+        except SparseCodingError as e:
             one_line(e)
     assert not (tmp_path / "run").exists()  # checking creates nothing
 
@@ -140,7 +140,7 @@ def test_a_damaged_run_directory_is_resumed_refused_or_set_aside_never_lost(temp
         try:
             with rundir.start_run(run, ckpt, overwrite=action == "overwrite"):
                 chosen = checkpoints.resume_checkpoint(ckpt, run, module, cfg.trainer, dm)
-        except ConfigError as e:
+        except SparseCodingError as e:
             one_line(e)
         after = digests(run)
         # nothing lost or changed: every file's content is still here, under its name or set aside
@@ -227,7 +227,7 @@ def test_a_damaged_dictionary_is_refused_or_loads_unchanged(saved_dictionary, na
             target.write_bytes(data[:pos] + bytes([data[pos] ^ (1 + seed % 255)]) + data[pos + 1:])
         try:
             got = SparseDictionary.load(copy)
-        except ConfigError as e:
+        except DataError as e:
             one_line(e)
             return
         assert torch.equal(got.phi, want.phi) and got.lam == want.lam and got.label == want.label, (name, kind, seed)

@@ -16,7 +16,7 @@ import torch
 
 from reliability.helpers import ROOT, error_lines, import_cache, run_py
 from sparse_coding import cache
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import DataError
 from sparse_coding.streaming import CacheDataModule
 
 
@@ -70,11 +70,11 @@ def test_a_pickle_payload_is_never_executed_on_import(tmp_path):
 
     bad = tmp_path / "acts.pt"
     bad.write_bytes(pickle.dumps({"x": Payload()}))
-    with pytest.raises(ConfigError, match="weights_only=True"):
+    with pytest.raises(DataError, match="weights_only=True"):
         cache.load_user_array(bad)
     bad_npy = tmp_path / "acts.npy"
     np.save(bad_npy, np.array([Payload()], dtype=object), allow_pickle=True)
-    with pytest.raises(ConfigError, match="pickled data"):
+    with pytest.raises(DataError, match="pickled data"):
         cache.load_user_array(bad_npy)
     assert not marker.exists()
 
@@ -156,7 +156,7 @@ def test_a_crafted_manifest_cannot_reach_outside_the_cache(good_cache, tmp_path,
     before = _snapshot(tmp_path, crafted)
     for attempt in (lambda: cache.read_manifest(crafted), lambda: cache.verify(crafted),
                     lambda: CacheDataModule(crafted), lambda: cache.ensure_verified(crafted)):
-        with pytest.raises(ConfigError) as info:
+        with pytest.raises(DataError) as info:
             attempt()
         assert "\n" not in str(info.value)
     assert _snapshot(tmp_path, crafted) == before  # nothing written outside the cache folder
@@ -172,9 +172,9 @@ def test_a_symlinked_shard_pointing_outside_is_refused(good_cache, tmp_path):
     shard = crafted / "layers" / "data" / "shard_00000.npy"
     shard.unlink()
     os.symlink(outside, shard)
-    with pytest.raises(ConfigError, match="outside the cache folder"):
+    with pytest.raises(DataError, match="outside the cache folder"):
         cache.verify(crafted)
-    with pytest.raises(ConfigError, match="outside the cache folder"):
+    with pytest.raises(DataError, match="outside the cache folder"):
         CacheDataModule(crafted)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from reliability.helpers import error_lines, file_digests, run_py
 from sparse_coding import cache, cache_store
-from sparse_coding.errors import ConfigError
+from sparse_coding.errors import DataError, StorageError
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_running_out_of_space_mid_build_leaves_only_complete_shards(small_disk, 
         return arr[lo:hi]
 
     base = {"kind": "imported", "model": None, "corpus": None, "n_tokens": 1024}
-    with pytest.raises(ConfigError, match="no space left on device.*rerun the same command to resume"):
+    with pytest.raises(StorageError, match="no space left on device.*rerun the same command to resume"):
         cache.write_array_cache(out, rows, 1024, 256, "data", base, shard_rows=64)
     layer = out / "layers" / "data"
     shards = sorted(layer.glob("shard_*.npy"))
@@ -71,7 +71,7 @@ def test_running_out_of_space_mid_build_leaves_only_complete_shards(small_disk, 
         assert np.load(p, allow_pickle=False).shape == (64, 256)
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # no partial temporary file left behind
     assert not (out / "manifest.json").exists()
-    with pytest.raises(ConfigError, match="no manifest"):
+    with pytest.raises(DataError, match="no manifest"):
         cache.read_manifest(out)
     # space comes back: the same build resumes and ends identical to an undisturbed one
     filler.unlink()
@@ -87,6 +87,6 @@ def test_disk_full_is_one_line_not_a_traceback(small_disk, tmp_path, monkeypatch
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(cache_store, "atomic_write_bytes", full)  # write_shard lives in cache_store
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(StorageError) as info:
         cache.write_shard(small_disk / "shard_00000.npy", np.zeros((4, 4), np.float32))
     assert "\n" not in str(info.value) and "no space left on device" in str(info.value)
