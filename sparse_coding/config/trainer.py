@@ -203,6 +203,11 @@ class _RunStateLauncher(_MultiProcessingLauncher):
         if self._start_method == "spawn" and trainer is not None and trainer.lightning_module is not None:
             _unshare_tensor_attributes(trainer.lightning_module)
         super()._wrapping_function(process_idx, trainer, *args, **kwargs)
+        # Both ranks leave the process group together, before the worker exits: left to interpreter shutdown,
+        # gloo's threads were once torn down mid-exit under load ("terminate called without an active exception").
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
     def _collect_rank_zero_results(self, trainer: pl.Trainer, results: Any) -> Any:
         # on every rank (a collective), before rank 0 packs its results
