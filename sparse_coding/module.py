@@ -26,13 +26,11 @@ from sparse_coding.config.plan import dictionary_label
 from sparse_coding.config.schema import DictionaryConfig, SolverConfig
 from sparse_coding.errors import NonFiniteError, TrainingError
 from sparse_coding.lightning_compat import attached_trainer, should_update_logs
-from sparse_coding.metrics import SparsityMetrics
+from sparse_coding.metrics import METRIC_NAMES, SparsityMetrics
 from sparse_coding.solver import SolveResult, all_finite, solve
 
 
-IN_SAMPLE_KEYS = ("normalized_loss", "normalized_loss_se", "normalized_loss_se_rows", "avg_coef_norm",
-                  "avg_coef_norm_se", "avg_coef_norm_se_rows", "se_clusters", "l0", "loss", "fvu",
-                  "explained_variance", "mean_l1", "mean_max", "dead_fraction", "capped_fraction", "n_samples")
+IN_SAMPLE_KEYS = tuple(k for k in METRIC_NAMES if k != "mean_steps")  # the solver's effort: held-out rows only
 
 
 def in_sample_entry(held_out: dict, in_sample: dict) -> dict:

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from sparse_coding.atomic import atomic_write_bytes
 from sparse_coding.dictionary import save_dictionaries
 from sparse_coding.errors import StorageError, TrainingError
+from sparse_coding.metrics import DIAGNOSTICS, FIT, SPARSITY
 from sparse_coding.module import SparseCodingModule
 
 
@@ -104,12 +105,11 @@ def print_table(result: dict) -> None:
     table.add_column("metric")
     for e in entries:
         table.add_column(e["label"], justify="right")
-    rows = ["normalized_loss", "normalized_loss_se", "avg_coef_norm", "avg_coef_norm_se", "l0", "loss", "fvu",
-            "explained_variance", "lam", "lam_converged", "dict_size", "dead_fraction", "capped_fraction", "mean_steps"]
+    rows = [*SPARSITY, *FIT, "lam", "lam_converged", "dict_size", *DIAGNOSTICS]
     for row in rows:
         table.add_row(row, *[f"{e[row]:.4g}" if isinstance(e[row], float) else str(e[row]) for e in entries])
     if all("in_sample" in e for e in entries):
-        for row in ("normalized_loss", "normalized_loss_se", "avg_coef_norm", "l0"):
+        for row in (k for k in SPARSITY if k != "avg_coef_norm_se"):  # one in-sample SE: normalized_loss's, which the gap uses
             table.add_row(f"in-sample {row}", *[f"{e['in_sample'][row]:.4g}" for e in entries])
         table.add_row("generalization_gap", *[f"{e['generalization_gap']:+.2%} ± {e['generalization_gap_se']:.2%}"
                                               for e in entries])

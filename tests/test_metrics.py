@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from sparse_coding.metrics import SparsityMetrics
+from sparse_coding.metrics import METRIC_NAMES, SparsityMetrics
 from sparse_coding.solver import from_dense, solve
 
 
@@ -34,6 +34,13 @@ def test_perfect_reconstruction_gives_normalized_loss_equal_avg_coef_norm():
     values = compute(metric, lam=0.3)
     assert abs(values["normalized_loss"] - values["avg_coef_norm"]) < 1e-9
     assert values["fvu"] == 0
+
+
+def test_metric_names_are_what_compute_returns_each_once():
+    x, alpha, _ = sparse_batch()
+    metric = SparsityMetrics(dim=8, dict_size=32)
+    metric.update(x, codes_of(alpha), x)
+    assert sorted(compute(metric, lam=0.3)) == sorted(METRIC_NAMES) and len(set(METRIC_NAMES)) == len(METRIC_NAMES)
 
 
 def test_metrics_match_direct_formulas():

@@ -22,16 +22,14 @@ from sparse_coding.experiments.grid import EXPERIMENTS, SENSITIVITY_FACTORS, Poi
 DEFAULT_ROOT = Path("outputs/experiments")
 QUIET = ["logger=none"]
 
-# Columns of every tidy table, in order; point-specific columns (a, data, model, ...) come first.
-METRIC_COLUMNS = ("normalized_loss", "normalized_loss_se", "avg_coef_norm", "avg_coef_norm_se", "l0", "loss", "fvu",
-                  "explained_variance", "lam", "lam_mode", "lam_converged", "dict_mult", "dict_size", "dead_fraction",
-                  "capped_fraction", "mean_steps", "mean_max")
+# Columns of every tidy table, in order; point-specific columns (a, data, model, ...) come first, then the metrics
+# (`metric_columns`) with the dictionary's own fields among them.
+DICTIONARY_COLUMNS = ("lam", "lam_mode", "lam_converged", "dict_mult", "dict_size")
 # run-level fields (issue 10): at the top of metrics.json, also for a bank; a dictionary's own value wins
 RUN_COLUMNS = ("converged", "samples_seen", "optimizer_steps")
 TIMING_COLUMNS = ("fit_seconds", "eval_seconds", "samples_per_second")
 TRUTH_COLUMNS = ("ground_truth", "true_l0", "true_avg_coef_norm", "nonlinear_share", "preact_std")
-# issue 19: the in-sample measurement beside the held-out one, and how the SEs were clustered
-IN_SAMPLE_COLUMNS = ("normalized_loss", "normalized_loss_se", "avg_coef_norm", "avg_coef_norm_se", "l0", "n_samples")
+# issue 19: the generalization gap beside the in-sample measurement, and how the SEs were clustered
 GAP_COLUMNS = ("generalization_gap", "generalization_gap_se", "normalized_loss_se_rows", "se_clusters")
 DATA_COLUMNS = ("drop_positions", "max_norm_ratio", "norm_outliers_dropped", "normalize")  # the preprocessing of real activations (sparse_coding.preprocess)
 
@@ -104,8 +102,17 @@ def run_point(point: Point, scale: str, root: Path = DEFAULT_ROOT) -> Path:
     return out
 
 
+def metric_columns() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the held-out columns, the in-sample ones) of a table, from the groups of `sparse_coding.metrics.METRIC_NAMES`
+    (imported here: it imports torch, which the report, a reader of these tables, does not need)."""
+    from sparse_coding.metrics import DIAGNOSTICS, FIT, SPARSITY
+
+    return (*SPARSITY, *FIT, *DICTIONARY_COLUMNS, *DIAGNOSTICS, "mean_max"), (*SPARSITY, "n_samples")
+
+
 def rows_of(point: Point, scale: str, out: Path) -> list[dict]:
     """One tidy row per dictionary of a finished run."""
+    held_out_columns, in_sample_columns = metric_columns()
     metrics = json.loads((out / "metrics.json").read_text())
     info = json.loads((out / "point.json").read_text()) if (out / "point.json").is_file() else {}
     entries = metrics.get("dictionaries", [metrics])
@@ -113,13 +120,13 @@ def rows_of(point: Point, scale: str, out: Path) -> list[dict]:
     rows = []
     for e in entries:
         row = {"experiment": point.experiment, "scale": scale, "seed": point.seed, **point.x, "dim": metrics["dim"]}
-        row.update({k: e.get(k) for k in METRIC_COLUMNS})
+        row.update({k: e.get(k) for k in held_out_columns})
         row.update({k: e.get(k, metrics.get(k)) for k in RUN_COLUMNS})
         timing = e.get("timing") or metrics.get("timing") or {}
         row.update({k: timing.get(k) for k in TIMING_COLUMNS})
         row.update({k: truth.get(k) for k in TRUTH_COLUMNS if k in truth})
         if "in_sample" in e:
-            row.update({f"in_sample_{k}": e["in_sample"].get(k) for k in IN_SAMPLE_COLUMNS})
+            row.update({f"in_sample_{k}": e["in_sample"].get(k) for k in in_sample_columns})
             row.update({k: e.get(k) for k in GAP_COLUMNS})
             row["sample_sufficient"] = metrics.get("sample_sufficient")
         data = metrics.get("data", {})
