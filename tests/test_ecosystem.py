@@ -157,7 +157,7 @@ def test_configs_are_found_the_same_way_everywhere():
 
 def test_the_cache_cli_shows_its_composed_config():
     proc = subprocess.run([sys.executable, "-m", "sparse_coding.cache", "build", "--cfg", "model=minilm", "layer=2",
-                           "corpus.max_tokens=1000"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+                           "corpus.max_tokens=1000"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "max_tokens: 1000" in proc.stdout and "name: minilm" in proc.stdout and "layer: 2" in proc.stdout
 

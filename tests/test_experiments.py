@@ -109,7 +109,7 @@ def test_a_point_cut_short_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     import sparse_coding.run
 
     seen = []
-    def fake_run(cfg, out):
+    def fake_run(cfg, out, plan=None):
         out.mkdir(parents=True, exist_ok=True)
         seen.append(cfg.ckpt_path)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,8 @@ from sparse_coding.errors import ConfigError, DataError
 from tinymodels import forward_hidden, make_tiny_gpt2, run_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
+
+BUILT_A_TRAINER = "GPU available:"  # the line Lightning prints when a Trainer is built: a check that stops early never sees it
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +60,12 @@ def test_missing_weights_message_says_what_and_how(empty_hf):
 
 def test_train_py_offline_without_weights_stops_fast(empty_hf):
     env = {"HF_HOME": str(empty_hf), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    t0 = time.time()
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=gpt2", "layer=3"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-    elapsed = time.time() - t0
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "model=gpt2" in proc.stderr and "model.path=" in proc.stderr and "minilm, smollm2" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert elapsed < 15, elapsed
+    assert BUILT_A_TRAINER not in proc.stdout + proc.stderr  # stopped before any heavy work
 
 
 def test_validation_does_not_import_torch(empty_hf):
@@ -225,11 +224,10 @@ def test_layer_all_is_refused_before_any_work():
     validate(cfg)  # a valid cache build ...
     with pytest.raises(ConfigError, match="layer=all trains nothing: train one layer per run"):
         models.check_trainable(cfg)  # ... but not one training run
-    t0 = time.time()
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=minilm", "layer=all", "logger=none"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "layer=all trains nothing" in proc.stderr and "Traceback" not in proc.stderr
-    assert time.time() - t0 < 30
+    assert BUILT_A_TRAINER not in proc.stdout + proc.stderr
 
 
 def test_a_model_run_carries_no_synthetic_data_fields():

@@ -59,10 +59,9 @@ def test_a_second_run_on_the_same_directory_is_refused_and_sigterm_leaves_a_resu
 def test_trainer_settings_fail_fast_with_one_line_in_a_real_process(tmp_path):
     for bad in ("trainer.precision=16-mixed", "+trainer.gradient_clip_val=-1", "trainer.devices=64",
                 "trainer.accelerator=gpu", "trainer.limit_train_batches=0"):
-        t0 = time.time()
         proc = run_py(["train.py", "logger=none", bad, f"hydra.run.dir={tmp_path / 'r'}"])
         assert proc.returncode == 2 and len(error_lines(proc)) == 1 and "Traceback" not in proc.stderr, (bad, proc.stderr)
-        assert time.time() - t0 < 15, bad
+        assert "GPU available:" not in proc.stdout + proc.stderr, bad  # refused before a Trainer was built
 
 
 def test_ctrl_c_in_the_cache_cli_prints_one_line(tmp_path):
