@@ -1,5 +1,6 @@
 """Every benchmark, one command (`make bench`): the solver tables, the fit loop against its GEMMs, then the
-training step and data path. Results: benchmarks/results/{solver,fit,data}.{json,md}. Not part of the test suite.
+training step and data path (among them the cache extraction against the bare forward pass, interleaved, with
+the ratio). Results: benchmarks/results/{solver,fit,data}.{json,md}. Not part of the test suite.
 
     python -m benchmarks.run [--device cpu] [--quick]
 """
