@@ -472,10 +472,12 @@ def claim_lm_vs_controls(paper: dict[str, list[dict]]) -> Claim:
             f"is at most 1/{MUCH:g} of the control's lowest kept seed. The Gaussian is compared at each model's own d (the embedding "
             "experiment's Gaussian, 8d). Rademacher and heavy-tailed were run at d=256 only: there a pass confirms (the "
             "models' d is larger, and the Gaussian's metric grows with d), a failure is inconclusive. A control whose "
-            "own point is inconclusive in claim 2, or the old sparse non-linear control, cannot decide. Confirmed "
+            "own point is inconclusive in claim 2, or the old sparse non-linear control, cannot decide; the controls are "
+            "claim 2's (fresh batches where run). Confirmed "
             "against every control: confirmed; against some: partly confirmed.")
     layers = lm_layer_rows(paper.get("layers", []) + paper.get("layers_remedy", []))
-    emb, ctrl_rows = paper.get("embeddings", []), paper.get("controls", [])
+    # the controls as claim 2 reads them: fresh batches where they were run
+    emb, ctrl_rows = paper.get("embeddings", []), paper.get("controls_fresh") or paper.get("controls", [])
     lm = lm_points(layers, emb)
     if not lm or not emb or not ctrl_rows:
         return Claim(6, rule, "needs the embedding, layer and control experiments.", INCONCLUSIVE)
