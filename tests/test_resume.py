@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
+from subprocesses import default_sigint
 from sparse_coding import cache, checkpoints
 from sparse_coding.errors import ConfigError, StorageError
 from sparse_coding.run import run
@@ -251,7 +252,7 @@ def test_a_train_py_process_stopped_by_a_signal_resumes_exactly(tmp_path, refere
         env.pop(key, None)
     proc = subprocess.Popen([sys.executable, "train.py", *QUIET, *overrides(name, cache_path, *every), f"out_dir={out}",
                              f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 300  # start-up (imports) takes seconds to a minute on a loaded machine
         while not paused.exists():

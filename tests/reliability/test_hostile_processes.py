@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from reliability.helpers import ROOT, child_env, error_lines, run_py
+from subprocesses import default_sigint
 
 TRAIN = ["train.py", "logger=none", "trainer.enable_progress_bar=false", "data.dim=16", "data.n=2048", "data.n_val=256",
          "data.batch_size=128", "dictionary.mult=2", "convergence.stop=false",
@@ -73,7 +74,7 @@ def test_ctrl_c_in_the_cache_cli_prints_one_line(tmp_path):
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         proc = subprocess.Popen([sys.executable, "-m", "sparse_coding.cache", "import", "--input", str(src), "--output",
                                  str(tmp_path / "out")], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
         waiting = proc.stderr.readline()
         assert "waiting for it" in waiting, waiting
         proc.send_signal(signal.SIGINT)
