@@ -16,7 +16,7 @@ from sparse_coding import cache, models
 from sparse_coding.config.plan import resolve
 from sparse_coding.corpus import build_contexts
 from sparse_coding.errors import ConfigError, DataError, StorageError
-from tinymodels import forward_hidden, make_tiny_gpt2, run_cfg
+from tinymodels import forward_hidden, gpt2_cfg, make_tiny_gpt2, run_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,11 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory) -> Path:
     return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
-
-
-def gpt2_cfg(tiny, cache_dir, *extra):
-    return run_cfg(["model=gpt2", f"model.path={tiny}", "layer=all", "corpus=kjv", "corpus.context_len=16",
-                    "corpus.max_tokens=300", "corpus.batch_size=4", f"cache_dir={cache_dir}", *extra])
 
 
 def all_files(d: Path) -> dict[str, str]:

@@ -17,7 +17,7 @@ import torch
 from sparse_coding import cache, cache_store, corpus, models
 from sparse_coding.config.checks import validate
 from sparse_coding.errors import ConfigError, StorageError
-from tinymodels import make_tiny_gpt2, run_cfg
+from tinymodels import gpt2_cfg, make_tiny_gpt2, run_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,11 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory) -> Path:
     return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
-
-
-def gpt2_cfg(tiny, cache_dir, *extra):
-    return run_cfg(["model=gpt2", f"model.path={tiny}", "layer=all", "corpus=kjv", "corpus.context_len=16",
-                    "corpus.max_tokens=300", "corpus.batch_size=4", f"cache_dir={cache_dir}", *extra])
 
 
 def shards(path: Path, key: str) -> np.ndarray:

@@ -42,6 +42,12 @@ def run_cfg(overrides: list[str]):
     return compose_config(overrides)
 
 
+def gpt2_cfg(tiny, cache_dir, *extra):
+    """A tiny GPT-2's layer=all cache config over 16-token contexts of the KJV text (300 tokens)."""
+    return run_cfg(["model=gpt2", f"model.path={tiny}", "layer=all", "corpus=kjv", "corpus.context_len=16",
+                    "corpus.max_tokens=300", "corpus.batch_size=4", f"cache_dir={cache_dir}", *extra])
+
+
 def forward_hidden(model, input_ids: np.ndarray):
     """Direct forward pass: every hidden state as numpy (n_ctx, L, d) arrays."""
     import torch
