@@ -111,7 +111,8 @@ def run_command(args: argparse.Namespace) -> int:
                                   limit=args.limit, only=only)
             # the table holds every finished point, also those an --only/--limit run did not touch
             rows = runner.collect(name, scale, args.root, extra=args.set)
-        table = runner.write_csv(runner.keep_committed(rows, results / f"{name}.csv"), results / f"{name}.csv")
+        rows = runner.keep_committed(rows, results / f"{name}.csv")
+        table = runner.write_csv(rows, results / f"{name}.csv")
         report.record_timing(results, name, scale, time.time() - t0, len(rows), load=(load, os.getloadavg()[0]))
         plots = report.plot_experiment(name, results)
         if not args.no_wandb:
