@@ -392,7 +392,7 @@ def _curve_verdict(pts: list[dict]) -> tuple[str, str]:
 
 def _in_sample_check(pts: list[dict], verdict: str) -> str:
     """Whether the curve's verdict survives memorisation: the same rule on the in-sample values (training rows) of
-    the seeds that recorded them, with the range of the points' generalization gaps. Empty when not recorded."""
+    the seeds that recorded them, with the range of the points' generalization gaps; says so when a point has none."""
     if not all(_finite(r.get("in_sample_normalized_loss")) for r in pts):
         return "; in-sample values not recorded (runs older than issue 19)"
     again, _ = _curve_verdict([dict(r, normalized_loss=r["in_sample_normalized_loss"]) for r in pts])
