@@ -197,6 +197,25 @@ def write_shard(path: Path, arr: np.ndarray) -> str:
     return shard.finish()
 
 
+BLOCK_ROWS = 1024
+
+
+def cache_blocks(shard_rows: list[int]) -> list[tuple[int, int, int]]:
+    """A layer's rows as contiguous blocks (shard, lo, hi) of at most BLOCK_ROWS (at least 20 when the cache is small)."""
+    block = max(1, min(BLOCK_ROWS, sum(shard_rows) // 20))
+    return [(s, lo, min(lo + block, r)) for s, r in enumerate(shard_rows) for lo in range(0, r, block)]
+
+
+def split_blocks(blocks: list, val_fraction: float) -> tuple[list, list]:
+    """(training blocks, held-out blocks): every 1/val_fraction-th block held out (at least one when there are two
+    or more). Either list can be empty when the cache is too small to split."""
+    nb = len(blocks)
+    is_val = [math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction) for i in range(nb)]
+    if nb >= 2 and not any(is_val):
+        is_val[nb // 2] = True
+    return [b for b, v in zip(blocks, is_val) if not v], [b for b, v in zip(blocks, is_val) if v]
+
+
 # --------------------------------------------------------------------------------------------
 # One builder at a time, and no leftovers from a killed one
 

@@ -26,17 +26,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sparse_coding.config.schema import DataConfig, SolverConfig
-from sparse_coding.synthetic import SyntheticSource, generate
+from sparse_coding.synthetic import SyntheticSource, generate, stream_seed
 
 NO_GROUP = -1  # evaluation rows of synthetic data are independent: no cluster ids (sparse_coding.metrics)
-
-
-def stream_seed(*key: int) -> int:
-    """One 63-bit generator seed from a tuple of integers (numpy's SeedSequence mixing)."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint32).astype(np.uint64)
-               .view(np.uint64)[0] >> np.uint64(1))
 
 
 def _rank_and_world(trainer: "pl.Trainer | None") -> tuple[int, int]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,6 @@ DEFAULT_TOP_K = 10
 DEFAULT_WINDOW = 8  # tokens shown on each side of the activating one
 # The cache's block split, as streaming.CacheDataModule makes it (not imported: streaming imports Lightning;
 # tests/test_features.py checks that both give the same blocks).
-BLOCK_ROWS = 1024
 
 
 # ---- the run ----------------------------------------------------------------------------------------
@@ -133,18 +131,6 @@ def pick_dictionaries(run: Run, label: Optional[str]) -> dict:
 # ---- rows: a cache's layer --------------------------------------------------------------------------
 
 
-def split_blocks(shard_rows: list[int], val_fraction: float) -> tuple[list, list]:
-    """(training blocks, held-out blocks) of (shard, lo, hi): the split of streaming.CacheDataModule."""
-    n = sum(shard_rows)
-    block = max(1, min(BLOCK_ROWS, n // 20))
-    blocks = [(s, lo, min(lo + block, r)) for s, r in enumerate(shard_rows) for lo in range(0, r, block)]
-    nb = len(blocks)
-    is_val = [math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction) for i in range(nb)]
-    if nb >= 2 and not any(is_val):
-        is_val[nb // 2] = True
-    return [b for b, v in zip(blocks, is_val) if not v], [b for b, v in zip(blocks, is_val) if v]
-
-
 def _candidates(path: Path, run_dir: Path) -> list[Path]:
     """A run records its cache path as given (often relative to where it was started): try it as it is, then
     below each folder above the run directory."""
@@ -197,7 +183,7 @@ class CacheRows:
         cache_store.verify(found, [layer])  # every shard, the mean and tokens.npy against the manifest's sha256
         shard_rows = [int(e["rows"]) for e in m["shards"][layer]]
         val_fraction = float(OmegaConf.select(run.cfg, "data.val_fraction", default=0.1))
-        train, held_out = split_blocks(shard_rows, val_fraction)
+        train, held_out = cache_store.split_blocks(cache_store.cache_blocks(shard_rows), val_fraction)
         ratio = first.max_norm_ratio
         if ratio > 0 and first.median_row_norm is None:
             raise DataError(f"{run.path}: the run left out rows by data.max_norm_ratio but its dictionary records no "
@@ -276,17 +262,11 @@ class CacheRows:
 # ---- rows: synthetic data ---------------------------------------------------------------------------
 
 
-def _stream_seed(*key: int) -> int:
-    """datamodule.stream_seed (the same key mixing; not imported: datamodule imports Lightning)."""
-    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint32).astype(np.uint64)
-               .view(np.uint64)[0] >> np.uint64(1))
-
-
 def synthetic_rows(cfg: DictConfig, split: str, max_rows: Optional[int]) -> torch.Tensor:
     """The run's synthetic rows, regenerated from its config (docs/method.md §7.1-7.3): a fixed sample's first
     data.n rows (train) or last data.n_val rows (heldout); fresh data: the first data.n rows of epoch 0, as
     training drew them, or the held-out draw. At most `max_rows` (the first ones: rows are independent)."""
-    from sparse_coding.synthetic import SyntheticSource, generate
+    from sparse_coding.synthetic import SyntheticSource, generate, stream_seed
 
     d = cfg.data
     scale, preact = float(d.get("scale", 1.0)), d.get("preact_std", 0.0)
@@ -297,11 +277,11 @@ def synthetic_rows(cfg: DictConfig, split: str, max_rows: Optional[int]) -> torc
         return (x[:n] if split == "train" else x[n:])[:limit]
     source = SyntheticSource(d.name, d.dim, d.seed, active=d.active, noise=d.noise, preact_std=preact)
     if split == "heldout":
-        return source.draw(n_val, _stream_seed(d.seed, 2)).x[:limit] * scale
+        return source.draw(n_val, stream_seed(d.seed, 2)).x[:limit] * scale
     batch, parts, got = int(d.batch_size), [], 0
     for j in range(-(-limit // batch)):
         rows = min(batch, n - j * batch)
-        parts.append(source.draw(rows, _stream_seed(d.seed, 1, 0, j)).x * scale)
+        parts.append(source.draw(rows, stream_seed(d.seed, 1, 0, j)).x * scale)
         got += rows
     return torch.cat(parts)[:limit] if parts else torch.zeros(0, int(d.dim))
 

@@ -45,11 +45,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from sparse_coding import cache as cache_mod
-from sparse_coding import preprocess
+from sparse_coding import cache_store, preprocess
 from sparse_coding.config.schema import DataConfig
 from sparse_coding.errors import ConfigError, DataError
 
-BLOCK_ROWS = 1024
 MIN_VAL_ROWS = 2  # fvu divides by the held-out variance: a single row has none
 
 
@@ -368,17 +367,11 @@ class CacheDataModule(pl.LightningDataModule):
         stored_mean = cache_mod.read_mean(mean_file, self.dim) if self.center else None
         self.mean = None if stored_mean is None else stored_mean.astype(np.float32)
         n = int(m["n_rows"])
-        block = max(1, min(BLOCK_ROWS, n // 20))
-        self.blocks = [(s, lo, min(lo + block, r)) for s, r in enumerate(self.shard_rows) for lo in range(0, r, block)]
-        nb = len(self.blocks)
-        is_val = [math.floor((i + 1) * self.val_fraction) > math.floor(i * self.val_fraction) for i in range(nb)]
-        if nb >= 2 and not any(is_val):
-            is_val[nb // 2] = True
-        if all(is_val) or not any(is_val):
+        self.blocks = cache_store.cache_blocks(self.shard_rows)
+        self.train_blocks, self.val_blocks = cache_store.split_blocks(self.blocks, self.val_fraction)
+        if not self.train_blocks or not self.val_blocks:
             raise DataError(f"{self.path}: {n} rows are too few to split into training and validation "
                             f"(data.val_fraction={self.val_fraction}); a cache needs at least 2 rows")
-        self.val_blocks = [b for b, v in zip(self.blocks, is_val) if v]
-        self.train_blocks = [b for b, v in zip(self.blocks, is_val) if not v]
         self._bad = self._scan_nonfinite() if self.n_nonfinite else ({}, {})
         self.drop_positions, self.normalize = int(drop_positions), str(normalize)
         self.max_norm_ratio, self.norm_dropped, self.median_norm = float(max_norm_ratio), None, None

@@ -37,6 +37,13 @@ from sparse_coding.errors import ConfigError, DataError
 GENERATORS = ("sparse_linear", "gaussian", "heavy_tailed", "rademacher", "sparse_nonlinear")
 
 
+def stream_seed(*key: int) -> int:
+    """One 63-bit generator seed from a tuple of integers (numpy's SeedSequence mixing)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint32).astype(np.uint64)
+               .view(np.uint64)[0] >> np.uint64(1))
+
 @dataclass
 class SyntheticData:
     x: Tensor  # (n, dim) float32

@@ -15,8 +15,8 @@ from hydra import compose, initialize_config_dir
 from conftest import ROOT
 from sparse_coding.config.schema import register_configs
 from sparse_coding.dictionary import SparseDictionary
-from sparse_coding.features import (FeatureStats, _stream_seed, main, recovery, split_blocks, synthetic_rows,
-                                    true_features, windows)
+from sparse_coding.cache_store import cache_blocks, split_blocks
+from sparse_coding.features import FeatureStats, main, recovery, synthetic_rows, true_features, windows
 from sparse_coding.feature_report import render_html
 
 register_configs()
@@ -97,9 +97,8 @@ def test_controls_have_no_true_features_and_fresh_rows_are_the_runs():
     cfg = compose_cfg(["data=gaussian", "data.dim=8"])
     feats, line = true_features(cfg)
     assert feats is None and "no true features" in line and "\n" not in line
-    from sparse_coding.datamodule import FreshSyntheticDataModule, stream_seed
+    from sparse_coding.datamodule import FreshSyntheticDataModule
 
-    assert _stream_seed(3, 1, 0, 2) == stream_seed(3, 1, 0, 2)
     cfg = compose_cfg(["data=sparse_linear", "data.dim=8", "data.n=300", "data.n_val=100", "data.batch_size=64"])
     dm = FreshSyntheticDataModule.from_config(cfg)
     assert torch.equal(synthetic_rows(cfg, "train", 100), dm.in_sample_x)  # the first rows of epoch 0
@@ -127,7 +126,7 @@ def test_density_and_top_k_are_those_of_encode_on_the_training_rows(cache_run, c
     (entry,) = report["dictionaries"]
     dm = CacheDataModule(path, "1", batch_size=128, val_fraction=0.2)
     m = cache.read_manifest(path)
-    assert split_blocks([int(e["rows"]) for e in m["shards"]["1"]], 0.2) == (dm.train_blocks, dm.val_blocks)
+    assert split_blocks(cache_blocks([int(e["rows"]) for e in m["shards"]["1"]]), 0.2) == (dm.train_blocks, dm.val_blocks)
     raw = np.concatenate([np.load(f) for f in cache.shard_paths(path, m, "1")])
     offsets = np.concatenate([[0], np.cumsum(dm.shard_rows)])
     rows = np.concatenate([np.arange(offsets[s] + lo, offsets[s] + hi) for s, lo, hi in dm.train_blocks])
