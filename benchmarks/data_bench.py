@@ -274,7 +274,7 @@ def extraction_markdown(e: dict) -> list[str]:
              f"{e['rows']} rows (d={e['d']}), {e['contexts']} contexts in batches of {e['batch_size']}. Bare forward: the same "
              "model, device, dtype and token batches with output_hidden_states=True, nothing copied or kept; tokenising "
              "is outside it. Extraction: `build_hidden_states` into a fresh folder, reading and tokenising the corpus "
-             f"inside ({e['corpus_tokens_read']:,} tokens read: whole batches of 64 documents). One warm-up each, then "
+             f"inside ({e['corpus_tokens_read']:,} tokens read and tokenised). One warm-up each, then "
              f"{e['repeats']} interleaved pairs; medians.", "",
              "| pair | load (1 min) | forward wall | forward CPU | extraction wall | extraction CPU | of which contexts (wall) | overhead | without contexts |",
              "|---|---|---|---|---|---|---|---|---|"]

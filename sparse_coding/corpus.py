@@ -24,7 +24,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -254,27 +254,13 @@ def _wiki_articles(path: Path) -> Iterator[dict]:
                 yield {"title": title, "text": clean}
 
 
-class WholeBatches:
-    """Documents read lazily and given to the tokenizer DOC_BATCH at a time, however long (wiki, kjv).
-
-    The tokenising stops after the batch that completes the contexts a cache needs, so these batches set
-    `corpus_tokens_read` in a cache's manifest: they are the batches of the `datasets.Dataset` these corpora
-    were read into before, and must stay so.
-    """
-
-    def __init__(self, texts: Iterable[str]):
-        self.texts = texts
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.texts)
-
-
-DOC_BATCH = 64
+DOC_BATCH = 64  # documents per tokenizer call, at most
+CHARS_PER_TOKEN = 4  # a generous guess for text (English BPE/WordPiece average ~4-5): sizes the last batches
 
 
 def load_documents(corpus: Any):
-    """The corpus in a fixed order, read no further than the tokenising asks: `WholeBatches` of texts (wiki, kjv),
-    or a lazy iterator of texts: the user's files (`text_documents`), a streamed Hugging Face source
+    """The corpus as a lazy iterator of texts in a fixed order, read no further than the tokenising asks:
+    wiki articles, kjv chapters, the user's files (`text_documents`), a streamed Hugging Face source
     (`hf_documents`)."""
     if corpus.name == "hf":
         import datasets
@@ -283,9 +269,9 @@ def load_documents(corpus: Any):
         return hf_documents(corpus)
     files = source_files(corpus)
     if corpus.name == "wiki":
-        return WholeBatches(article["text"] for article in _wiki_articles(files[0]))
+        return (article["text"] for article in _wiki_articles(files[0]))
     if corpus.name == "kjv":
-        return WholeBatches(_kjv_chapters(files[0]))
+        return iter(_kjv_chapters(files[0]))
     return text_documents(files)
 
 
@@ -381,21 +367,17 @@ def _jsonl_texts(f, path: Path) -> Iterator[str]:
         yield from _pieces(row["text"])
 
 
-def _text_batches(docs) -> Iterator[list[str]]:
-    """Documents in batches for the tokenizer: DOC_BATCH documents for `WholeBatches` (and a `datasets.Dataset`),
-    else DOC_BATCH documents or about PIECE_CHARS characters."""
-    if hasattr(docs, "column_names"):  # a datasets.Dataset
-        for start in range(0, len(docs), DOC_BATCH):
-            yield docs[start : start + DOC_BATCH]["text"]
-        return
-    whole = isinstance(docs, WholeBatches)
-    batch, chars = [], 0
+def _text_batches(docs: Iterable[str], chars_wanted: Callable[[], int]) -> Iterator[list[str]]:
+    """Documents in batches for the tokenizer: a batch ends at DOC_BATCH documents or once it holds
+    `chars_wanted()` characters (asked again before each batch), so the corpus is read and tokenised only a
+    little past the tokens still needed, whatever the documents' length (docs/method.md §7.4)."""
+    batch, chars, budget = [], 0, chars_wanted()
     for text in docs:
         batch.append(text)
         chars += len(text)
-        if len(batch) == DOC_BATCH or (chars >= PIECE_CHARS and not whole):
+        if len(batch) == DOC_BATCH or chars >= budget:
             yield batch
-            batch, chars = [], 0
+            batch, chars, budget = [], 0, chars_wanted()
     if batch:
         yield batch
 
@@ -450,7 +432,8 @@ def build_contexts(corpus: Any, tokenizer: Any, documents=None) -> Contexts:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # long documents trigger a max-length warning; we cut them ourselves
     try:
-        for texts in _text_batches(docs):
+        wanted = lambda: min(PIECE_CHARS, max(1, CHARS_PER_TOKEN * (needed - len(stream))))
+        for texts in _text_batches(docs, wanted):
             for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
                 stream.extend(ids)
                 stream.extend(sep)

@@ -180,22 +180,32 @@ def test_a_failed_shard_write_stops_the_build_with_its_error(tiny_gpt2, tmp_path
 # ---- corpora read only as far as needed
 
 
-def test_wiki_is_read_one_batch_of_articles_at_a_time(monkeypatch):
+def test_wiki_is_read_and_tokenised_only_as_far_as_the_contexts_need(monkeypatch):
     from omegaconf import OmegaConf
 
     cleaned = []
     real = corpus.clean_wiki
     monkeypatch.setattr(corpus, "clean_wiki", lambda text: cleaned.append(1) or real(text))
 
-    class Tok:  # one token per word
+    batches = []  # word counts of the documents of each tokenizer call
+
+    class Tok:  # one token per word; "\n\n" is one token
         def __call__(self, texts, add_special_tokens=True):
             if isinstance(texts, str):
                 return {"input_ids": [1] * max(1, len(texts.split()))}
+            batches.append([len(t.split()) for t in texts])
             return {"input_ids": [[1] * len(t.split()) for t in texts]}
 
-    cfg = OmegaConf.create({"name": "wiki", "context_len": 16, "max_tokens": 100, "keep_special_tokens": False})
+    cfg = OmegaConf.create({"name": "wiki", "context_len": 16, "max_tokens": 100_000, "keep_special_tokens": False})
     ctx = corpus.build_contexts(cfg, Tok())
-    assert ctx.n_rows == 100 and len(cleaned) == corpus.DOC_BATCH  # one batch of articles, not the whole file
+
+    def stream(bs):
+        return sum(words + 1 for b in bs for words in b)
+
+    assert ctx.n_rows == 100_000 and len(batches) > 1
+    assert len(cleaned) == sum(map(len, batches))  # no article read beyond those tokenised
+    assert stream(batches[:-1]) < 100_000 <= stream(batches) == ctx.corpus_tokens
+    assert ctx.corpus_tokens - (batches[-1][-1] + 1) < 100_000  # the last article tokenised was needed
 
 
 def test_kjv_chapters_are_the_documents_datasets_read():
