@@ -104,7 +104,7 @@ def profile_step(d: int, mult: int, batch: int) -> list[dict]:
 
 
 def streaming_rate(layer: str, batch: int, passes: int = 3) -> dict:
-    from sparse_coding.streaming import CacheDataModule
+    from sparse_coding.data.cache_datamodule import CacheDataModule
 
     dm = CacheDataModule(REAL_CACHE, layer=layer, batch_size=batch, verify=False)
     rates = []
@@ -117,7 +117,7 @@ def streaming_rate(layer: str, batch: int, passes: int = 3) -> dict:
 
 
 def training_on_cache(device: str, layer: str, batch: int, mult: int, steps: int) -> dict:
-    from sparse_coding.streaming import CacheDataModule
+    from sparse_coding.data.cache_datamodule import CacheDataModule
 
     dm = CacheDataModule(REAL_CACHE, layer=layer, batch_size=batch, verify=False)
     first = next(iter(dm.train_dataloader()))
@@ -141,12 +141,13 @@ def extraction_vs_forward(max_tokens: int, device: str = "cpu", repeats: int = 5
     the copies, sha256, files, fsync and statistics. One warm-up of each, then `repeats` interleaved pairs
     (forward, extraction, forward, ...): medians, wall and CPU seconds, and the 1-minute load before each pair.
     """
-    from sparse_coding import cache as cache_mod
     from sparse_coding import corpus as corpus_mod
     from sparse_coding import models
+    from sparse_coding.cache import build
+    from sparse_coding.config.compose import compose_config
 
-    cfg = cache_mod.compose_config(["model=minilm", "corpus=wiki", f"corpus.max_tokens={max_tokens}", "layer=all",
-                                    f"model.device={device}"])
+    cfg = compose_config(["model=minilm", "corpus=wiki", f"corpus.max_tokens={max_tokens}", "layer=all",
+                          f"model.device={device}"])
     model, tokenizer, info = models.load_model(cfg.model, device=models.resolve_device(cfg.model))
     layers = list(range(info["num_layers"] + 1))
     cold_ctx = _timed(lambda: corpus_mod.build_contexts(cfg.corpus, tokenizer))  # the corpus's imports included
@@ -172,7 +173,7 @@ def extraction_vs_forward(max_tokens: int, device: str = "cpu", repeats: int = 5
             context_times.append((time.perf_counter() - wall, time.process_time() - cpu))
 
     def extract(folder: Path):
-        cache_mod.build_hidden_states(folder / "c", model, tokenizer, info, cfg.corpus, layers)
+        build.build_hidden_states(folder / "c", model, tokenizer, info, cfg.corpus, layers)
         sync(str(dev))
 
     def timed_extract() -> tuple[float, float]:
@@ -207,7 +208,7 @@ def extraction_vs_forward(max_tokens: int, device: str = "cpu", repeats: int = 5
 
 _RSS_CHILD = r"""
 import sys, time, threading
-from sparse_coding.streaming import CacheDataModule
+from sparse_coding.data.cache_datamodule import CacheDataModule
 peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
 def status():
     out = {}
@@ -236,8 +237,7 @@ import json; print(json.dumps({"peak": peak, "baseline": base, "rows": rows}))
 
 def rss_while_streaming(budget_mb: int, multiples: list[int], d: int = 512, passes: int = 2) -> dict:
     """Stream caches of `multiple` x budget bytes in a fresh process each; peak RSS (anon and file-backed)."""
-    from sparse_coding.cache import write_array_cache  # noqa: F401 (import check)
-    from sparse_coding.cache import import_array
+    from sparse_coding.cache.build import import_array
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:

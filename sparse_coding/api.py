@@ -26,10 +26,9 @@ def compose(overrides: Iterable[str] = ()):
 
 def compose_and_plan(overrides: Iterable[str] = ()):
     """(the composed, validated run config, its plan) for Hydra override strings."""
-    from sparse_coding.cache import compose_config
-    from sparse_coding.config.checks import validate
+    from sparse_coding.config.checks import check_trainable, validate
+    from sparse_coding.config.compose import compose_config
     from sparse_coding.config.overrides import check_overrides, one_line
-    from sparse_coding.models import check_trainable
 
     if isinstance(overrides, str) or not hasattr(overrides, "__iter__"):
         raise ConfigError(f"overrides must be a list of strings like ['model=minilm', 'layer=3'], not {overrides!r}")
@@ -55,8 +54,8 @@ def measure(overrides: Iterable[str] = ()) -> dict:
     """Train and evaluate like `python train.py OVERRIDES`; returns the metrics dict of metrics.json."""
     cfg, plan = compose_and_plan(overrides)
     from sparse_coding.run import run
-    from sparse_coding.rundir import start_run
+    from sparse_coding.lifecycle.rundir import start_run
 
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir()
-    with start_run(out_dir, cfg.ckpt_path, cfg.overwrite):  # never replaces a finished run (see rundir)
+    with start_run(out_dir, cfg.ckpt_path, cfg.overwrite):  # never replaces a finished run (see lifecycle.rundir)
         return run(cfg, out_dir, plan=plan)

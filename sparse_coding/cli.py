@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from sparse_coding.config.checks import validate
+from sparse_coding.config.checks import check_trainable, validate
 from sparse_coding.config.schema import register_configs
 from sparse_coding.errors import SparseCodingError
 from sparse_coding.paths import config_dir
@@ -38,10 +38,8 @@ def _compose_and_run(cfg: DictConfig) -> None:
         plan = validate(cfg)
         from hydra.core.hydra_config import HydraConfig
 
-        from sparse_coding.models import check_trainable
-
         check_trainable(cfg)
-        from sparse_coding.rundir import start_run, write_hydra_files
+        from sparse_coding.lifecycle.rundir import start_run, write_hydra_files
 
         out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
         with start_run(out_dir, cfg.ckpt_path, cfg.overwrite):  # in use, or a finished run: refused, nothing written

@@ -30,8 +30,9 @@ import numpy as np
 
 from sparse_coding.atomic import not_a_regular_file
 from sparse_coding.errors import ConfigError, DataError, SparseCodingError
-from sparse_coding.models import package_dir
+from sparse_coding.paths import package_dir
 
+CORPORA = ("wiki", "kjv", "text", "hf")
 CLEAN_VERSION = 1  # bump when the cleaning or the context cut changes: changes every corpus fingerprint
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
@@ -58,6 +59,31 @@ def source_files(corpus: Any) -> list[Path]:
     if corpus.name == "hf":
         return hf_local_files(corpus)[1] if corpus.get("path") else []
     raise ConfigError(f"unknown corpus={corpus.name!r}: choose one of wiki, kjv, text, hf")
+
+
+def validate_corpus(corpus: Any) -> None:
+    """The corpus.* checks of a run with a model (cheap: no file is read beyond a stat)."""
+    if not isinstance(corpus.name, str) or corpus.name not in CORPORA:
+        raise ConfigError(f"unknown corpus={corpus.name!r}: choose one of {', '.join(CORPORA)}")
+    if corpus.name == "text":
+        files = corpus.files or []
+        if isinstance(files, (str, bytes)) or not hasattr(files, "__iter__"):
+            raise ConfigError(f"corpus.files={files!r} must be a list of files: corpus.files=[a.txt,b.jsonl]")
+        files = list(files)
+        if not files:
+            raise ConfigError("corpus=text needs corpus.files=[a.txt,b.jsonl] (local .txt or .jsonl files)")
+        for f in files:
+            check_text_file(Path(str(f)).expanduser(), str(f))  # says what a path is when it is not a regular file
+            if not str(f).endswith((".txt", ".jsonl")):
+                raise ConfigError(f"corpus.files: {f} is neither .txt nor .jsonl")
+    if corpus.name == "hf":
+        validate_hf(corpus)
+    if isinstance(corpus.context_len, bool) or not isinstance(corpus.context_len, int) or corpus.context_len < 2:
+        raise ConfigError(f"corpus.context_len={corpus.context_len!r} must be an integer >= 2")
+    if isinstance(corpus.max_tokens, bool) or not isinstance(corpus.max_tokens, int) or corpus.max_tokens < 1:
+        raise ConfigError(f"corpus.max_tokens={corpus.max_tokens!r} must be an integer >= 1")
+    if isinstance(corpus.batch_size, bool) or not isinstance(corpus.batch_size, int) or corpus.batch_size < 1:
+        raise ConfigError(f"corpus.batch_size={corpus.batch_size!r} must be >= 1")
 
 
 def check_text_file(path: Path, name: Optional[str] = None) -> None:

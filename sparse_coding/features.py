@@ -39,8 +39,6 @@ from sparse_coding.errors import ConfigError, DataError, SparseCodingError
 RECOVERED_COSINE = 0.9  # a true feature counts as recovered when some atom's cosine to it exceeds this (§9)
 DEFAULT_TOP_K = 10
 DEFAULT_WINDOW = 8  # tokens shown on each side of the activating one
-# The cache's block split, as streaming.CacheDataModule makes it (not imported: streaming imports Lightning;
-# tests/test_features.py checks that both give the same blocks).
 
 
 # ---- the run ----------------------------------------------------------------------------------------
@@ -61,7 +59,7 @@ class Run:
 
 
 def _in_use(run_dir: Path) -> bool:
-    """Whether a training run holds the directory's lock (rundir.own_run_dir) right now."""
+    """Whether a training run holds the directory's lock (lifecycle.rundir.own_run_dir) right now."""
     try:
         with open(run_dir / ".run.lock", "rb") as f:
             try:
@@ -154,7 +152,7 @@ class CacheRows:
 
     @classmethod
     def of_run(cls, run: Run, split: str, cache: Optional[str] = None) -> "CacheRows":
-        from sparse_coding import cache_store
+        from sparse_coding.cache.store import cache_blocks, read_manifest, select_layer, split_blocks, verify
 
         data = run.metrics["data"]
         given = cache or data.get("cache_path") or OmegaConf.select(run.cfg, "data.path")
@@ -168,8 +166,8 @@ class CacheRows:
             raise DataError(f"{given}: the cache this run trained on is not there ({named}): rebuild it with "
                             "`python -m sparse_coding.cache build` and the run's model, layer and corpus overrides, "
                             "or give its folder with --cache DIR")
-        m = cache_store.read_manifest(found)
-        layer = cache_store.select_layer(m, data.get("layer"), found)
+        m = read_manifest(found)
+        layer = select_layer(m, data.get("layer"), found)
         first = next(iter(run.bank.values()))
         if int(m["d"]) != first.dim:
             raise DataError(f"{found}: the cache holds d={m['d']}, the run's dictionaries d={first.dim}: not this "
@@ -180,10 +178,11 @@ class CacheRows:
         if other_model or other_rows:
             raise DataError(f"{found}: another cache than the run trained on (model fingerprint or row count differ "
                             "from metrics.json): give the run's own cache with --cache DIR")
-        cache_store.verify(found, [layer])  # every shard, the mean and tokens.npy against the manifest's sha256
+        verify(found, [layer])  # every shard, the mean and tokens.npy against the manifest's sha256
         shard_rows = [int(e["rows"]) for e in m["shards"][layer]]
         val_fraction = float(OmegaConf.select(run.cfg, "data.val_fraction", default=0.1))
-        train, held_out = cache_store.split_blocks(cache_store.cache_blocks(shard_rows), val_fraction)
+        # the data module's split (data.cache_datamodule uses the same cache.store functions)
+        train, held_out = split_blocks(cache_blocks(shard_rows), val_fraction)
         ratio = first.max_norm_ratio
         if ratio > 0 and first.median_row_norm is None:
             raise DataError(f"{run.path}: the run left out rows by data.max_norm_ratio but its dictionary records no "
@@ -196,21 +195,20 @@ class CacheRows:
         return [int(e["rows"]) for e in self.manifest["shards"][self.layer]]
 
     def _map(self, s: int) -> np.ndarray:
-        """Shard s memory-mapped; one map open at a time (as streaming.RowStream does)."""
-        from sparse_coding import cache_store
+        """Shard s memory-mapped; one map open at a time (as data.row_stream.RowStream does)."""
+        from sparse_coding.cache.store import cache_file, open_shard
 
         if self._open is None or self._open[0] != s:
             self._open = None
             name = self.manifest["shards"][self.layer][s]["file"]
-            file = cache_store.cache_file(self.path, f"layers/{self.layer}/{name}")
-            self._open = (s, cache_store.open_shard(file, self.shard_rows[s], int(self.manifest["d"]),
-                                                    self.manifest["dtype"]))
+            file = cache_file(self.path, f"layers/{self.layer}/{name}")
+            self._open = (s, open_shard(file, self.shard_rows[s], int(self.manifest["d"]), self.manifest["dtype"]))
         return self._open[1]
 
     def chunks(self, max_rows: Optional[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(raw rows as float32, their global row indices) block by block, the left-out rows removed. With
         `max_rows`, evenly spaced blocks of the split, enough to hold it (all of them when it is larger)."""
-        from sparse_coding import preprocess
+        from sparse_coding.data import preprocess
 
         blocks = self.blocks
         if max_rows is not None and blocks:
@@ -248,11 +246,11 @@ class CacheRows:
 
     def tokens(self) -> Optional[np.ndarray]:
         """The token id of every row (tokens.npy, memory-mapped), or None for a cache without tokens."""
-        from sparse_coding import cache_store
+        from sparse_coding.cache.store import cache_file
 
         if not self.manifest.get("tokens"):
             return None
-        file = cache_store.cache_file(self.path, self.manifest["tokens"]["file"])
+        file = cache_file(self.path, self.manifest["tokens"]["file"])
         ids = np.load(file, mmap_mode="r", allow_pickle=False)
         if ids.shape != (int(self.manifest["n_rows"]),):
             raise DataError(f"{file}: holds {ids.shape} token ids, the cache {self.manifest['n_rows']} rows: rebuild it")
@@ -266,7 +264,7 @@ def synthetic_rows(cfg: DictConfig, split: str, max_rows: Optional[int]) -> torc
     """The run's synthetic rows, regenerated from its config (docs/method.md §7.1-7.3): a fixed sample's first
     data.n rows (train) or last data.n_val rows (heldout); fresh data: the first data.n rows of epoch 0, as
     training drew them, or the held-out draw. At most `max_rows` (the first ones: rows are independent)."""
-    from sparse_coding.synthetic import SyntheticSource, generate, stream_seed
+    from sparse_coding.data.synthetic import SyntheticSource, generate, stream_seed
 
     d = cfg.data
     scale, preact = float(d.get("scale", 1.0)), d.get("preact_std", 0.0)
@@ -288,7 +286,7 @@ def synthetic_rows(cfg: DictConfig, split: str, max_rows: Optional[int]) -> torc
 
 def true_features(cfg: DictConfig) -> tuple[Optional[torch.Tensor], str]:
     """(the generator's true features F (d, 4d), or None, and a line saying what the data have)."""
-    from sparse_coding.synthetic import SyntheticSource
+    from sparse_coding.data.synthetic import SyntheticSource
 
     d = cfg.data
     if d.name != "sparse_linear":

@@ -15,14 +15,14 @@ directory):
 Weights are fingerprinted by content (sha256), remembered by the files' sizes and mtimes, so a
 model's weights are hashed once, not on every run.
 
-`validate_model_config` is on the fast path that rejects a bad run before any heavy import: it
+Resolving a model's folder and reading its shape (`resolve_model_path`, `read_model_shape`) is on the
+fast path that rejects a bad run before any heavy import (sparse_coding.config.plan and .checks): it
 reads `config.json` files with `json` and imports neither torch nor transformers.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import tempfile
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sparse_coding.errors import ConfigError, DataError
+from sparse_coding.paths import package_dir
 
-CORPORA = ("wiki", "kjv", "text", "hf")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -70,14 +70,6 @@ OFFLINE_MODELS = tuple(n for n, s in REGISTRY.items() if s.package)
 def models_dir() -> Path:
     """Where converted checkpoints live (`data/models/` in the project; env SPARSE_CODING_MODELS_DIR)."""
     return Path(os.environ.get("SPARSE_CODING_MODELS_DIR", PROJECT_ROOT / "data" / "models"))
-
-
-def package_dir(import_name: str) -> Optional[Path]:
-    """The folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(import_name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _has_weights(d: Path) -> bool:
@@ -247,65 +239,6 @@ def parse_layers(layer: Any, num_layers: int, model_name: str) -> list[int]:
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= num_layers:
         raise ConfigError(f"layer={layer!r} is out of range for model={model_name}: {valid}")
     return [layer]
-
-
-def validate_corpus(corpus: Any) -> None:
-    if not isinstance(corpus.name, str) or corpus.name not in CORPORA:
-        raise ConfigError(f"unknown corpus={corpus.name!r}: choose one of {', '.join(CORPORA)}")
-    if corpus.name == "text":
-        files = corpus.files or []
-        if isinstance(files, (str, bytes)) or not hasattr(files, "__iter__"):
-            raise ConfigError(f"corpus.files={files!r} must be a list of files: corpus.files=[a.txt,b.jsonl]")
-        files = list(files)
-        if not files:
-            raise ConfigError("corpus=text needs corpus.files=[a.txt,b.jsonl] (local .txt or .jsonl files)")
-        for f in files:
-            from sparse_coding.corpus import check_text_file  # says what a path is when it is not a regular file
-
-            check_text_file(Path(str(f)).expanduser(), str(f))
-            if not str(f).endswith((".txt", ".jsonl")):
-                raise ConfigError(f"corpus.files: {f} is neither .txt nor .jsonl")
-    if corpus.name == "hf":
-        from sparse_coding.corpus import validate_hf
-
-        validate_hf(corpus)
-    if isinstance(corpus.context_len, bool) or not isinstance(corpus.context_len, int) or corpus.context_len < 2:
-        raise ConfigError(f"corpus.context_len={corpus.context_len!r} must be an integer >= 2")
-    if isinstance(corpus.max_tokens, bool) or not isinstance(corpus.max_tokens, int) or corpus.max_tokens < 1:
-        raise ConfigError(f"corpus.max_tokens={corpus.max_tokens!r} must be an integer >= 1")
-    if isinstance(corpus.batch_size, bool) or not isinstance(corpus.batch_size, int) or corpus.batch_size < 1:
-        raise ConfigError(f"corpus.batch_size={corpus.batch_size!r} must be >= 1")
-
-
-def check_trainable(cfg: Any) -> None:
-    """Refuse, before any work, what validates for a cache build but cannot be one training run."""
-    if cfg.model is not None and cfg.activation == "hidden_states" and isinstance(cfg.layer, str) \
-            and cfg.layer.strip().lower() == "all":
-        raise ConfigError("layer=all trains nothing: train one layer per run (layer=K), or every layer with "
-                          "python train.py -m 'layer=range(0,N+1)' or sweeps/layers.yaml; layer=all is for "
-                          "python -m sparse_coding.cache build (one forward pass stores every layer)")
-
-
-def validate_model_config(cfg: Any) -> None:
-    """Fast checks for a run with a model (no torch/transformers import); raise ConfigError."""
-    path = resolve_model_path(cfg.model)
-    if is_hf(cfg.model) and not cfg.model.name:
-        cfg.model.name = path.name  # model=hf model.path=DIR: the folder names the model (caches, logs)
-    num_layers, _ = read_model_shape(path, cfg.model.name)
-    if not isinstance(cfg.model.dtype, str) or cfg.model.dtype not in ("float32", "float16", "bfloat16"):
-        raise ConfigError(f"model.dtype={cfg.model.dtype!r}: choose float32, float16 or bfloat16")
-    check_device(getattr(cfg.model, "device", "auto"))
-    if not isinstance(cfg.cache_dtype, str) or cfg.cache_dtype not in ("float32", "float16"):
-        raise ConfigError(f"cache_dtype={cfg.cache_dtype!r}: choose float32 or float16")
-    if cfg.activation == "token_embeddings":
-        return  # the embedding matrix needs neither a layer nor a corpus
-    parse_layers(cfg.layer, num_layers, cfg.model.name)
-    validate_corpus(cfg.corpus)
-    max_pos = max_positions(path)
-    if max_pos is not None and cfg.corpus.context_len > max_pos:
-        raise ConfigError(
-            f"corpus.context_len={cfg.corpus.context_len} exceeds model={cfg.model.name}'s {max_pos} positions"
-        )
 
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -1,7 +1,8 @@
-"""Where the package's Hydra configs are, and this process's run id (cheap: no heavy imports)."""
+"""Where the package's Hydra configs and installed packages are, and this process's run id (cheap: no heavy imports)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import string
@@ -31,3 +32,11 @@ def run_id() -> str:
     if _run_id is None:
         _run_id = os.environ.get("WANDB_RUN_ID") or "".join(secrets.choice(_ALPHABET) for _ in range(8))
     return _run_id
+
+
+def package_dir(import_name: str) -> Optional[Path]:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(import_name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])

@@ -14,30 +14,32 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from sparse_coding.checkpoints import resume_checkpoint
+from sparse_coding.config.checks import check_trainable
 from sparse_coding.config.plan import RunPlan, resolve
 from sparse_coding.config.trainer import PerRankLoaders, build_trainer  # the Trainer from conf/trainer and conf/callbacks
 from sparse_coding.convergence import (ConvergenceMonitor, check_train_batches, eval_every_samples,
                                       insufficient_sample_advice, resolution_note, sample_sufficiency,
                                       trainer_schedule, unconverged_advice)
+from sparse_coding.lifecycle.resume import resume_checkpoint
+from sparse_coding.lifecycle.rundir import own_run_dir
 from sparse_coding.loggers import build_logger, finish_logger, log_run_files
 from sparse_coding.module import SparseCodingModule
 from sparse_coding.outputs import collect_results, print_table, write_outputs
-from sparse_coding.rundir import own_run_dir
 
 
 def build_datamodule(cfg: DictConfig, plan: RunPlan) -> pl.LightningDataModule:
     if plan.data.source == "synthetic":
-        from sparse_coding.datamodule import SyntheticDataModule
+        from sparse_coding.data.synthetic_datamodule import SyntheticDataModule
 
         return SyntheticDataModule.from_config(cfg)
-    from sparse_coding.streaming import CacheDataModule
+    from sparse_coding.data.cache_datamodule import CacheDataModule
 
     if plan.data.source == "cache":
         path = Path(plan.data.path)  # with a model: a given cache of that model (checked by validate)
     else:
-        from sparse_coding.cache import ensure_cache
+        from sparse_coding.cache.build import ensure_cache
 
+        check_trainable(cfg)  # layer=all validates (a cache build) but is no run: refused before every layer is built
         path = ensure_cache(cfg)
     return CacheDataModule.from_config(cfg, plan.data, path)
 

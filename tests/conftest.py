@@ -42,10 +42,10 @@ def run_train(args, cwd=ROOT, timeout=600, env=None):
 def tiny_gpt2_cache(tmp_path_factory):
     """(model folder, cache folder): a tiny random GPT-2's layer=all cache over 16-token contexts of the KJV text,
     no special tokens (row i is at context position i % 16), shards of 256 rows."""
-    from sparse_coding import cache
+    from sparse_coding.cache import build
     from tinymodels import make_tiny_gpt2, run_cfg
 
     tiny = make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
     cfg = run_cfg(["model=gpt2", f"model.path={tiny}", "layer=all", "corpus=kjv", "corpus.context_len=16",
                    "corpus.max_tokens=1600", "corpus.batch_size=4", f"cache_dir={tmp_path_factory.mktemp('cache')}"])
-    return tiny, cache.ensure_cache(cfg, shard_rows=256)
+    return tiny, build.ensure_cache(cfg, shard_rows=256)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparse_coding import cache, models
+from sparse_coding import models
+from sparse_coding.cache import build, store
 from sparse_coding.config.plan import resolve
 from sparse_coding.corpus import build_contexts
 from sparse_coding.errors import ConfigError, DataError, StorageError
@@ -27,19 +28,19 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 
 
 def all_files(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): cache.sha256_file(p) for p in sorted(d.rglob("*"))
+    return {str(p.relative_to(d)): store.sha256_file(p) for p in sorted(d.rglob("*"))
             if p.is_file() and p.name not in ("verified.json",)}
 
 
 @pytest.fixture(scope="module")
 def gpt2_cache(tiny_gpt2, tmp_path_factory):
     cfg = gpt2_cfg(tiny_gpt2, tmp_path_factory.mktemp("cache"))
-    return cfg, cache.ensure_cache(cfg, shard_rows=64)
+    return cfg, build.ensure_cache(cfg, shard_rows=64)
 
 
 def test_round_trip_equals_direct_forward_pass(tiny_gpt2, gpt2_cache):
     cfg, path = gpt2_cache
-    m = cache.read_manifest(path)
+    m = store.read_manifest(path)
     assert m["layers"] == ["0", "1", "2"] and m["d"] == 32 and m["n_rows"] == 300 and m["dtype"] == "float32"
     assert m["model"]["name"] == "gpt2" and m["corpus"]["name"] == "kjv" and m["corpus"]["rows_per_context"] == 16
     assert m["rows_per_shard"] == 64 and [s["rows"] for s in m["shards"]["1"]] == [64, 64, 64, 64, 44]
@@ -60,29 +61,38 @@ def test_round_trip_equals_direct_forward_pass(tiny_gpt2, gpt2_cache):
         st = m["stats"][str(k)]
         assert st["mean_sq_norm"] == pytest.approx(float((rows.astype(np.float64) ** 2).sum(1).mean()), rel=1e-10)
         assert st["n_nonfinite"] == 0 and st["n_finite"] == 300
-    assert cache.verify(path)["files"] == 3 * 5 + 1
+    assert store.verify(path)["files"] == 3 * 5 + 1
 
 
 def test_finished_cache_is_not_rebuilt(tiny_gpt2, gpt2_cache, monkeypatch):
     cfg, path = gpt2_cache
     before = {p: p.stat().st_mtime_ns for p in path.rglob("*.npy")}
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a finished cache loaded the model"))
-    assert cache.ensure_cache(cfg, shard_rows=64) == path
+    assert build.ensure_cache(cfg, shard_rows=64) == path
     assert {p: p.stat().st_mtime_ns for p in path.rglob("*.npy")} == before
 
 
-def test_interrupted_build_resumes_to_the_identical_cache(tiny_gpt2, gpt2_cache, tmp_path):
+def test_interrupted_build_resumes_to_the_identical_cache(tiny_gpt2, gpt2_cache, tmp_path, monkeypatch):
     _, clean = gpt2_cache
     cfg = gpt2_cfg(tiny_gpt2, tmp_path)
-    with pytest.raises(RuntimeError, match="fault injection"):
-        cache.ensure_cache(cfg, shard_rows=64, fail_after_shards=2)
+    finish = store.ShardFile.finish
+
+    def fail_at_the_third_shard(self):
+        if self.path.name == "shard_00002.npy":
+            raise RuntimeError("fault injection: stopped after 2 shards")
+        return finish(self)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store.ShardFile, "finish", fail_at_the_third_shard)
+        with pytest.raises(RuntimeError, match="fault injection"):
+            build.ensure_cache(cfg, shard_rows=64)
     partial = next((tmp_path).glob("gpt2-*/hidden_states/*"))
     assert not (partial / "manifest.json").exists()
     assert sorted(p.name for p in (partial / "layers" / "0").glob("shard_*.npy")) == ["shard_00000.npy", "shard_00001.npy"]
     done_before = (partial / "layers" / "0" / "shard_00000.npy").stat().st_mtime_ns
     # a half-written shard left by a crash is a temporary file, never taken for a shard
     (partial / "layers" / "0" / ".shard_00002.npy.tmp-999").write_bytes(b"partial")
-    path = cache.ensure_cache(cfg, shard_rows=64)
+    path = build.ensure_cache(cfg, shard_rows=64)
     assert path == partial
     assert (partial / "layers" / "0" / "shard_00000.npy").stat().st_mtime_ns == done_before  # not recomputed
     got = {k: v for k, v in all_files(path).items() if ".tmp-" not in k}
@@ -99,16 +109,16 @@ def test_real_subprocess_killed_mid_build_resumes(tiny_gpt2, gpt2_cache, tmp_pat
     """A real process dies (os._exit) right after its first shard; the rerun completes to the same bytes."""
     _, clean = gpt2_cache
     code = (
-        "import os, sys; sys.path.insert(0, %r); from sparse_coding import cache, cache_store; from tinymodels import run_cfg\n"
-        "orig = cache_store.ShardFile.finish\n"
+        "import os, sys; sys.path.insert(0, %r); from sparse_coding.cache import build, store; from tinymodels import run_cfg\n"
+        "orig = store.ShardFile.finish\n"
         "def dying(self):\n    d = orig(self)\n    os._exit(9)\n"
-        "cache_store.ShardFile.finish = dying\n"
-        "cache.ensure_cache(run_cfg(['model=gpt2','model.path=%s','layer=all','corpus=kjv','corpus.context_len=16',"
+        "store.ShardFile.finish = dying\n"
+        "build.ensure_cache(run_cfg(['model=gpt2','model.path=%s','layer=all','corpus=kjv','corpus.context_len=16',"
         "'corpus.max_tokens=300','corpus.batch_size=4','cache_dir=%s']), shard_rows=64)\n"
     ) % (str(ROOT / "tests"), tiny_gpt2, tmp_path)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 9, proc.stderr
-    path = cache.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path), shard_rows=64)
+    path = build.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path), shard_rows=64)
     got, want = all_files(path), all_files(clean)
     got.pop("manifest.json"), want.pop("manifest.json")
     assert got == want
@@ -125,37 +135,37 @@ def test_corruption_is_detected(gpt2_cache, tmp_path):
     data[-5] ^= 0x01  # one bit of one value
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"shard_00002\.npy: sha256 does not match"):
-        cache.verify(path)
+        store.verify(path)
     proc = subprocess.run([sys.executable, "-m", "sparse_coding.cache", "verify", str(path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "shard_00002.npy" in proc.stderr
     shard.write_bytes(bytes(data[:-100]))  # truncated
     with pytest.raises(DataError, match=r"shard_00002\.npy: cannot be read as \.npy, truncated"):
-        cache.verify(path)
+        store.verify(path)
     shutil.copy(clean / "layers" / "1" / "shard_00002.npy", shard)
-    cache.verify(path)
+    store.verify(path)
     m = json.loads((path / "manifest.json").read_text())
     m["shards"]["1"][0]["rows"] = 63
     (path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(DataError, match="shards of layer 1 hold 299 rows, the manifest says 300"):
-        cache.verify(path)
+        store.verify(path)
     m["shards"]["1"][0]["rows"] = 64
     m["d"] = 31
     (path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(DataError, match=r"shard_00000\.npy: shape \(64, 32\) float32 does not match .*\(64, 31\)"):
-        cache.verify(path)
+        store.verify(path)
     (path / "manifest.json").unlink()
     with pytest.raises(DataError, match="no manifest"):
-        cache.verify(path)
+        store.verify(path)
 
 
 def test_layers_are_added_to_an_existing_cache(tiny_gpt2, gpt2_cache, tmp_path):
     _, clean = gpt2_cache
-    one = cache.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path, "layer=1"), shard_rows=64)
-    assert cache.read_manifest(one)["layers"] == ["1"]
+    one = build.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path, "layer=1"), shard_rows=64)
+    assert store.read_manifest(one)["layers"] == ["1"]
     first = (one / "layers" / "1" / "shard_00000.npy").stat().st_mtime_ns
-    path = cache.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path, "layer=all"), shard_rows=64)
-    assert path == one and cache.read_manifest(path)["layers"] == ["0", "1", "2"]
+    path = build.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path, "layer=all"), shard_rows=64)
+    assert path == one and store.read_manifest(path)["layers"] == ["0", "1", "2"]
     assert (one / "layers" / "1" / "shard_00000.npy").stat().st_mtime_ns == first
     got, want = all_files(path), all_files(clean)
     got.pop("manifest.json"), want.pop("manifest.json")
@@ -166,8 +176,8 @@ def test_float16_cache_and_special_tokens(tmp_path):
     """MiniLM (real weights) on a few hundred wiki tokens: [CLS]/[SEP] excluded by default, kept on request."""
     cfg = run_cfg(["model=minilm", "layer=all", "corpus=wiki", "corpus.context_len=32", "corpus.max_tokens=300",
                    "cache_dtype=float16", f"cache_dir={tmp_path}"])
-    path = cache.ensure_cache(cfg)
-    m = cache.read_manifest(path)
+    path = build.ensure_cache(cfg)
+    m = store.read_manifest(path)
     assert m["d"] == 384 and m["n_rows"] == 300 and m["dtype"] == "float16" and len(m["layers"]) == 7
     assert m["corpus"]["rows_per_context"] == 30 and m["corpus"]["keep_positions"] == list(range(1, 31))
     model, tok, _ = models.load_model(cfg.model)
@@ -180,7 +190,7 @@ def test_float16_cache_and_special_tokens(tmp_path):
         rows = np.load(path / "layers" / str(k) / "shard_00000.npy")
         assert rows.dtype == np.float16
         np.testing.assert_allclose(rows.astype(np.float32), hs[k][:, 1:31].reshape(-1, 384), rtol=2e-3, atol=2e-3)
-    keep = cache.ensure_cache(run_cfg(["model=minilm", "layer=0", "corpus.context_len=32", "corpus.max_tokens=64",
+    keep = build.ensure_cache(run_cfg(["model=minilm", "layer=0", "corpus.context_len=32", "corpus.max_tokens=64",
                                        "corpus.keep_special_tokens=true", f"cache_dir={tmp_path}"]))
     t = np.load(keep / "tokens.npy")
     assert t[0] == tok.cls_token_id and t[31] == tok.sep_token_id and t[32] == tok.cls_token_id
@@ -189,8 +199,8 @@ def test_float16_cache_and_special_tokens(tmp_path):
 
 def test_token_embeddings_cache(tiny_gpt2, tmp_path):
     cfg = run_cfg(["model=gpt2", f"model.path={tiny_gpt2}", "activation=token_embeddings", f"cache_dir={tmp_path}"])
-    path = cache.ensure_cache(cfg, shard_rows=100)
-    m = cache.read_manifest(path)
+    path = build.ensure_cache(cfg, shard_rows=100)
+    m = store.read_manifest(path)
     model, _, _ = models.load_model(cfg.model)
     w = model.get_input_embeddings().weight.detach().numpy()
     assert m["kind"] == "token_embeddings" and m["layers"] == ["embeddings"] and m["n_rows"] == w.shape[0]
@@ -207,7 +217,7 @@ def test_text_corpus_from_local_files(tiny_gpt2, tmp_path):
     jsl.write_text("".join(json.dumps({"text": f"record {i} says the cat sat"}) + "\n" for i in range(40)))
     cfg = run_cfg(["model=gpt2", f"model.path={tiny_gpt2}", "layer=1", "corpus=text", f"corpus.files=[{txt},{jsl}]",
                    "corpus.context_len=8", "corpus.max_tokens=200", f"cache_dir={tmp_path / 'c'}"])
-    path = cache.ensure_cache(cfg)
+    path = build.ensure_cache(cfg)
     _, tok, _ = models.load_model(cfg.model)
     ctx = build_contexts(cfg.corpus, tok)
     np.testing.assert_array_equal(np.load(path / "tokens.npy"), ctx.row_token_ids())
@@ -231,24 +241,24 @@ def test_import_user_array(tmp_path, suffix):
     proc = subprocess.run([sys.executable, "-m", "sparse_coding.cache", "import", "--input", str(src), "--output",
                            str(out), "--shard-rows", "300"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    m = cache.read_manifest(out)
+    m = store.read_manifest(out)
     assert m["kind"] == "imported" and m["layers"] == ["data"] and [s["rows"] for s in m["shards"]["data"]] == [300, 300, 300, 100]
     rows = np.concatenate([np.load(out / "layers" / "data" / s["file"]) for s in m["shards"]["data"]])
     np.testing.assert_array_equal(rows, x)
     assert m["stats"]["data"]["mean_sq_norm"] == pytest.approx(float((x.astype(np.float64) ** 2).sum(1).mean()))
-    assert cache.verify(out)["files"] == 4
+    assert store.verify(out)["files"] == 4
 
 
 def test_import_rejects_bad_input(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(DataError, match="pickled data"):
-        cache.import_array(tmp_path / "obj.npy", tmp_path / "o1")
+        build.import_array(tmp_path / "obj.npy", tmp_path / "o1")
     np.save(tmp_path / "three.npy", np.zeros((2, 3, 4), np.float32))
     with pytest.raises(DataError, match=r"2-D \(n × d\)"):
-        cache.import_array(tmp_path / "three.npy", tmp_path / "o2")
+        build.import_array(tmp_path / "three.npy", tmp_path / "o2")
     np.save(tmp_path / "ints.npy", np.zeros((4, 3), np.int64))
     with pytest.raises(DataError, match="floating-point"):
-        cache.import_array(tmp_path / "ints.npy", tmp_path / "o3")
+        build.import_array(tmp_path / "ints.npy", tmp_path / "o3")
 
 
 def test_refuses_when_disk_is_too_small(tmp_path, monkeypatch, capsys):
@@ -260,7 +270,7 @@ def test_refuses_when_disk_is_too_small(tmp_path, monkeypatch, capsys):
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 0, 10_000))
     with pytest.raises(StorageError, match="needs 250.0 KiB but only 9.8 KiB is free"):
-        cache.import_array(tmp_path / "x.npy", tmp_path / "out")
+        build.import_array(tmp_path / "x.npy", tmp_path / "out")
     assert "needs 250.0 KiB on disk" in capsys.readouterr().err
     assert not (tmp_path / "out" / "manifest.json").exists()
 
@@ -268,14 +278,14 @@ def test_refuses_when_disk_is_too_small(tmp_path, monkeypatch, capsys):
 def test_model_dtype_is_part_of_the_cache_identity(tiny_gpt2, gpt2_cache, tmp_path):
     """Issue 22 item 7: a float16 model's activations are not a float32 model's: their own folder and build
     record, and a cache given by data.path that another model.dtype made is refused."""
-    from sparse_coding.streaming import CacheDataModule
+    from sparse_coding.data.cache_datamodule import CacheDataModule
 
     cfg32, path32 = gpt2_cache
     cfg16 = gpt2_cfg(tiny_gpt2, Path(cfg32.cache_dir), "model.dtype=float16", "layer=1")
-    assert cache.cache_dir_for(cfg16, "f" * 64, "c" * 64) != cache.cache_dir_for(cfg32, "f" * 64, "c" * 64)
-    path16 = cache.ensure_cache(cfg16, shard_rows=64)
+    assert build.cache_dir_for(cfg16, "f" * 64, "c" * 64) != build.cache_dir_for(cfg32, "f" * 64, "c" * 64)
+    path16 = build.ensure_cache(cfg16, shard_rows=64)
     assert path16 != path32 and path16.name.endswith("-float32-model_float16")
-    m16, m32 = cache.read_manifest(path16), cache.read_manifest(path32)
+    m16, m32 = store.read_manifest(path16), store.read_manifest(path32)
     assert m16["build"]["model_dtype"] == "float16" and m32["build"]["model_dtype"] == "float32"
     assert m16["model"]["dtype"] == "float16"
     rows16 = np.load(path16 / "layers" / "1" / "shard_00000.npy")
@@ -290,5 +300,5 @@ def test_model_dtype_is_part_of_the_cache_identity(tiny_gpt2, gpt2_cache, tmp_pa
     # a cache recorded before model_dtype was (float32 by construction) is still this float32 cache
     legacy = {**m32, "build": {k: v for k, v in m32["build"].items() if k != "model_dtype"}}
     legacy["model"] = {k: v for k, v in m32["model"].items() if k != "dtype"}
-    assert cache.same_build(legacy, m32["build"]) and cache.model_dtype_of(legacy) == "float32"
-    assert not cache.same_build(legacy, m16["build"])
+    assert store.same_build(legacy, m32["build"]) and store.model_dtype_of(legacy) == "float32"
+    assert not store.same_build(legacy, m16["build"])

@@ -14,8 +14,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from sparse_coding import cache, models
-from sparse_coding.cache import compose_config
+from sparse_coding import models
+from sparse_coding.cache import build
+from sparse_coding.config.compose import compose_config
 from sparse_coding.config import plan as plan_mod
 from sparse_coding.config import schema
 from sparse_coding.config.checks import validate
@@ -96,7 +97,7 @@ def test_each_value_is_parsed_once_with_a_model(counts, tmp_path):
     """A model's shape (config.json) is read once too: model=minilm with a given cache of its width."""
     rows = np.random.default_rng(0).standard_normal((256, 384)).astype(np.float32)
     np.save(tmp_path / "rows.npy", rows)
-    path = cache.import_array(tmp_path / "rows.npy", tmp_path / "cache", shard_rows=128)
+    path = build.import_array(tmp_path / "rows.npy", tmp_path / "cache", shard_rows=128)
     cfg = compose_config(["model=minilm", "activation=token_embeddings", f"data.path={path}", "data.batch_size=32",
                           "dictionary.mult=1", "dictionary.lam=0.5", "logger=none"])
     plan = validate(cfg)

@@ -106,7 +106,7 @@ def test_auto_lambda_is_the_fixed_point_of_a_tenth_of_mean_max(tmp_path):
     (to the auto-lambda tolerance): a different factor would fail this."""
     from safetensors.torch import load_file
 
-    from sparse_coding.datamodule import SyntheticDataModule
+    from sparse_coding.data.synthetic_datamodule import SyntheticDataModule
     from sparse_coding.solver import solve
 
     result = train(tmp_path, SMALL + ["dictionary.lam_tol=0.002", "convergence.tol=0.002"])

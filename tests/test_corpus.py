@@ -12,8 +12,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from sparse_coding import corpus as corpus_mod
+from sparse_coding.corpus import validate_corpus
 from sparse_coding.errors import ConfigError, DataError
-from sparse_coding.models import validate_corpus
 from tinymodels import run_cfg
 
 
@@ -105,7 +105,7 @@ def test_hf_path_of_unknown_format(tmp_path):
 
 
 def test_hf_corpus_builds_a_cache(tmp_path):
-    from sparse_coding import cache
+    from sparse_coding.cache import build
     from tinymodels import make_tiny_gpt2
 
     tiny = make_tiny_gpt2(tmp_path / "tiny")
@@ -113,7 +113,7 @@ def test_hf_corpus_builds_a_cache(tmp_path):
     write_parquet(data, [f"the cat sat on mat number {i}" for i in range(40)], column="text")
     cfg = run_cfg(["model=gpt2", f"model.path={tiny}", "layer=1", "corpus=hf", f"corpus.path={data}",
                    "corpus.context_len=8", "corpus.max_tokens=60", f"cache_dir={tmp_path / 'c'}"])
-    path = cache.ensure_cache(cfg)
+    path = build.ensure_cache(cfg)
     assert path.name.startswith("hf-")
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["corpus"]["fingerprint"] == corpus_mod.corpus_fingerprint(cfg.corpus)

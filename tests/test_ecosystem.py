@@ -92,7 +92,7 @@ def assert_same_metrics(got: dict, want: dict) -> None:
 def test_measure_api_and_the_loaded_dictionary_reproduce_metrics_json(tmp_path):
     import sparse_coding
     from sparse_coding import SparseDictionary
-    from sparse_coding.datamodule import FreshSyntheticDataModule
+    from sparse_coding.data.synthetic_datamodule import FreshSyntheticDataModule
 
     out = tmp_path / "run"
     result = sparse_coding.measure([*TINY, "logger=none", f"out_dir={out}"])
@@ -113,17 +113,19 @@ def test_measure_api_and_the_loaded_dictionary_reproduce_metrics_json(tmp_path):
 
 
 def test_a_centred_cache_dictionary_encodes_raw_activations(tmp_path):
-    from sparse_coding import SparseDictionary, cache
+    from sparse_coding import SparseDictionary
+    from sparse_coding.cache import build
     from sparse_coding.config.checks import validate
+    from sparse_coding.config.compose import compose_config
     from sparse_coding.run import run
     from sparse_coding.solver import solve
-    from sparse_coding.streaming import CacheDataModule
+    from sparse_coding.data.cache_datamodule import CacheDataModule
 
     rng = np.random.default_rng(0)
     acts = (rng.standard_normal((600, 8)) + 5.0).astype(np.float32)  # far from centred: the mean matters
     np.save(tmp_path / "acts.npy", acts)
-    path = cache.import_array(tmp_path / "acts.npy", tmp_path / "cache")
-    cfg = cache.compose_config(["logger=none", "trainer.enable_progress_bar=false", "data=cache", f"data.path={path}",
+    path = build.import_array(tmp_path / "acts.npy", tmp_path / "cache")
+    cfg = compose_config(["logger=none", "trainer.enable_progress_bar=false", "data=cache", f"data.path={path}",
                                 "data.batch_size=64", "trainer.max_epochs=1", "dictionary.mult=2",
                                 "dictionary.lam=[0.5,auto]"])
     validate(cfg)
@@ -163,11 +165,11 @@ def test_the_cache_cli_shows_its_composed_config():
 
 
 def test_cache_batch_size_is_the_global_batch(tmp_path):
-    from sparse_coding import cache
-    from sparse_coding.streaming import CacheDataModule
+    from sparse_coding.cache import build
+    from sparse_coding.data.cache_datamodule import CacheDataModule
 
     np.save(tmp_path / "a.npy", np.random.default_rng(0).standard_normal((1200, 4)).astype(np.float32))
-    path = cache.import_array(tmp_path / "a.npy", tmp_path / "c")
+    path = build.import_array(tmp_path / "a.npy", tmp_path / "c")
     for world in (1, 2, 4):
         sizes = [len(b) for b in CacheDataModule(path, batch_size=200, rank=0, world_size=world,
                                                  center=False).train_dataloader()]

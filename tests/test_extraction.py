@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparse_coding import cache, cache_store, corpus, models
+from sparse_coding import corpus, models
+from sparse_coding.cache import build, store
 from sparse_coding.config.checks import validate
 from sparse_coding.errors import ConfigError, StorageError
 from tinymodels import gpt2_cfg, make_tiny_gpt2, run_cfg
@@ -28,7 +29,7 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 
 
 def shards(path: Path, key: str) -> np.ndarray:
-    m = cache.read_manifest(path)
+    m = store.read_manifest(path)
     return np.concatenate([np.load(path / "layers" / key / s["file"]) for s in m["shards"][key]])
 
 
@@ -48,11 +49,11 @@ def test_device_auto_runs_on_the_cpu_without_cuda(tiny_gpt2, tmp_path, monkeypat
     assert cfg.model.device == "auto"  # the schema's default
     validate(cfg)
     assert models.resolve_device(cfg.model) == "cpu"
-    path = cache.ensure_cache(cfg, shard_rows=64)
-    assert cache.read_manifest(path)["build_device"] == "cpu"
+    path = build.ensure_cache(cfg, shard_rows=64)
+    assert store.read_manifest(path)["build_device"] == "cpu"
     # the device is provenance, not identity: model.device=cpu names the same folder and finds it finished
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a finished cache loaded the model"))
-    assert cache.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path, "model.device=cpu"), shard_rows=64) == path
+    assert build.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path, "model.device=cpu"), shard_rows=64) == path
 
 
 def test_cuda_without_cuda_is_one_line(tiny_gpt2, monkeypatch):
@@ -80,10 +81,10 @@ def test_cuda_cache_matches_the_cpu_cache(tiny_gpt2, tmp_path):
     """The same tiny caches built on CUDA and on the CPU: same folder name, tokens and format; values within
     float32 rounding of the two devices' kernels; the device recorded as provenance only."""
     for extra, tol in (((), 1e-4), (("cache_dtype=float16",), 2e-3)):
-        on_cpu = cache.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path / "cpu", "model.device=cpu", *extra), shard_rows=64)
-        on_gpu = cache.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path / "gpu", "model.device=cuda", *extra), shard_rows=64)
+        on_cpu = build.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path / "cpu", "model.device=cpu", *extra), shard_rows=64)
+        on_gpu = build.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path / "gpu", "model.device=cuda", *extra), shard_rows=64)
         assert on_cpu.relative_to(tmp_path / "cpu") == on_gpu.relative_to(tmp_path / "gpu")
-        mc, mg = cache.read_manifest(on_cpu), cache.read_manifest(on_gpu)
+        mc, mg = store.read_manifest(on_cpu), store.read_manifest(on_gpu)
         assert mc["build_device"] == "cpu" and mg["build_device"].startswith("cuda")
         assert mc["build"] == mg["build"] and mc["layers"] == mg["layers"] == ["0", "1", "2"]
         np.testing.assert_array_equal(np.load(on_cpu / "tokens.npy"), np.load(on_gpu / "tokens.npy"))
@@ -92,11 +93,11 @@ def test_cuda_cache_matches_the_cpu_cache(tiny_gpt2, tmp_path):
             assert a.dtype == b.dtype and a.shape == b.shape == (300, 32)
             np.testing.assert_allclose(b.astype(np.float32), a.astype(np.float32), rtol=tol, atol=tol)
             assert mg["stats"][key]["mean_sq_norm"] == pytest.approx(mc["stats"][key]["mean_sq_norm"], rel=1e-4)
-        assert cache.verify(on_gpu)["files"] == cache.verify(on_cpu)["files"]
+        assert store.verify(on_gpu)["files"] == store.verify(on_cpu)["files"]
     # a real model in bfloat16 on the GPU: hidden states come back as float32 rows of the same format
     cfg = ["model=minilm", "layer=3", "corpus=wiki", "corpus.context_len=32", "corpus.max_tokens=300"]
-    ref = cache.ensure_cache(run_cfg([*cfg, "model.device=cpu", f"cache_dir={tmp_path / 'mcpu'}"]))
-    bf16 = cache.ensure_cache(run_cfg([*cfg, "model.device=cuda", "model.dtype=bfloat16", f"cache_dir={tmp_path / 'mgpu'}"]))
+    ref = build.ensure_cache(run_cfg([*cfg, "model.device=cpu", f"cache_dir={tmp_path / 'mcpu'}"]))
+    bf16 = build.ensure_cache(run_cfg([*cfg, "model.device=cuda", "model.dtype=bfloat16", f"cache_dir={tmp_path / 'mgpu'}"]))
     a, b = shards(ref, "3"), shards(bf16, "3")
     assert b.dtype == np.float32 and b.shape == a.shape == (300, 384)
     assert np.abs(b - a).mean() < 0.05 * np.abs(a).mean()  # bfloat16's 8-bit mantissa through 3 blocks
@@ -111,12 +112,12 @@ def test_shard_bytes_are_np_save_bytes(tmp_path, shape, dtype):
     arr = np.random.default_rng(0).standard_normal(shape).astype(dtype)
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
-    digest = cache_store.write_shard(tmp_path / "shard_00000.npy", arr)
+    digest = store.write_shard(tmp_path / "shard_00000.npy", arr)
     assert (tmp_path / "shard_00000.npy").read_bytes() == buf.getvalue()
-    assert digest == cache.sha256_file(tmp_path / "shard_00000.npy")
+    assert digest == store.sha256_file(tmp_path / "shard_00000.npy")
     assert (tmp_path / "shard_00000.npy.sha256").read_text().strip() == digest
     # written as the rows come, in pieces: the same file
-    streamed = cache_store.ShardFile(tmp_path / "shard_00001.npy", *shape, dtype)
+    streamed = store.ShardFile(tmp_path / "shard_00001.npy", *shape, dtype)
     for lo in range(0, shape[0] + 1, max(1, shape[0] // 3)):
         streamed.write(arr[lo : lo + max(1, shape[0] // 3)])
     assert streamed.finish() == digest and (tmp_path / "shard_00001.npy").read_bytes() == buf.getvalue()
@@ -126,8 +127,8 @@ def test_shard_bytes_are_np_save_bytes(tmp_path, shape, dtype):
 
 def test_a_shard_file_refuses_rows_it_does_not_hold(tmp_path):
     with pytest.raises(ValueError, match="more bytes than the shard holds"):
-        cache_store.ShardFile(tmp_path / "shard_00000.npy", 4, 3, np.float32).write(np.zeros((5, 3), np.float32))
-    short = cache_store.ShardFile(tmp_path / "shard_00000.npy", 4, 3, np.float32)
+        store.ShardFile(tmp_path / "shard_00000.npy", 4, 3, np.float32).write(np.zeros((5, 3), np.float32))
+    short = store.ShardFile(tmp_path / "shard_00000.npy", 4, 3, np.float32)
     short.write(np.zeros((3, 3), np.float32))
     with pytest.raises(ValueError, match="short of the shard"):
         short.finish()
@@ -141,12 +142,12 @@ def test_statistics_summed_while_writing_equal_those_read_back(tmp_path):
     arrays = [rng.standard_normal((r, 24)).astype(np.float32) * 30 for r in (70, 70, 33)]
     arrays[1][5, 3] = np.nan
     arrays[2][0, 0] = np.inf
-    running = cache_store.LayerStats(24, chunk=16)
+    running = store.LayerStats(24, chunk=16)
     for i, a in enumerate(arrays):
-        cache_store.write_shard(tmp_path / "layers" / "0" / cache_store.shard_name(i), a)
-        running.add(a, cache_store.shard_name(i))
-    files = [tmp_path / "layers" / "0" / cache_store.shard_name(i) for i in range(3)]
-    from_disk = cache_store.layer_stats(files, [70, 70, 33], 24, "float32", chunk=16)
+        store.write_shard(tmp_path / "layers" / "0" / store.shard_name(i), a)
+        running.add(a, store.shard_name(i))
+    files = [tmp_path / "layers" / "0" / store.shard_name(i) for i in range(3)]
+    from_disk = store.layer_stats(files, [70, 70, 33], 24, "float32", chunk=16)
     got = running.result()
     assert got.pop("mean").tobytes() == from_disk.pop("mean").tobytes()
     assert got == from_disk and got["n_nonfinite"] == 2 and got["first_nonfinite"] == {"file": "shard_00001.npy", "row": 5}
@@ -155,7 +156,7 @@ def test_statistics_summed_while_writing_equal_those_read_back(tmp_path):
 def test_a_failed_shard_write_stops_the_build_with_its_error(tiny_gpt2, tmp_path, monkeypatch):
     """A write on the background thread that fails (a full disk) raises in the build, nothing half-done is kept,
     and the rerun resumes to the same cache as an undisturbed build."""
-    real, calls = cache_store.ShardFile.write, []
+    real, calls = store.ShardFile.write, []
 
     def failing(self, rows):
         calls.append(self.path)
@@ -163,15 +164,15 @@ def test_a_failed_shard_write_stops_the_build_with_its_error(tiny_gpt2, tmp_path
             raise StorageError(f"{self.path}: no space left on device")
         return real(self, rows)
 
-    monkeypatch.setattr(cache_store.ShardFile, "write", failing)
+    monkeypatch.setattr(store.ShardFile, "write", failing)
     cfg = gpt2_cfg(tiny_gpt2, tmp_path / "a")
     with pytest.raises(StorageError, match="no space left on device"):
-        cache.ensure_cache(cfg, shard_rows=64)
+        build.ensure_cache(cfg, shard_rows=64)
     partial = next((tmp_path / "a").glob("gpt2-*/hidden_states/*"))
     assert not (partial / "manifest.json").exists() and not list(partial.rglob("*.tmp-*"))
-    monkeypatch.setattr(cache_store.ShardFile, "write", real)
-    resumed = cache.ensure_cache(cfg, shard_rows=64)
-    clean = cache.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path / "b"), shard_rows=64)
+    monkeypatch.setattr(store.ShardFile, "write", real)
+    resumed = build.ensure_cache(cfg, shard_rows=64)
+    clean = build.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path / "b"), shard_rows=64)
     assert manifest_without_provenance(resumed) == manifest_without_provenance(clean)
     for key in ("0", "1", "2"):
         np.testing.assert_array_equal(shards(resumed, key), shards(clean, key))

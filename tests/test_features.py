@@ -84,7 +84,7 @@ def test_recovered_true_features_match_an_independent_count(synthetic_run, capsy
     assert rec["recovered"] >= 8 > chance
     assert f"recovered {rec['recovered']} of 32 true features" in printed
     # the density is counted on the run's own training rows, regenerated from its config
-    from sparse_coding.datamodule import SyntheticDataModule
+    from sparse_coding.data.synthetic_datamodule import SyntheticDataModule
 
     train_x = SyntheticDataModule.from_config(cfg).train_x
     alpha = SparseDictionary.load(out).encode(train_x)
@@ -97,7 +97,7 @@ def test_controls_have_no_true_features_and_fresh_rows_are_the_runs():
     cfg = compose_cfg(["data=gaussian", "data.dim=8"])
     feats, line = true_features(cfg)
     assert feats is None and "no true features" in line and "\n" not in line
-    from sparse_coding.datamodule import FreshSyntheticDataModule
+    from sparse_coding.data.synthetic_datamodule import FreshSyntheticDataModule
 
     cfg = compose_cfg(["data=sparse_linear", "data.dim=8", "data.n=300", "data.n_val=100", "data.batch_size=64"])
     dm = FreshSyntheticDataModule.from_config(cfg)
@@ -118,16 +118,16 @@ def cache_run(tiny_gpt2_cache, tmp_path_factory):
 
 
 def test_density_and_top_k_are_those_of_encode_on_the_training_rows(cache_run, capsys):
-    from sparse_coding import cache
-    from sparse_coding.streaming import CacheDataModule
+    from sparse_coding.cache import store
+    from sparse_coding.data.cache_datamodule import CacheDataModule
 
     out, tiny, path = cache_run
     report = features(out, "--top-k", "5", "--window", "3")
     (entry,) = report["dictionaries"]
     dm = CacheDataModule(path, "1", batch_size=128, val_fraction=0.2)
-    m = cache.read_manifest(path)
+    m = store.read_manifest(path)
     assert split_blocks(cache_blocks([int(e["rows"]) for e in m["shards"]["1"]]), 0.2) == (dm.train_blocks, dm.val_blocks)
-    raw = np.concatenate([np.load(f) for f in cache.shard_paths(path, m, "1")])
+    raw = np.concatenate([np.load(f) for f in store.shard_paths(path, m, "1")])
     offsets = np.concatenate([[0], np.cumsum(dm.shard_rows)])
     rows = np.concatenate([np.arange(offsets[s] + lo, offsets[s] + hi) for s, lo, hi in dm.train_blocks])
     alpha = SparseDictionary.load(out).encode(torch.from_numpy(raw[rows])).numpy()
@@ -164,7 +164,7 @@ def test_density_and_top_k_are_those_of_encode_on_the_training_rows(cache_run, c
 
 
 def test_max_rows_heldout_split_one_dictionary_and_the_wandb_table(cache_run, capsys, monkeypatch):
-    from sparse_coding.streaming import CacheDataModule
+    from sparse_coding.data.cache_datamodule import CacheDataModule
     from wandb_records import records, summary
 
     out, _, path = cache_run
@@ -190,15 +190,15 @@ def test_max_rows_heldout_split_one_dictionary_and_the_wandb_table(cache_run, ca
 
 def test_the_rows_a_run_left_out_are_left_out(tiny_gpt2_cache):
     """data.drop_positions and data.max_norm_ratio: the rows coded are those the run's data module trains on."""
-    from sparse_coding import cache
+    from sparse_coding.cache import store
     from sparse_coding.features import CacheRows
-    from sparse_coding.streaming import CacheDataModule
+    from sparse_coding.data.cache_datamodule import CacheDataModule
 
     _, path = tiny_gpt2_cache
     dm = CacheDataModule(path, "1", batch_size=128, val_fraction=0.2, drop_positions=2, max_norm_ratio=1.1)
     stream = dm._stream(dm.train_blocks, dm._bad[0], False)
     want = np.concatenate([stream._read_block_rows(b)[1] for b in range(len(dm.train_blocks))])
-    rows = CacheRows(path, cache.read_manifest(path), "1", dm.train_blocks, 2, 1.1, dm.median_norm)
+    rows = CacheRows(path, store.read_manifest(path), "1", dm.train_blocks, 2, 1.1, dm.median_norm)
     got = np.concatenate([r for _, r in rows.chunks(None)])
     assert dm.norm_dropped > 0 and len(got) == dm.train_rows < sum(hi - lo for _, lo, hi in dm.train_blocks)
     np.testing.assert_array_equal(got, want)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from sparse_coding import models
-from sparse_coding.config.checks import validate
+from sparse_coding import corpus, models
+from sparse_coding.config.checks import check_trainable, validate
 from sparse_coding.errors import ConfigError, DataError
 from tinymodels import forward_hidden, make_tiny_gpt2, run_cfg
 
@@ -39,7 +39,7 @@ def test_every_model_config_names_a_registry_entry():
     assert names == sorted(models.REGISTRY)
     for n in names:
         assert run_cfg([f"model={n}"]).model.name == n
-    assert sorted(p.stem for p in (ROOT / "conf" / "corpus").glob("*.yaml")) == sorted(models.CORPORA)
+    assert sorted(p.stem for p in (ROOT / "conf" / "corpus").glob("*.yaml")) == sorted(corpus.CORPORA)
 
 
 def test_unknown_model_lists_the_names():
@@ -69,7 +69,7 @@ def test_train_py_offline_without_weights_stops_fast(empty_hf):
 
 
 def test_validation_does_not_import_torch(empty_hf):
-    code = ("import sys; from sparse_coding.cache import compose_config; from sparse_coding.config.checks import validate; "
+    code = ("import sys; from sparse_coding.config.compose import compose_config; from sparse_coding.config.checks import validate; "
             "validate(compose_config(['model=minilm','layer=2'])); "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
@@ -219,11 +219,18 @@ def test_fingerprint_is_remembered_by_size_and_mtime(tiny_gpt2, tmp_path, monkey
     assert models.fingerprint_files(copy) != first and len(reads) == 2  # changed file: hashed again
 
 
-def test_layer_all_is_refused_before_any_work():
+def test_layer_all_is_refused_before_any_work(monkeypatch):
+    from sparse_coding.cache import build
+    from sparse_coding.run import build_datamodule
+
     cfg = run_cfg(["model=minilm", "layer=all"])
-    validate(cfg)  # a valid cache build ...
+    plan = validate(cfg)  # a valid cache build ...
     with pytest.raises(ConfigError, match="layer=all trains nothing: train one layer per run"):
-        models.check_trainable(cfg)  # ... but not one training run
+        check_trainable(cfg)  # ... but not one training run
+    # run() called without train.py's checks (experiments.runner, extras): refused before every layer is built
+    monkeypatch.setattr(build, "ensure_cache", lambda *a, **k: pytest.fail("layer=all built the cache"))
+    with pytest.raises(ConfigError, match="layer=all trains nothing"):
+        build_datamodule(cfg, plan)
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=minilm", "layer=all", "logger=none"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "layer=all trains nothing" in proc.stderr and "Traceback" not in proc.stderr

@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from subprocesses import default_sigint
-from sparse_coding import cache, checkpoints
+from sparse_coding.cache import build
+from sparse_coding.lifecycle.resume import resume_checkpoint
 from sparse_coding.errors import ConfigError, StorageError
 from sparse_coding.run import run
 
@@ -57,7 +58,7 @@ def cache_path(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((2560, 16)) * rng.random(16)).astype(np.float32)
     np.save(folder / "acts.npy", x)
-    return cache.import_array(folder / "acts.npy", folder / "cache", shard_rows=1000)
+    return build.import_array(folder / "acts.npy", folder / "cache", shard_rows=1000)
 
 
 def overrides(name: str, cache_path: Path, *extra: str) -> list:
@@ -288,7 +289,7 @@ def resume_check(out: Path, overrides_: list):
 
     cfg, plan = compose_and_plan([*QUIET, *overrides_, "ckpt_path=last"])
     dm = build_datamodule(cfg, plan)
-    return checkpoints.resume_checkpoint(cfg.ckpt_path, out, build_module(cfg, plan, dm), cfg.trainer, dm)
+    return resume_checkpoint(cfg.ckpt_path, out, build_module(cfg, plan, dm), cfg.trainer, dm)
 
 
 @pytest.fixture(scope="module")
@@ -334,7 +335,7 @@ def test_a_resume_on_another_cache_or_a_cache_swapped_under_its_path_is_refused(
 
     out, ovr = stopped_runs["cache"]
     own = Path(next(a for a in ovr if a.startswith("data.path="))[len("data.path="):])
-    other = cache.import_array(cache_path.parent / "acts.npy", tmp_path / "other", shard_rows=900)  # same rows, other shards
+    other = build.import_array(cache_path.parent / "acts.npy", tmp_path / "other", shard_rows=900)  # same rows, other shards
     moved = tmp_path / "moved"
     shutil.copytree(own, moved)
     assert resume_check(out, [*ovr, f"data.path={moved}", "trainer.max_steps=20"])  # the same cache elsewhere: fine
@@ -348,7 +349,7 @@ def test_a_resume_on_another_cache_or_a_cache_swapped_under_its_path_is_refused(
     # another array imported with --force under the same path
     x = np.random.default_rng(5).standard_normal((2560, 16)).astype(np.float32)
     np.save(tmp_path / "b.npy", x)
-    cache.import_array(tmp_path / "b.npy", own, shard_rows=1000, force=True)
+    build.import_array(tmp_path / "b.npy", own, shard_rows=1000, force=True)
     with pytest.raises(ConfigError, match=r"was trained on other data \(cache build: \w+ at .* there, \w+ at .* here; "
                                           r"cache content: "):
         resume_check(out, [*ovr, "trainer.max_steps=20"])
@@ -356,11 +357,11 @@ def test_a_resume_on_another_cache_or_a_cache_swapped_under_its_path_is_refused(
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_cache_loader_skips_exactly_the_batches_already_trained(tmp_path, workers):
-    from sparse_coding.streaming import CacheDataModule
+    from sparse_coding.data.cache_datamodule import CacheDataModule
 
     x = np.random.default_rng(1).standard_normal((3000, 8)).astype(np.float32)
     np.save(tmp_path / "acts.npy", x)
-    path = cache.import_array(tmp_path / "acts.npy", tmp_path / "cache", shard_rows=700)
+    path = build.import_array(tmp_path / "acts.npy", tmp_path / "cache", shard_rows=700)
     dm = CacheDataModule(path, batch_size=100, shuffle_buffer=300, seed=3, num_workers=workers)
     dm.set_epoch(2)
     full = [b.clone() for b in dm.train_dataloader()]
@@ -376,11 +377,11 @@ def test_cache_loader_skips_exactly_the_batches_already_trained(tmp_path, worker
 
 
 def test_cache_init_rows_are_seeded_centred_training_rows(tmp_path):
-    from sparse_coding.streaming import CacheDataModule
+    from sparse_coding.data.cache_datamodule import CacheDataModule
 
     x = (np.random.default_rng(2).standard_normal((2000, 8)) + 5).astype(np.float32)
     np.save(tmp_path / "acts.npy", x)
-    path = cache.import_array(tmp_path / "acts.npy", tmp_path / "cache", shard_rows=600)
+    path = build.import_array(tmp_path / "acts.npy", tmp_path / "cache", shard_rows=600)
     dm = CacheDataModule(path, batch_size=100, seed=0)
     rows = dm.init_rows(50, seed=7)
     assert rows.shape == (50, 8) and rows.dtype == torch.float32

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import ROOT
 from sparse_coding.config.schema import register_configs
-from sparse_coding.datamodule import FreshSyntheticDataModule, SyntheticDataModule
+from sparse_coding.data.synthetic_datamodule import FreshSyntheticDataModule, SyntheticDataModule
 from sparse_coding.metrics import SparsityMetrics, ratio_se
 
 register_configs()
@@ -39,7 +39,7 @@ def test_fresh_batches_are_new_each_batch_and_epoch_and_split_exactly_across_ran
     assert [len(b) for b in epoch0] == [32, 32, 32, 4]  # an epoch is data.n rows
     assert not torch.equal(epoch0[0], epoch0[1]) and not torch.equal(epoch0[0], epoch1[0])
     # two ranks: contiguous shares of the same global batch
-    from sparse_coding.datamodule import FreshBatchSampler, FreshBatches
+    from sparse_coding.data.synthetic_datamodule import FreshBatchSampler, FreshBatches
 
     data = FreshBatches(dm.source, dm.seed, 1.0)
     shares = [[data[k] for k in FreshBatchSampler(100, 32, shuffle=False, seed=1, rank=r, world_size=2)]
@@ -183,12 +183,12 @@ def gpt2_cache(tiny_gpt2_cache):
 
 
 def test_cache_evaluation_batches_carry_their_context_and_in_sample_rows_are_training_rows(gpt2_cache):
-    from sparse_coding import cache
-    from sparse_coding.streaming import CacheDataModule
+    from sparse_coding.cache import store
+    from sparse_coding.data.cache_datamodule import CacheDataModule
 
     _, gpt2_cache = gpt2_cache
-    m = cache.read_manifest(gpt2_cache)
-    raw = np.concatenate([np.load(f) for f in cache.shard_paths(gpt2_cache, m, "1")]).astype(np.float32)
+    m = store.read_manifest(gpt2_cache)
+    raw = np.concatenate([np.load(f) for f in store.shard_paths(gpt2_cache, m, "1")]).astype(np.float32)
     dm = CacheDataModule(gpt2_cache, "1", batch_size=40, center=False)
     assert dm.group_unit == "contexts of 16 rows" and dm.describe()["se_unit"] == "contexts of 16 rows"
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from sparse_coding import cache
+from sparse_coding.cache import build
 from sparse_coding.config.plan import resolve
 from sparse_coding.errors import ConfigError, DataError
-from sparse_coding.streaming import CacheDataModule, batch_plan, stream_plan
+from sparse_coding.data.cache_datamodule import CacheDataModule
+from sparse_coding.data.row_stream import batch_plan, stream_plan
 from tinymodels import make_tiny_gpt2, run_cfg
 
 N, D = 5000, 8
@@ -20,7 +21,7 @@ N, D = 5000, 8
 
 def make_cache(tmp: Path, x: np.ndarray, name: str = "cache", shard_rows: int = 1000) -> Path:
     np.save(tmp / f"{name}.npy", x)
-    return cache.import_array(tmp / f"{name}.npy", tmp / name, shard_rows=shard_rows)
+    return build.import_array(tmp / f"{name}.npy", tmp / name, shard_rows=shard_rows)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def test_width_and_model_mismatch(tmp_path):
     path = make_cache(tmp_path, np.zeros((300, 16), np.float32))  # d=16, the model has 32
     with pytest.raises(ConfigError, match="width d=16, the model has d=32"):
         CacheDataModule(path, expected_dim=32)
-    built = cache.ensure_cache(run_cfg(["model=gpt2", f"model.path={tiny}", "layer=1", "corpus=kjv",
+    built = build.ensure_cache(run_cfg(["model=gpt2", f"model.path={tiny}", "layer=1", "corpus=kjv",
                                         "corpus.context_len=16", "corpus.max_tokens=400", f"cache_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="layer 0 is not in this cache \\(it holds 1\\)"):
         CacheDataModule.from_config(cfg, resolve(cfg).data, built)

@@ -1,9 +1,9 @@
-"""The synthetic generators (sparse_coding.synthetic): fresh sources and the sparse non-linear control."""
+"""The synthetic generators (sparse_coding.data.synthetic): fresh sources and the sparse non-linear control."""
 
 import pytest
 import torch
 
-from sparse_coding.synthetic import SyntheticSource, generate
+from sparse_coding.data.synthetic import SyntheticSource, generate
 
 
 def test_fresh_source_is_seeded_and_centred_on_the_population_mean():
@@ -42,7 +42,7 @@ def test_sparse_nonlinear_control_is_really_nonlinear_by_default_and_not_with_fa
 
 
 def test_nonlinear_share_of_a_linear_map_is_zero():
-    from sparse_coding.synthetic import nonlinear_truth
+    from sparse_coding.data.synthetic import nonlinear_truth
 
     gen = torch.Generator().manual_seed(0)
     alpha = torch.rand(500, 16, generator=gen) * (torch.rand(500, 16, generator=gen) < 0.2)

@@ -75,9 +75,16 @@ def test_the_wheel_holds_the_configs_the_sweeps_and_the_entry_points(installed):
     assert sweeps == package.parent / "sweeps"
     assert sorted(p.name for p in sweeps.glob("*.yaml")) == sorted(p.name for p in (ROOT / "sweeps").glob("*.yaml"))
     assert (package.parent / "__main__.py").is_file() and (package.parent / "lightning_compat.py").is_file()
+    # every module of the checkout, sub-packages included (pyproject.toml lists the packages by name)
+    source = {p.relative_to(ROOT / "sparse_coding").as_posix() for p in (ROOT / "sparse_coding").rglob("*.py")}
+    shipped = {p.relative_to(package.parent).as_posix() for p in package.parent.rglob("*.py")}
+    assert source <= shipped, sorted(source - shipped)
     for script in ("sparse-coding-train", "sparse-coding-sweep", "sparse-coding-cache", "sparse-coding-experiments",
                    "sparse-coding-features"):
         assert (installed / "bin" / script).is_file(), script
+    cache_cli = subprocess.run([str(installed / "bin" / "sparse-coding-cache"), "verify", str(installed / "none")],
+                               capture_output=True, text=True, cwd=installed, env=clean_env(), timeout=120)
+    assert cache_cli.returncode == 2 and cache_cli.stderr.strip() == f"error: {installed / 'none'}: not a cache folder"
 
 
 def test_a_named_sweep_runs_from_any_directory_after_installing_the_wheel(installed, tmp_path):

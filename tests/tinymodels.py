@@ -37,7 +37,7 @@ def make_tiny_gpt2(out: Path, n_layer: int = 2, n_embd: int = 32) -> Path:
 
 def run_cfg(overrides: list[str]):
     """The project's composed run config with overrides (Hydra compose API)."""
-    from sparse_coding.cache import compose_config
+    from sparse_coding.config.compose import compose_config
 
     return compose_config(overrides)
 

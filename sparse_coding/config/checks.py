@@ -184,8 +184,10 @@ def validate_data(cfg: DataConfig, *, uses_model: bool) -> Optional[dict]:
 
 
 def check_model(cfg: Any, model: ModelPlan) -> None:
-    """Model, layer and corpus checks, on the model's shape as the plan read it (no torch, no transformers)."""
+    """Model, layer and corpus checks, on the model's shape as the plan read it (no torch, no transformers).
+    Also the cache build's (cache.build.ensure_cache), for a config it builds without `validate`."""
     from sparse_coding import models
+    from sparse_coding.corpus import validate_corpus
 
     if not isinstance(cfg.model.dtype, str) or cfg.model.dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError(f"model.dtype={cfg.model.dtype!r}: choose float32, float16 or bfloat16")
@@ -195,12 +197,21 @@ def check_model(cfg: Any, model: ModelPlan) -> None:
     if cfg.activation == "token_embeddings":
         return  # the embedding matrix needs neither a layer nor a corpus
     models.parse_layers(cfg.layer, model.num_layers, cfg.model.name)
-    models.validate_corpus(cfg.corpus)
+    validate_corpus(cfg.corpus)
     max_pos = models.max_positions(model.path)
     if max_pos is not None and cfg.corpus.context_len > max_pos:
         raise ConfigError(
             f"corpus.context_len={cfg.corpus.context_len} exceeds model={cfg.model.name}'s {max_pos} positions"
         )
+
+
+def check_trainable(cfg: Any) -> None:
+    """Refuse, before any work, what validates for a cache build but cannot be one training run."""
+    if cfg.model is not None and cfg.activation == "hidden_states" and isinstance(cfg.layer, str) \
+            and cfg.layer.strip().lower() == "all":
+        raise ConfigError("layer=all trains nothing: train one layer per run (layer=K), or every layer with "
+                          "python train.py -m 'layer=range(0,N+1)' or sweeps/layers.yaml; layer=all is for "
+                          "python -m sparse_coding.cache build (one forward pass stores every layer)")
 
 
 def check_cache_width(cfg: Any, manifest: dict, model: ModelPlan) -> None:

@@ -95,7 +95,7 @@ def _given(overrides: list[str], key: str) -> Optional[str]:
 
 def check_run_dir(path: str, key: str = "hydra.run.dir") -> None:
     """`path` is, or can become, a directory this process can write in, with room for a run; nothing is created."""
-    from sparse_coding.rundir import MIN_FREE_BYTES
+    from sparse_coding.lifecycle.rundir import MIN_FREE_BYTES
 
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():

@@ -17,7 +17,7 @@ ACTIVATIONS = ("hidden_states", "token_embeddings")
 LOGGERS = ("wandb", "csv", "none")
 OPTIMIZERS = ("adam", "sgd")
 INITS = ("data", "random")
-NORMALIZE = ("none", "token")  # data.normalize (sparse_coding.preprocess)
+NORMALIZE = ("none", "token")  # data.normalize (sparse_coding.data.preprocess)
 
 
 @dataclass
@@ -41,9 +41,9 @@ class DataConfig:
     skip_nonfinite: bool = False  # drop NaN/Inf rows from a cache instead of failing
     num_workers: int = 0
     center: bool = True  # subtract the stored cache mean from real activations (docs/method.md §7.6)
-    drop_positions: int = 0  # leave out context positions 0..K-1 (attention sink / BOS; sparse_coding.preprocess)
+    drop_positions: int = 0  # leave out context positions 0..K-1 (attention sink / BOS; sparse_coding.data.preprocess)
     max_norm_ratio: float = 0.0  # > 1: leave out rows with norm > ratio x the layer's median row norm; 0: off
-    normalize: str = "none"  # "token": every (centred) row scaled to norm sqrt(d) (sparse_coding.preprocess)
+    normalize: str = "none"  # "token": every (centred) row scaled to norm sqrt(d) (sparse_coding.data.preprocess)
 
 
 @dataclass

@@ -198,8 +198,9 @@ def held_out_contexts(cfg, tokenizer, n_ctx: int) -> tuple[torch.Tensor, np.ndar
 
 def functional_check(scale: str, root: Path = DEFAULT_ROOT, log=print, model_name: str = "smollm2",
                      layers: list[int] | None = None, extra: list[str] | None = None) -> list[dict]:
-    from sparse_coding import cache as cache_mod
     from sparse_coding import models
+    from sparse_coding.cache.build import ensure_cache
+    from sparse_coding.cache.store import read_manifest
 
     num_layers = LAYER_MODELS.get(model_name)
     layers = layers if layers is not None else FUNCTIONAL_LAYERS[scale] if model_name == "smollm2" else None
@@ -214,8 +215,8 @@ def functional_check(scale: str, root: Path = DEFAULT_ROOT, log=print, model_nam
     num_layers = info["num_layers"]
     ids, keep = held_out_contexts(cfg, tokenizer, FUNCTIONAL_CONTEXTS[scale])
     keep_t = torch.as_tensor(keep)
-    cache_path = cache_mod.ensure_cache(cfg)
-    manifest = cache_mod.read_manifest(cache_path)
+    cache_path = ensure_cache(cfg)
+    manifest = read_manifest(cache_path)
     clean = next_token_loss(model, ids)
     with torch.inference_mode():
         hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states

@@ -16,7 +16,7 @@ in the manifest's `corpus.keep_positions` (special tokens such as [CLS]/[SEP] ar
   tail: the metrics are ratios of sums over rows, so a few rows can decide them);
 - the rows whose norm exceeds NORM_RATIO x the median row norm (the `data.max_norm_ratio` rule)
   and how many of them are not at the first position (attention sinks elsewhere in a context);
-- the same centred shares after the remedies of `sparse_coding.preprocess`: `data.drop_positions=1`;
+- the same centred shares after the remedies of `sparse_coding.data.preprocess`: `data.drop_positions=1`;
   that and `data.normalize=token`; and the remedy curve's (`data.drop_positions=1` with
   `data.max_norm_ratio=NORM_RATIO`).
 
@@ -30,19 +30,19 @@ from pathlib import Path
 
 import numpy as np
 
-from sparse_coding import cache as cache_mod
-from sparse_coding.preprocess import context_positions, norm_outlier_mask
+from sparse_coding.cache.store import open_shard, read_manifest, shard_paths
+from sparse_coding.data.preprocess import context_positions, norm_outlier_mask
+from sparse_coding.experiments.grid import NORM_RATIO  # the data.max_norm_ratio reported: the remedy curve's
 
 TOP_DIMS = 5
-NORM_RATIO = 10.0  # the data.max_norm_ratio reported (and used by the experiments' remedy curve)
 
 
 def layer_rows(path: Path, manifest: dict, key: str, max_rows: int) -> np.ndarray:
     """The first `max_rows` rows of one layer (float64)."""
-    files = cache_mod.shard_paths(path, manifest, key)
+    files = shard_paths(path, manifest, key)
     out, have = [], 0
     for f, e in zip(files, manifest["shards"][key]):
-        arr = cache_mod.open_shard(f, int(e["rows"]), int(manifest["d"]), manifest["dtype"])
+        arr = open_shard(f, int(e["rows"]), int(manifest["d"]), manifest["dtype"])
         take = min(int(e["rows"]), max_rows - have)
         out.append(np.asarray(arr[:take], dtype=np.float64))
         have += take
@@ -118,7 +118,7 @@ def analyse_layer(x: np.ndarray, positions: np.ndarray) -> dict:
 
 def analyse_cache(path: Path, layers: list[str] | None = None, max_rows: int = 65536) -> dict:
     path = Path(path)
-    m = cache_mod.read_manifest(path)
+    m = read_manifest(path)
     keys = layers or sorted(m["shards"], key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else k))
     n = min(int(m["n_rows"]), max_rows)
     positions = context_positions(m, np.arange(n))

@@ -31,11 +31,11 @@ TIMING_COLUMNS = ("fit_seconds", "eval_seconds", "samples_per_second")
 TRUTH_COLUMNS = ("ground_truth", "true_l0", "true_avg_coef_norm", "nonlinear_share", "preact_std")
 # issue 19: the generalization gap beside the in-sample measurement, and how the SEs were clustered
 GAP_COLUMNS = ("generalization_gap", "generalization_gap_se", "normalized_loss_se_rows", "se_clusters")
-DATA_COLUMNS = ("drop_positions", "max_norm_ratio", "norm_outliers_dropped", "normalize")  # the preprocessing of real activations (sparse_coding.preprocess)
+DATA_COLUMNS = ("drop_positions", "max_norm_ratio", "norm_outliers_dropped", "normalize")  # the preprocessing of real activations (sparse_coding.data.preprocess)
 
 
 def compose(overrides: list[str]):
-    from sparse_coding.cache import compose_config
+    from sparse_coding.config.compose import compose_config
 
     return compose_config(overrides)
 

@@ -35,11 +35,11 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 
 def import_cache(out: Path, arr: np.ndarray, shard_rows: int = 64) -> Path:
     """A one-layer cache ('data') holding `arr`, written by the real import path."""
-    from sparse_coding import cache
+    from sparse_coding.cache import build
 
     src = Path(out).parent / f"{Path(out).name}-src.npy"
     np.save(src, arr)
-    return cache.import_array(src, out, shard_rows=shard_rows)
+    return build.import_array(src, out, shard_rows=shard_rows)
 
 
 def file_digests(d: Path, skip=("verified.json",)) -> dict:

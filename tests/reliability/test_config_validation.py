@@ -182,7 +182,7 @@ t0 = time.perf_counter()
 from sparse_coding.config.checks import validate
 from sparse_coding.errors import ConfigError, DataError
 t_import = time.perf_counter() - t0
-from sparse_coding.cache import compose_config  # Hydra's compose API (not our start-up)
+from sparse_coding.config.compose import compose_config  # Hydra's compose API (not our start-up)
 from sparse_coding.config.overrides import check_overrides  # before Hydra composes (loads Hydra's parser, as Hydra would)
 cases = json.loads(sys.argv[1])
 worst = 0.0

@@ -17,9 +17,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparse_coding import cache, checkpoints, corpus
+from sparse_coding import corpus
+from sparse_coding.cache import build, cli, store
+from sparse_coding.lifecycle import checkpoint, resume
 from sparse_coding.config import resources
-from sparse_coding.cache import compose_config
+from sparse_coding.config.compose import compose_config
 from sparse_coding.config.checks import validate
 from sparse_coding.errors import ConfigError, DataError, StorageError, TrainingError
 from sparse_coding.rundir import check_writable, own_run_dir
@@ -47,24 +49,24 @@ def test_a_resumed_or_repeated_import_of_another_source_is_refused_and_force_rep
             raise KeyboardInterrupt
         return a[lo:hi]
 
-    identity = {"kind": "imported", "source_sha256": cache.sha256_file(tmp_path / "a.npy"), "key": None,
+    identity = {"kind": "imported", "source_sha256": store.sha256_file(tmp_path / "a.npy"), "key": None,
                 "shape": [400, 8], "dtype": "float32", "rows_per_shard": 16}
     with pytest.raises(KeyboardInterrupt):
-        cache.write_array_cache(out, dies_after_three, 400, 8, "data", {"kind": "imported"}, shard_rows=16,
+        build.write_array_cache(out, dies_after_three, 400, 8, "data", {"kind": "imported"}, shard_rows=16,
                                 identity=identity)
     with pytest.raises(ConfigError, match="partial build of another source") as e:
-        cache.import_array(tmp_path / "b.npy", out, shard_rows=16)
+        build.import_array(tmp_path / "b.npy", out, shard_rows=16)
     one_line(e.value)
-    cache.import_array(tmp_path / "a.npy", out, shard_rows=16)  # the same source resumes
-    assert cache.verify(out)["files"] == 25
+    build.import_array(tmp_path / "a.npy", out, shard_rows=16)  # the same source resumes
+    assert store.verify(out)["files"] == 25
     with pytest.raises(ConfigError, match="finished cache of another source"):
-        cache.import_array(tmp_path / "b.npy", out, shard_rows=16)
+        build.import_array(tmp_path / "b.npy", out, shard_rows=16)
     with pytest.raises(ConfigError, match="finished cache of another source"):  # other settings, same file
-        cache.import_array(tmp_path / "a.npy", out, shard_rows=32)
-    cache.import_array(tmp_path / "b.npy", out, shard_rows=16, force=True)
+        build.import_array(tmp_path / "a.npy", out, shard_rows=32)
+    build.import_array(tmp_path / "b.npy", out, shard_rows=16, force=True)
     rows = np.concatenate([np.load(p) for p in sorted((out / "layers" / "data").glob("shard_*.npy"))])
     np.testing.assert_array_equal(rows, b)
-    assert cache.verify(out)["files"] == 25
+    assert store.verify(out)["files"] == 25
     assert not list(tmp_path.glob(".cache.*-*"))  # no sibling left by --force
 
 
@@ -74,14 +76,14 @@ def test_an_output_that_is_a_file_or_a_foreign_folder_is_refused(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="existing file"):
-        cache.import_array(tmp_path / "a.npy", tmp_path / "file")
+        build.import_array(tmp_path / "a.npy", tmp_path / "file")
     with pytest.raises(ConfigError, match="not empty"):
-        cache.import_array(tmp_path / "a.npy", tmp_path / "other")
+        build.import_array(tmp_path / "a.npy", tmp_path / "other")
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
 def test_a_shard_changed_in_place_with_its_mtime_kept_is_found_on_every_open(tmp_path):
-    from sparse_coding.streaming import CacheDataModule
+    from sparse_coding.data.cache_datamodule import CacheDataModule
 
     path = import_cache(tmp_path / "c", np.random.default_rng(0).standard_normal((256, 8)).astype(np.float32))
     CacheDataModule(path)  # first open: verified
@@ -106,15 +108,15 @@ def test_a_manifest_with_stats_or_mean_of_the_wrong_type_or_shape_fails_verify(t
         mutate(m)
         (path / "manifest.json").write_text(json.dumps(m))
         with pytest.raises(DataError) as e:
-            cache.verify(path)
+            store.verify(path)
         one_line(e.value)
     (path / "manifest.json").write_text(json.dumps(good))
     mean = path / "layers" / "data" / "mean.npy"
     np.save(mean, np.zeros(5))  # wrong shape, checksum updated to match
-    good["stats"]["data"]["mean_sha256"] = cache.sha256_file(mean)
+    good["stats"]["data"]["mean_sha256"] = store.sha256_file(mean)
     (path / "manifest.json").write_text(json.dumps(good))
     with pytest.raises(DataError, match="mean row is \\(5,\\)"):
-        cache.verify(path)
+        store.verify(path)
 
 
 def test_inputs_get_messages_that_say_what_they_are(tmp_path):
@@ -123,11 +125,11 @@ def test_inputs_get_messages_that_say_what_they_are(tmp_path):
     data = (tmp_path / "full.npy").read_bytes()
     (tmp_path / "cut.npy").write_bytes(data[: len(data) // 2])
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
-    np.save(tmp_path / "wide.npy", np.zeros((1, cache.MAX_D + 1), np.float16))
+    np.save(tmp_path / "wide.npy", np.zeros((1, store.MAX_D + 1), np.float16))
     for name, pattern in (("text.npy", "not a .npy file"), ("cut.npy", "truncated"),
                           ("bad.safetensors", "not a readable .safetensors"), ("wide.npy", "width d=1048577")):
         with pytest.raises(DataError, match=pattern) as e:
-            cache.import_array(tmp_path / name, tmp_path / f"out-{name}")
+            build.import_array(tmp_path / name, tmp_path / f"out-{name}")
         assert "pickle" not in one_line(e.value)
         assert not (tmp_path / f"out-{name}").exists()
 
@@ -144,7 +146,7 @@ def test_the_cache_cli_answers_bad_flags_and_overrides_with_one_line(tmp_path, c
              ["build", "model=minilm", "layer=[1"], ["verify", str(tmp_path / "file")], ["frobnicate"]]
     for argv in cases:
         try:
-            code = cache.main(argv)
+            code = cli.main(argv)
         except SystemExit as e:
             code = e.code
         err = capsys.readouterr().err.strip().splitlines()
@@ -175,7 +177,7 @@ def trained(tmp_path_factory):
 
 def test_the_epoch_end_checkpoint_holds_the_updated_lambda(trained):
     _, out, module = trained
-    last = checkpoints.load_checkpoint(out / "checkpoints" / "last.ckpt")
+    last = resume.load_checkpoint(out / "checkpoints" / "last.ckpt")
     # the step-4 and step-8 checkpoints fall on an epoch's last batch: they are the epoch-end ones,
     # taken after the auto-lambda update, so they hold the lambda the run went on with
     assert float(last["state_dict"]["lams"][0]) == module.lam(0)
@@ -191,13 +193,13 @@ def test_resume_refuses_changed_settings_and_finished_runs_with_one_line(trained
         hp = {**dict(module.hparams), **change}
         other = SparseCodingModule(**hp)
         with pytest.raises(ConfigError, match=pattern) as e:
-            checkpoints.resume_checkpoint("last", out, other, cfg.trainer)
+            resume.resume_checkpoint("last", out, other, cfg.trainer)
         one_line(e.value)
     other = SparseCodingModule(**{**dict(module.hparams), "dim": 9})
     with pytest.raises(ConfigError, match="data width|shape"):
-        checkpoints.resume_checkpoint("last", out, other, cfg.trainer)
+        resume.resume_checkpoint("last", out, other, cfg.trainer)
     with pytest.raises(ConfigError, match="already finished"):
-        checkpoints.resume_checkpoint("last", out, module, cfg.trainer)
+        resume.resume_checkpoint("last", out, module, cfg.trainer)
 
 
 def test_a_damaged_last_checkpoint_falls_back_to_the_newest_intact_one(trained, tmp_path, capsys):
@@ -208,17 +210,17 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_newest_intact_one(trained, 
     last.write_bytes(last.read_bytes()[:1000])  # a write cut short
     longer = cfg.trainer.copy()
     longer.max_epochs = 5
-    path = checkpoints.resume_checkpoint("last", run, module, longer)
+    path = resume.resume_checkpoint("last", run, module, longer)
     assert Path(path).name.startswith("epoch=1-step=8") and "damaged" in capsys.readouterr().err
     for p in (run / "checkpoints").glob("*.ckpt"):
         p.write_bytes(b"junk")
     with pytest.raises(DataError, match="no other intact checkpoint"):
-        checkpoints.resume_checkpoint("last", run, module, longer)
+        resume.resume_checkpoint("last", run, module, longer)
 
 
 def test_a_failed_checkpoint_write_leaves_the_old_one_and_no_temporary_file(tmp_path, monkeypatch):
     target = tmp_path / "last.ckpt"
-    checkpoints.atomic_save({"a": torch.ones(3)}, target)
+    checkpoint.atomic_save({"a": torch.ones(3)}, target)
     before = target.read_bytes()
 
     def dies_midway(obj, f):
@@ -227,7 +229,7 @@ def test_a_failed_checkpoint_write_leaves_the_old_one_and_no_temporary_file(tmp_
 
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(StorageError, match="no space left.*previous checkpoint is intact") as e:
-        checkpoints.atomic_save({"a": torch.zeros(3)}, target)
+        checkpoint.atomic_save({"a": torch.zeros(3)}, target)
     one_line(e.value)
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
@@ -280,7 +282,7 @@ def test_a_fresh_run_sets_earlier_checkpoints_aside(trained, tmp_path, capsys):
     cfg, out, module = trained
     run = tmp_path / "run"
     shutil.copytree(out / "checkpoints", run / "checkpoints")
-    assert checkpoints.resume_checkpoint(None, run, module, cfg.trainer) is None
+    assert resume.resume_checkpoint(None, run, module, cfg.trainer) is None
     assert not (run / "checkpoints").exists() and len(list(run.glob("checkpoints-before-*/*.ckpt"))) == 2
     assert "moved to" in capsys.readouterr().err
 
@@ -290,7 +292,7 @@ def test_a_fresh_run_sets_earlier_checkpoints_aside(trained, tmp_path, capsys):
 
 
 def test_data_too_small_to_measure_is_refused_before_training(tmp_path):
-    from sparse_coding.streaming import CacheDataModule
+    from sparse_coding.data.cache_datamodule import CacheDataModule
 
     path = import_cache(tmp_path / "c", np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32))
     with pytest.raises(DataError, match="too few to measure"):

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from reliability.helpers import as_nobody, child_env, error_lines, import_cache, run_py
-from sparse_coding import cache, cache_store, checkpoints
+from sparse_coding.cache import store
+from sparse_coding.lifecycle import resume
 from sparse_coding.errors import DataError, TrainingError
 
 QUICK = ["logger=none", "trainer.enable_progress_bar=false", "data=sparse_linear", "data.dim=8", "data.n=256",
@@ -223,7 +224,7 @@ def test_a_crafted_checkpoint_is_one_line_naming_it(finished_run, tmp_path, case
     cfg, plan = compose_and_plan([*QUICK, "trainer.max_steps=8", "ckpt_path=last"])
     dm = build_datamodule(cfg, plan)
     with pytest.raises(DataError) as e:
-        checkpoints.resume_checkpoint("last", run, build_module(cfg, plan, dm), cfg.trainer, dm)
+        resume.resume_checkpoint("last", run, build_module(cfg, plan, dm), cfg.trainer, dm)
     msg = str(e.value)
     assert "\n" not in msg and str(run / "checkpoints" / "last.ckpt") in msg and expected in msg, msg
 
@@ -293,11 +294,11 @@ def _deny(monkeypatch, denied: Path) -> None:
 
 @pytest.mark.parametrize("what", ["layers/data/mean.npy", "layers"])
 def test_an_unreadable_cache_file_or_folder_is_one_line(tmp_path, monkeypatch, what):
-    from sparse_coding.streaming import CacheDataModule
+    from sparse_coding.data.cache_datamodule import CacheDataModule
 
     path = import_cache(tmp_path / "c", np.random.default_rng(0).standard_normal((300, 4)).astype(np.float32))
     _deny(monkeypatch, path / what)
-    for attempt in (lambda: cache.verify(path), lambda: CacheDataModule(path, batch_size=32)):
+    for attempt in (lambda: store.verify(path), lambda: CacheDataModule(path, batch_size=32)):
         with pytest.raises(DataError, match="cannot be read .not readable by this user.") as e:
             attempt()
         assert "\n" not in str(e.value) and str(path / "layers") in str(e.value)
@@ -333,7 +334,7 @@ def test_chmod_000_on_a_cache_file_or_folder_for_a_real_user(tmp_path, what):
 
 
 def test_more_workers_than_full_batches_are_lowered_and_batches_stay_full(tmp_path, capsys):
-    from sparse_coding.streaming import CacheDataModule
+    from sparse_coding.data.cache_datamodule import CacheDataModule
 
     path = import_cache(tmp_path / "c", np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32), 1000)
     dm = CacheDataModule(path, batch_size=1024, num_workers=64)

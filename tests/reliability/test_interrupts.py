@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from reliability.helpers import ROOT, child_env, file_digests, run_py
-from sparse_coding import cache
+from sparse_coding.cache import build, store
+from sparse_coding.config.compose import compose_config
 from sparse_coding.errors import DataError
 
 TOKENS = 5000
@@ -69,9 +70,9 @@ def reference_cache(tiny_gpt2, tmp_path_factory) -> Path:
     from sparse_coding.config.checks import validate
 
     cache_dir = tmp_path_factory.mktemp("reference")
-    cfg = cache.compose_config(build_args(tiny_gpt2, cache_dir)[5:])
+    cfg = compose_config(build_args(tiny_gpt2, cache_dir)[5:])
     validate(cfg)
-    return cache.ensure_cache(cfg, shard_rows=64)
+    return build.ensure_cache(cfg, shard_rows=64)
 
 
 def test_sigkill_during_cache_build_then_rerun_gives_the_identical_cache(tiny_gpt2, reference_cache, tmp_path):
@@ -84,7 +85,7 @@ def test_sigkill_during_cache_build_then_rerun_gives_the_identical_cache(tiny_gp
     partial = cache_folder(tmp_path)
     assert not (partial / "manifest.json").exists()  # killed mid-way: not a cache yet
     with pytest.raises(DataError, match="no manifest"):
-        cache.read_manifest(partial)
+        store.read_manifest(partial)
     n_before = shards()
     rerun = run_py(build_args(tiny_gpt2, tmp_path), timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -92,7 +93,7 @@ def test_sigkill_during_cache_build_then_rerun_gives_the_identical_cache(tiny_gp
     assert 8 <= n_before < len(json.loads((partial / "manifest.json").read_text())["shards"]["0"])
     assert file_digests(partial) == file_digests(reference_cache)
     assert not [p for p in partial.rglob("*") if ".tmp-" in p.name]  # the killed build's leftovers are gone
-    assert cache.verify(partial)["files"] > 0
+    assert store.verify(partial)["files"] > 0
 
 
 def test_two_processes_building_the_same_cache_at_once(tiny_gpt2, reference_cache, tmp_path):
@@ -101,7 +102,7 @@ def test_two_processes_building_the_same_cache_at_once(tiny_gpt2, reference_cach
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
     path = cache_folder(tmp_path)
-    assert cache.verify(path)["files"] > 0
+    assert store.verify(path)["files"] > 0
     assert file_digests(path) == file_digests(reference_cache)
     # each process either waited on the lock or found the finished cache; exactly one computed the shards
     computed = [err.count("needs ") for _, err in outs]
@@ -114,8 +115,8 @@ def test_build_lock_serialises_builders_in_process(tmp_path):
 
     out = tmp_path / "c"
     order = []
-    with cache.build_lock(out):
-        t = threading.Thread(target=lambda: (cache.build_lock(out).__enter__(), order.append("second")))
+    with store.build_lock(out):
+        t = threading.Thread(target=lambda: (store.build_lock(out).__enter__(), order.append("second")))
         # flock locks belong to open file descriptions, so a second open in another thread waits too
         t.start()
         time.sleep(0.3)
@@ -145,7 +146,7 @@ def test_sigkill_during_training_then_resume_gives_the_same_phi_and_metrics(tmp_
     from sparse_coding.run import run
 
     clean = tmp_path / "clean"  # the uninterrupted run, in this process (train.py's code path)
-    cfg = cache.compose_config(TRAIN)
+    cfg = compose_config(TRAIN)
     validate(cfg)
     run(cfg, clean)
 

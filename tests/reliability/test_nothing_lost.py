@@ -26,8 +26,10 @@ import numpy as np
 import pytest
 
 from reliability.helpers import error_lines, file_digests, import_cache, one_line, run_py
-from sparse_coding import cache, cache_store, checkpoints, corpus
-from sparse_coding.cache import compose_config
+from sparse_coding import corpus
+from sparse_coding.cache import build, cli, store
+from sparse_coding.lifecycle import checkpoint, resume
+from sparse_coding.config.compose import compose_config
 from sparse_coding.config.checks import validate
 from sparse_coding.errors import ConfigError, DataError, StorageError
 
@@ -56,13 +58,13 @@ def test_cache_force_refuses_a_run_directory_and_touches_nothing(tmp_path, capsy
     np.save(tmp_path / "a.npy", np.ones((40, 4), np.float32))
     run = fake_run_dir(tmp_path / "run")
     before, siblings = digests(run), sorted(p.name for p in tmp_path.iterdir())
-    code = cache.main(["import", "--input", str(tmp_path / "a.npy"), "--output", str(run), "--force"])
+    code = cli.main(["import", "--input", str(tmp_path / "a.npy"), "--output", str(run), "--force"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "not a cache folder (a training run's folder)" in err[0], err
     assert digests(run) == before and sorted(p.name for p in tmp_path.iterdir()) == siblings  # not even a lock file
     # the same guard under the lock, where `cache build --force` swaps its new cache in
     with pytest.raises(ConfigError, match="not a cache folder") as e:
-        with cache_store.replacing(run):
+        with store.replacing(run):
             pytest.fail("replacing() yielded for a run directory")
     one_line(e.value)
     assert digests(run) == before
@@ -73,24 +75,24 @@ def test_cache_force_replaces_a_cache_a_partial_build_or_an_empty_folder_only(tm
     np.save(tmp_path / "a.npy", a)
     np.save(tmp_path / "b.npy", a + 1)
     done = import_cache(tmp_path / "done", a, shard_rows=16)
-    cache.verify(done)  # verified.json is part of a cache too
+    store.verify(done)  # verified.json is part of a cache too
     partial = tmp_path / "partial"
     with pytest.raises(KeyboardInterrupt):
         def dies(lo, hi):
             if lo >= 16:
                 raise KeyboardInterrupt
             return a[lo:hi]
-        cache.write_array_cache(partial, dies, 40, 4, "data", {"kind": "imported"}, shard_rows=16)
+        build.write_array_cache(partial, dies, 40, 4, "data", {"kind": "imported"}, shard_rows=16)
     (tmp_path / "empty").mkdir()
     for out in (done, partial, tmp_path / "empty", tmp_path / "new"):
-        cache.import_array(tmp_path / "b.npy", out, shard_rows=16, force=True)
-        assert cache.verify(out)["files"] == 3, out
+        build.import_array(tmp_path / "b.npy", out, shard_rows=16, force=True)
+        assert store.verify(out)["files"] == 3, out
     mixed = import_cache(tmp_path / "mixed", a, shard_rows=16)
     (mixed / "notes.txt").write_text("mine")  # a user's file inside a cache: --force would delete it
     (mixed / "layers" / "data" / "keep.npy").write_bytes(b"x")
     before = digests(mixed)
     with pytest.raises(ConfigError, match=r"not a cache folder: it holds layers/data/keep.npy, notes.txt;"):
-        cache.import_array(tmp_path / "b.npy", mixed, shard_rows=16, force=True)
+        build.import_array(tmp_path / "b.npy", mixed, shard_rows=16, force=True)
     assert digests(mixed) == before
 
 
@@ -142,13 +144,13 @@ def test_a_finished_run_is_never_replaced_and_refused_runs_leave_its_record(tmp_
 
 def test_a_direct_run_into_a_finished_run_is_refused(tmp_path):
     """run() without train.py (experiment runners, tests) has the same guard before training."""
-    from sparse_coding import rundir
+    from sparse_coding.lifecycle import rundir
 
     run = fake_run_dir(tmp_path / "run")
     before = digests(run)
     for ckpt in (None, str(tmp_path / "other" / "checkpoints" / "last.ckpt")):
         with pytest.raises(ConfigError, match="holds a finished run") as e:
-            checkpoints.resume_checkpoint(ckpt, run, None, None)
+            resume.resume_checkpoint(ckpt, run, None, None)
         one_line(e.value)
     with pytest.raises(ConfigError, match="holds a finished run"):
         with rundir.start_run(run, None):
@@ -179,7 +181,7 @@ def _train(out: Path, epochs: int, *extra: str) -> None:
 
 
 def _step(path: Path) -> int:
-    return int(checkpoints.load_checkpoint(path)["global_step"])
+    return int(resume.load_checkpoint(path)["global_step"])
 
 
 def test_a_copied_run_directory_resumes_into_its_own_last_checkpoint(tmp_path):
@@ -203,9 +205,9 @@ def test_ckpt_path_last_takes_the_checkpoint_with_the_most_progress(tmp_path, ca
     """A folder left by the old behaviour: last.ckpt (older) beside last-v1.ckpt (newer)."""
     state = {"state_dict": {}, "hyper_parameters": {}, "loops": {}, "optimizer_states": [{"state": {}, "param_groups": []}]}
     folder = tmp_path / "checkpoints"
-    checkpoints.atomic_save({**state, "global_step": 8}, folder / "last.ckpt")
-    checkpoints.atomic_save({**state, "global_step": 16}, folder / "last-v1.ckpt")
-    checkpoints.atomic_save({**state, "global_step": 12}, folder / "epoch=2-step=12.ckpt")
+    checkpoint.atomic_save({**state, "global_step": 8}, folder / "last.ckpt")
+    checkpoint.atomic_save({**state, "global_step": 16}, folder / "last-v1.ckpt")
+    checkpoint.atomic_save({**state, "global_step": 12}, folder / "epoch=2-step=12.ckpt")
 
     class Module:
         hparams: dict = {}
@@ -217,7 +219,7 @@ def test_ckpt_path_last_takes_the_checkpoint_with_the_most_progress(tmp_path, ca
     class Budget:
         max_epochs, max_steps = -1, 100
 
-    path = checkpoints.resume_checkpoint("last", tmp_path, Module(), Budget())
+    path = resume.resume_checkpoint("last", tmp_path, Module(), Budget())
     assert Path(path).name == "last-v1.ckpt" and "holds less progress" in capsys.readouterr().err
 
 
@@ -236,11 +238,11 @@ def test_the_cache_lock_wait_never_blocks_in_flock_and_says_what_it_waits_for(tm
         return real(fd, op)
 
     out = tmp_path / "c"
-    with cache.build_lock(out):  # this open file description holds the lock, with our pid in the lock file
-        monkeypatch.setattr(cache_store.fcntl, "flock", recording)
+    with store.build_lock(out):  # this open file description holds the lock, with our pid in the lock file
+        monkeypatch.setattr(store.fcntl, "flock", recording)
         with pytest.raises(StorageError, match="gave up waiting") as e:
             with open(tmp_path / ".c.lock", "a+b") as f:
-                cache_store.wait_for_lock(f, lambda holder: f"[cache] waiting for it{holder}", timeout=0.3)
+                store.wait_for_lock(f, lambda holder: f"[cache] waiting for it{holder}", timeout=0.3)
         one_line(e.value)
         monkeypatch.undo()
     # a blocking flock(2) entered just after a Ctrl-C was handled waits forever: only non-blocking attempts
@@ -254,10 +256,10 @@ def test_the_cache_lock_wait_ends_when_the_holder_lets_go(tmp_path, capsys):
     got = []
 
     def second():
-        with cache.build_lock(out):
+        with store.build_lock(out):
             got.append(released.is_set())
 
-    with cache.build_lock(out):
+    with store.build_lock(out):
         t = threading.Thread(target=second)
         t.start()
         for _ in range(1200):  # at most a minute for the thread to start waiting
@@ -304,7 +306,7 @@ def test_a_fifo_checkpoint_is_refused_not_waited_on(tmp_path, fifo):
     try:
         for ckpt, error in (("last", DataError), (str(last), ConfigError)):  # found in the run, or given
             with pytest.raises(error, match="FIFO") as e:
-                checkpoints.resume_checkpoint(ckpt, tmp_path / "run", None, None)
+                resume.resume_checkpoint(ckpt, tmp_path / "run", None, None)
             one_line(e.value)
     finally:
         timer.cancel()
@@ -319,10 +321,8 @@ def test_corpus_files_that_are_not_regular_files_are_named_for_what_they_are(tmp
                            (Path("/dev/zero"), "is a character device"),
                            (tmp_path / "dangling.txt", "broken symbolic link"), (tmp_path / "nope.txt", "does not exist")):
             cfg = compose_config(["corpus=text", f"corpus.files=[{path}]"])
-            from sparse_coding import models
-
             with pytest.raises(DataError, match=what) as e:
-                models.validate_corpus(cfg.corpus)
+                corpus.validate_corpus(cfg.corpus)
             one_line(e.value)
             with pytest.raises(DataError, match=what):
                 corpus.source_files(cfg.corpus)

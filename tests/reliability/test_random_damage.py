@@ -29,7 +29,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reliability.helpers import import_cache, one_line
-from sparse_coding import cache, checkpoints, rundir
+from sparse_coding.cache import cli, store
+from sparse_coding.lifecycle import resume, rundir
 from sparse_coding.errors import DataError, SparseCodingError
 
 settings.load_profile("reliability")
@@ -139,7 +140,7 @@ def test_a_damaged_run_directory_is_resumed_refused_or_set_aside_never_lost(temp
         chosen = None
         try:
             with rundir.start_run(run, ckpt, overwrite=action == "overwrite"):
-                chosen = checkpoints.resume_checkpoint(ckpt, run, module, cfg.trainer, dm)
+                chosen = resume.resume_checkpoint(ckpt, run, module, cfg.trainer, dm)
         except SparseCodingError as e:
             one_line(e)
         after = digests(run)
@@ -150,7 +151,7 @@ def test_a_damaged_run_directory_is_resumed_refused_or_set_aside_never_lost(temp
         changed = {name for name in before if name in after and after[name] != before[name]}
         assert not changed, (damage, action, changed)
         if chosen is not None:  # what it resumes from is an intact checkpoint of this run
-            checkpoints.load_checkpoint(Path(chosen))
+            resume.load_checkpoint(Path(chosen))
     finally:
         shutil.rmtree(run.parent, ignore_errors=True)
 
@@ -182,7 +183,7 @@ def test_a_damaged_cache_is_refused_by_verify_with_one_line(intact_cache, capsys
         else:
             target.write_bytes(new)
         capsys.readouterr()
-        code = cache.main(["verify", str(path)])
+        code = cli.main(["verify", str(path)])
         err = capsys.readouterr().err.strip().splitlines()
         if code != 0:
             assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
@@ -190,7 +191,7 @@ def test_a_damaged_cache_is_refused_by_verify_with_one_line(intact_cache, capsys
         if target.suffix == ".npy" and new != data:
             assert code == 2, (target.name, kind)  # a changed shard or mean is always found
         if code == 0 and not data_file:  # the manifest still reads the same: the data are untouched
-            assert cache.read_manifest(path)["shards"] == cache.read_manifest(intact_cache)["shards"]
+            assert store.read_manifest(path)["shards"] == store.read_manifest(intact_cache)["shards"]
     finally:
         shutil.rmtree(path.parent, ignore_errors=True)
 

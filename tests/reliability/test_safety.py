@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from reliability.helpers import ROOT, error_lines, import_cache, run_py
-from sparse_coding import cache
+from sparse_coding.cache import build, store
+from sparse_coding.config.compose import compose_config
 from sparse_coding.errors import DataError
-from sparse_coding.streaming import CacheDataModule
+from sparse_coding.data.cache_datamodule import CacheDataModule
 
 
 def python_sources():
@@ -71,11 +72,11 @@ def test_a_pickle_payload_is_never_executed_on_import(tmp_path):
     bad = tmp_path / "acts.pt"
     bad.write_bytes(pickle.dumps({"x": Payload()}))
     with pytest.raises(DataError, match="weights_only=True"):
-        cache.load_user_array(bad)
+        build.load_user_array(bad)
     bad_npy = tmp_path / "acts.npy"
     np.save(bad_npy, np.array([Payload()], dtype=object), allow_pickle=True)
     with pytest.raises(DataError, match="pickled data"):
-        cache.load_user_array(bad_npy)
+        build.load_user_array(bad_npy)
     assert not marker.exists()
 
 
@@ -93,7 +94,7 @@ def test_caches_and_dictionaries_are_npy_json_safetensors(tmp_path):
                 np.load(p, allow_pickle=False)
             if p.suffix == ".json":
                 json.loads(p.read_text())
-    cfg = cache.compose_config(["logger=none", "trainer.enable_progress_bar=false", "data=cache", f"data.path={path}",
+    cfg = compose_config(["logger=none", "trainer.enable_progress_bar=false", "data=cache", f"data.path={path}",
                                 "trainer.max_epochs=1", "dictionary.mult=2", "data.batch_size=64"])
     validate(cfg)
     out = tmp_path / "run"
@@ -154,8 +155,8 @@ def test_a_crafted_manifest_cannot_reach_outside_the_cache(good_cache, tmp_path,
     m = json.loads((crafted / "manifest.json").read_text())
     (crafted / "manifest.json").write_text(json.dumps(apply(m, outside)))
     before = _snapshot(tmp_path, crafted)
-    for attempt in (lambda: cache.read_manifest(crafted), lambda: cache.verify(crafted),
-                    lambda: CacheDataModule(crafted), lambda: cache.ensure_verified(crafted)):
+    for attempt in (lambda: store.read_manifest(crafted), lambda: store.verify(crafted),
+                    lambda: CacheDataModule(crafted), lambda: store.ensure_verified(crafted)):
         with pytest.raises(DataError) as info:
             attempt()
         assert "\n" not in str(info.value)
@@ -173,7 +174,7 @@ def test_a_symlinked_shard_pointing_outside_is_refused(good_cache, tmp_path):
     shard.unlink()
     os.symlink(outside, shard)
     with pytest.raises(DataError, match="outside the cache folder"):
-        cache.verify(crafted)
+        store.verify(crafted)
     with pytest.raises(DataError, match="outside the cache folder"):
         CacheDataModule(crafted)
 

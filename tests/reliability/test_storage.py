@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from reliability.helpers import error_lines, file_digests, run_py
-from sparse_coding import cache, cache_store
+from sparse_coding.cache import build, store
 from sparse_coding.errors import DataError, StorageError
 
 
@@ -62,23 +62,23 @@ def test_running_out_of_space_mid_build_leaves_only_complete_shards(small_disk, 
 
     base = {"kind": "imported", "model": None, "corpus": None, "n_tokens": 1024}
     with pytest.raises(StorageError, match="no space left on device.*rerun the same command to resume"):
-        cache.write_array_cache(out, rows, 1024, 256, "data", base, shard_rows=64)
+        build.write_array_cache(out, rows, 1024, 256, "data", base, shard_rows=64)
     layer = out / "layers" / "data"
     shards = sorted(layer.glob("shard_*.npy"))
     assert [p.name for p in shards] == ["shard_00000.npy", "shard_00001.npy"]
     for p in shards:  # what is there is complete: checksum sidecar matches, shape is right
-        assert cache.sha256_file(p) == (layer / (p.name + ".sha256")).read_text().strip()
+        assert store.sha256_file(p) == (layer / (p.name + ".sha256")).read_text().strip()
         assert np.load(p, allow_pickle=False).shape == (64, 256)
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # no partial temporary file left behind
     assert not (out / "manifest.json").exists()
     with pytest.raises(DataError, match="no manifest"):
-        cache.read_manifest(out)
+        store.read_manifest(out)
     # space comes back: the same build resumes and ends identical to an undisturbed one
     filler.unlink()
-    cache.write_array_cache(out, lambda lo, hi: arr[lo:hi], 1024, 256, "data", base, shard_rows=64)
-    ref = cache.write_array_cache(tmp_path / "ref", lambda lo, hi: arr[lo:hi], 1024, 256, "data", base, shard_rows=64)
+    build.write_array_cache(out, lambda lo, hi: arr[lo:hi], 1024, 256, "data", base, shard_rows=64)
+    ref = build.write_array_cache(tmp_path / "ref", lambda lo, hi: arr[lo:hi], 1024, 256, "data", base, shard_rows=64)
     assert file_digests(out) == file_digests(ref)
-    assert cache.verify(out)["files"] == 16
+    assert store.verify(out)["files"] == 16
 
 
 def test_disk_full_is_one_line_not_a_traceback(small_disk, tmp_path, monkeypatch):
@@ -86,7 +86,7 @@ def test_disk_full_is_one_line_not_a_traceback(small_disk, tmp_path, monkeypatch
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cache_store, "atomic_write_bytes", full)  # write_shard lives in cache_store
+    monkeypatch.setattr(store, "atomic_write_bytes", full)  # write_shard lives in cache.store
     with pytest.raises(StorageError) as info:
-        cache.write_shard(small_disk / "shard_00000.npy", np.zeros((4, 4), np.float32))
+        store.write_shard(small_disk / "shard_00000.npy", np.zeros((4, 4), np.float32))
     assert "\n" not in str(info.value) and "no space left on device" in str(info.value)

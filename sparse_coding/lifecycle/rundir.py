@@ -4,8 +4,8 @@
 (released by the kernel if the process dies), so a second `train.py` on the same directory stops at
 once with one line instead of mixing its outputs with the first one's. Only the launching process
 (rank 0) takes the lock: Lightning's DDP launcher re-runs the command for the other ranks in the
-same directory. A SIGTERM that Lightning turned into its exit-0 `SIGTERMException`, and a Ctrl-C that it
-turned into `sys.exit(1)`, are turned into an error (exit 2, one line) that says where the resumable checkpoint is.
+same directory. A SIGTERM or a Ctrl-C that stops the run becomes `RunInterrupted` (exit 2, one line) that
+says where the resumable checkpoint is (sparse_coding.lifecycle.signals).
 
 `start_run(out_dir, ckpt_path, overwrite)` (train.py and `measure`) takes that lock first, then refuses
 a fresh run in a directory that holds a finished run (its metrics.json and dictionary would be
@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from sparse_coding.errors import ConfigError, RunInterrupted, StorageError
+from sparse_coding.errors import ConfigError, StorageError
+from sparse_coding.lifecycle.signals import interrupted, interruption
 
 LOCK_NAME = ".run.lock"
 OUTPUTS = ("metrics.json", "dictionary.safetensors", "dictionary.json")  # a finished run's results
@@ -110,27 +111,12 @@ def own_run_dir(out_dir: Path) -> Iterator[None]:
         try:
             yield
         except BaseException as e:
-            # Lightning's SIGTERMException (matched by name: no torch import before the run starts), or the
-            # sys.exit(1) it makes of a Ctrl-C (KeyboardInterrupt) during a fit, or a Ctrl-C elsewhere in the run
-            if _is_sigterm_exception(e):
-                how = "SIGTERM"
-            elif isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt)):
-                how = "Ctrl-C (SIGINT)"
-            else:
+            how = interruption(e)  # SIGTERM, or Ctrl-C during the fit (Lightning's sys.exit(1)) or elsewhere
+            if how is None:
                 raise
-            last = out_dir / "checkpoints" / "last.ckpt"
-            where = f"{last} holds the state" if last.is_file() else "no checkpoint was written yet"
-            done = finished_outputs(out_dir)
-            written = f"its {', '.join(done)} are from an earlier end" if done else "no outputs were written"
-            raise RunInterrupted(f"stopped by {how} before the run finished; {written}; {where}: "
-                                 "rerun the same command with ckpt_path=last to resume") from None
+            raise interrupted(how, out_dir, finished_outputs(out_dir)) from None
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _is_sigterm_exception(e: BaseException) -> bool:
-    return any(c.__name__ == "SIGTERMException" and c.__module__.split(".")[0] in ("pytorch_lightning", "lightning")
-               for c in type(e).__mro__)
 
 
 def _key(out_dir: Path) -> str:

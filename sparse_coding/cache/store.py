@@ -668,14 +668,15 @@ def write_manifest(out: Path, base: dict, layer_entries: dict[str, dict], old: O
 # Verification
 
 
-def verify(path: Path, layers: Optional[Iterable[str]] = None) -> dict:
-    """Check every listed file: present, right shape and dtype, sha256 as in the manifest.
+def verify(path: Path, layers: Optional[Iterable[str]] = None, manifest: Optional[dict] = None) -> dict:
+    """Check every listed file: present, right shape and dtype, sha256 as in the manifest (`manifest`: the one
+    the caller read from `path`, else it is read here).
 
     Returns {"files": n, "bytes": n, "seconds": t}; raises DataError naming the first bad file.
     """
     path = Path(path)
     t0 = time.time()
-    m = read_manifest(path)
+    m = read_manifest(path) if manifest is None else manifest
     keys = [str(k) for k in (layers if layers is not None else m["layers"])]
     n_files = n_bytes = 0
     for key in keys:
@@ -721,18 +722,18 @@ def read_mean(file: Path, d: int) -> np.ndarray:
     return mean
 
 
-def ensure_verified(path: Path, layer: Optional[str] = None) -> dict:
+def ensure_verified(path: Path, layer: Optional[str] = None, manifest: Optional[dict] = None) -> dict:
     """Check every shard of the layer(s) a run opens against the manifest's sha256, on every open.
 
     Nothing about a file (size, mtime) is trusted: a shard altered in place with its mtime kept is
     found here. The cost is one sequential read of the layer per open (sha256 runs at about
     1.9 GB/s on one core here; the read itself is the page cache's or the disk's). `verified.json`
-    records the last result; it is never consulted.
+    records the last result; it is never consulted. `manifest`: the one the caller read from `path`.
     """
     path = Path(path)
-    m = read_manifest(path)
+    m = read_manifest(path) if manifest is None else manifest
     keys = [layer] if layer is not None else [str(k) for k in m["layers"]]
-    result = verify(path, keys)
+    result = verify(path, keys, m)
     record = {"manifest_sha256": sha256_file(path / "manifest.json"), "layers": keys,
               "verified_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "last_result": result}
     try:

@@ -9,13 +9,10 @@ Every rank draws the same seeded permutation of the training rows each epoch and
 global batches; rank r takes its own contiguous share of each global batch. So a run on W
 processes sees exactly the batches a 1-process run sees, and the averaged gradient is the same.
 
-The training order is a function of the run's own position, not of Lightning's epoch counter: the
-k-th global batch a run trains on is batch k mod B of epoch k div B (B batches an epoch), where k
-is the number of batches trained so far (`trained_batches`, restored with the checkpoint). Lightning
-re-enters a finished epoch when it resumes from a checkpoint taken on its last batch; because each
-pass of the loader yields the rest of the run's current epoch from k, the batches stay exactly those
-of an uninterrupted run whatever Lightning's epoch bookkeeping does (`ckpt_path=last`). Without a
-fitting trainer (a loader used by hand) `set_epoch`/`load_state_dict` choose the pass.
+The training loader follows the run's own data position (sparse_coding.data.loader: the k-th batch
+trained is batch k mod B of epoch k div B, k restored with the checkpoint), so a resumed run sees
+exactly the batches of an uninterrupted one. Without a fitting trainer (a loader used by hand) the
+sampler's `set_epoch` and the loader's `load_state_dict` choose the pass.
 """
 
 from __future__ import annotations
@@ -26,7 +23,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sparse_coding.config.schema import DataConfig, SolverConfig
-from sparse_coding.synthetic import SyntheticSource, generate, stream_seed
+from sparse_coding.data.loader import Passes, ResumableLoader, trained_batches
+from sparse_coding.data.synthetic import SyntheticSource, generate, stream_seed
 
 NO_GROUP = -1  # evaluation rows of synthetic data are independent: no cluster ids (sparse_coding.metrics)
 
@@ -41,7 +39,7 @@ def synthetic_identity(name: str, dim: int, n: int, n_val: int, seed: int, scale
                        noise: float, preact_std: float) -> dict:
     """What makes a synthetic data set: every generator setting that changes its rows (`data.KEY`: value), the
     ones that apply to this generator. Stored in every checkpoint (the data module's `state_dict`) and compared
-    on resume (sparse_coding.checkpoints.check_same_data), so a run never continues on other data."""
+    on resume (sparse_coding.lifecycle.resume.check_same_data), so a run never continues on other data."""
     out = {"data.name": name, "data.dim": int(dim), "data.fresh": bool(fresh), "data.n": int(n), "data.n_val": int(n_val),
            "data.seed": int(seed), "data.scale": float(scale)}
     if name in ("sparse_linear", "sparse_nonlinear"):
@@ -73,75 +71,34 @@ class EvalBatches(RowBatches):
         return self.x[rows], torch.full((len(rows),), NO_GROUP, dtype=torch.int64)
 
 
-def trained_batches(trainer: "pl.Trainer | None") -> "int | None":
-    """Global batches the run has trained on (its data position), or None outside a fit."""
-    if trainer is None or trainer.state.fn != "fit":
-        return None
-    module = trainer.lightning_module
-    return int(trainer.global_step) // int(module.hparams.get("inner_steps", 1))
-
-
-def position(batches: int, per_epoch: int) -> dict:
-    """A data position as (epoch, batches done in it), `per_epoch` batches an epoch."""
-    epoch, done = divmod(int(batches), max(1, int(per_epoch)))
-    return {"epoch": epoch, "batches_done": done}
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader that Lightning treats as stateful: `state_dict()` is the run's data position (see the
-    module docstring); `load_state_dict()` sets the pass a loader used without a trainer resumes."""
-
-    def __init__(self, dataset, skipper, **kwargs):
-        super().__init__(dataset, **kwargs)
-        self._skipper = skipper
-
-    def state_dict(self) -> dict:
-        return self._skipper.position()
-
-    def load_state_dict(self, state: dict) -> None:
-        self._skipper.resume_from(int(state["epoch"]), int(state["batches_done"]))
-
-
 class GlobalBatchSampler(Sampler):
     """Yields this rank's share of each global batch; shuffled per epoch from (seed, epoch)."""
 
-    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
-                 trained_fn=None):
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
-        self.trained_fn = trained_fn  # () -> batches trained in this fit, or None (then set_epoch / resume_from)
         self.epoch = 0
-        self._resume: tuple[int, int] | None = None
+        self._pass: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def resume_from(self, epoch: int, batches_done: int) -> None:
-        """The next pass over `epoch` starts after its first `batches_done` global batches."""
-        self._resume = (epoch, batches_done)
+    def start(self, epoch: int, skip: int) -> int:
+        """The next pass (set by the training loader): `epoch`, its first `skip` global batches left out; the
+        loader drops none itself."""
+        self._pass = (epoch, skip)
+        return 0
 
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)
 
-    def position(self) -> dict:
-        trained = self.trained_fn() if self.trained_fn else None
-        return position(trained, len(self)) if trained is not None else {"epoch": self.epoch, "batches_done": 0}
-
-    def _pass(self) -> tuple[int, int]:
-        """(epoch, batches to skip) of the pass about to start."""
-        trained = self.trained_fn() if self.trained_fn else None
-        if trained is not None:
-            self._resume = None
-            return divmod(trained, len(self))
-        epoch, skip = self.epoch, 0
-        if self._resume is not None:
-            if self._resume[0] == self.epoch:
-                skip = self._resume[1]
-            self._resume = None
-        return epoch, skip
+    def _next_pass(self) -> tuple[int, int]:
+        """(epoch, batches to skip) of the pass about to start: the loader's, else `set_epoch`'s from its start."""
+        chosen, self._pass = self._pass, None
+        return chosen if chosen is not None else (self.epoch, 0)
 
     def __iter__(self):
-        epoch, skip = self._pass()
+        epoch, skip = self._next_pass()
         if self.shuffle:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         else:
@@ -218,12 +175,15 @@ class SyntheticDataModule(pl.LightningDataModule):
         return self.train_x[rows]
 
     def _sampler(self, rows: int, batch_size: int, training: bool, kind=GlobalBatchSampler) -> GlobalBatchSampler:
-        """Batches of `rows` rows; a training sampler is shuffled (fixed sample) and follows the run's position."""
+        """Batches of `rows` rows; a training sampler is shuffled (fixed sample)."""
         rank, world = _rank_and_world(self.trainer)
-        trained_fn = (lambda: trained_batches(self.trainer)) if training else None
         shuffle = training and kind is GlobalBatchSampler
-        return kind(rows, batch_size, shuffle=shuffle, seed=self.seed, rank=rank, world_size=world,
-                    trained_fn=trained_fn)
+        return kind(rows, batch_size, shuffle=shuffle, seed=self.seed, rank=rank, world_size=world)
+
+    def _training_loader(self, dataset: Dataset, sampler: GlobalBatchSampler) -> ResumableLoader:
+        """The training loader: each pass follows the run's data position (sparse_coding.data.loader)."""
+        passes = Passes(lambda: len(sampler), lambda: trained_batches(self.trainer), lambda: sampler.epoch)
+        return ResumableLoader(dataset, passes, sampler.start, sampler=sampler, batch_size=None)
 
     def batches_per_epoch(self) -> int:
         return -(-self.train_rows // self.batch_size)
@@ -235,8 +195,7 @@ class SyntheticDataModule(pl.LightningDataModule):
         return [self.batch_size] * (k - 1) + [rows - self.batch_size * (k - 1)] if k > 0 else []
 
     def train_dataloader(self) -> DataLoader:
-        sampler = self._sampler(self.train_rows, self.batch_size, training=True)
-        return ResumableLoader(RowBatches(self.train_x), sampler, sampler=sampler, batch_size=None)
+        return self._training_loader(RowBatches(self.train_x), self._sampler(self.train_rows, self.batch_size, True))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_x)
@@ -254,7 +213,7 @@ class FreshBatchSampler(GlobalBatchSampler):
     the rows themselves are drawn fresh by FreshBatches."""
 
     def __iter__(self):
-        epoch, skip = self._pass()
+        epoch, skip = self._next_pass()
         for j in range(skip, len(self)):
             rows = min(self.batch_size, self.n - j * self.batch_size)
             share = torch.arange(rows).tensor_split(self.world_size)[self.rank]
@@ -316,5 +275,4 @@ class FreshSyntheticDataModule(SyntheticDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = self._sampler(self.epoch_rows, self.batch_size, True, FreshBatchSampler)
-        return ResumableLoader(FreshBatches(self.source, self.seed, self.scale), sampler, sampler=sampler,
-                               batch_size=None)
+        return self._training_loader(FreshBatches(self.source, self.seed, self.scale), sampler)

@@ -1,6 +1,7 @@
-"""Stream rows of an activation cache into training: memory-mapped, shuffled, split, DDP-aware.
+"""Rows of an activation cache for training and measurement: memory-mapped, shuffled, split, DDP-aware.
 
-`CacheDataModule` reads one layer of a cache built by `sparse_coding.cache`:
+`CacheDataModule` reads one layer of a cache built by `python -m sparse_coding.cache` (the rows of a
+split are read by `sparse_coding.data.row_stream.RowStream`):
 
 - rows are cut into blocks (at most 1024 rows, never across shards); an evenly spaced, fixed
   set of blocks (`val_fraction` of them) is the validation split, the rest is training, so the
@@ -13,10 +14,10 @@
   batches (a rank never waits on another). DataLoader workers split a rank's part the same way.
   `batch_size` is the global batch, as for synthetic data: each rank's batches hold ⌈B / W⌉ rows;
 - rows are centred with the cache's stored mean when `center` is true; `drop_positions`,
-  `max_norm_ratio` and `normalize` apply the massive-activation remedies of `sparse_coding.preprocess`
+  `max_norm_ratio` and `normalize` apply the massive-activation remedies of `sparse_coding.data.preprocess`
   (dropped rows are skipped like NaN rows, the mean is then taken over the kept rows; normalisation
   follows centring);
-- the training loader follows the run's own data position (sparse_coding.datamodule: the k-th batch
+- the training loader follows the run's own data position (sparse_coding.data.loader: the k-th batch
   trained is batch k mod B of epoch k div B, k restored with the checkpoint), regenerating that
   epoch's seeded stream and dropping the batches already trained on, so a resumed run
   (`ckpt_path=last`, from any checkpoint) sees exactly the batches an uninterrupted run sees;
@@ -26,294 +27,34 @@
   the context it came from (hidden-state caches record rows per context), so standard errors are
   cluster-robust (sparse_coding.metrics); caches without contexts have independent rows (id -1);
 - every shard of the layer is checked against the manifest's sha256 each time a cache is opened
-  (`cache.ensure_verified`: nothing about a file is trusted); a bad
-  shard, a manifest that does not match, a width that does not match the model or NaN/Inf rows
-  stop with a ConfigError naming the file (NaN/Inf rows are skipped and counted instead with
-  `skip_nonfinite=True`).
+  (`cache.store.ensure_verified`: nothing about a file is trusted); a bad shard, a manifest that
+  does not match, a cache of another model or width than the run's, or NaN/Inf rows stop with one
+  line naming the file (NaN/Inf rows are skipped and counted instead with `skip_nonfinite=True`).
+
+The settings come checked (sparse_coding.config.checks owns every check of `data.*`); `from_config`
+takes the run's plan: the layer, the model's width and the cache folder.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
-from sparse_coding import cache as cache_mod
-from sparse_coding import cache_store, preprocess
+from sparse_coding.cache.store import (cache_blocks, cache_file, ensure_verified, model_dtype_of, open_shard,
+                                       read_manifest, read_mean, select_layer, shard_paths, split_blocks)
 from sparse_coding.config.schema import DataConfig
+from sparse_coding.data import preprocess
+from sparse_coding.data.loader import Passes, ResumableLoader, trained_batches
+from sparse_coding.data.row_stream import RowStream
 from sparse_coding.errors import ConfigError, DataError
 
 MIN_VAL_ROWS = 2  # fvu divides by the held-out variance: a single row has none
-
-
-def split_counts(total: int, parts: int) -> list[int]:
-    """`total` cut into `parts` contiguous counts differing by at most one (larger first)."""
-    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
-
-
-def batch_plan(n: int, n_batches: int, batch_size: int) -> list[int]:
-    """Sizes of `n_batches` batches holding `n` rows: full batches first, none empty when possible."""
-    if n_batches <= 0:
-        return []
-    sizes = [batch_size] * (n_batches - 1) + [n - batch_size * (n_batches - 1)]
-    i = n_batches - 2
-    while sizes[-1] < 1 and i >= 0:  # a shorter rank: borrow rows from the previous batches
-        give = min(sizes[i] - 1, 1 - sizes[-1])
-        sizes[i] -= give
-        sizes[-1] += give
-        i -= 1
-    return [s for s in sizes if s > 0]
-
-
-def stream_plan(total: int, world: int, workers: int, batch_size: int) -> list[list[tuple[int, int, list[int]]]]:
-    """For every rank, for every worker: (start, stop) in the row stream and its batch sizes.
-
-    Every rank gets the same number of batches per worker, so DDP ranks stay in step.
-    """
-    per_rank = split_counts(total, world)
-    starts = np.concatenate([[0], np.cumsum(per_rank)]).tolist()
-    segs = [split_counts(n, workers) for n in per_rank]
-    n_batches = [max(math.ceil(max(segs[r][w] for r in range(world)) / batch_size), 0) for w in range(workers)]
-    plan = []
-    for r in range(world):
-        pos = starts[r]
-        row = []
-        for w in range(workers):
-            n = segs[r][w]
-            row.append((pos, pos + n, batch_plan(n, n_batches[w], batch_size)))
-            pos += n
-        plan.append(row)
-    return plan
-
-
-class RowStream(IterableDataset):
-    """Batches (float32 tensors, B × d) of one layer's rows for one rank; see the module docstring."""
-
-    def __init__(self, files: list[Path], shard_rows: list[int], d: int, dtype: str, blocks: list[tuple[int, int, int]],
-                 bad_rows: dict[int, np.ndarray], batch_size: int, shuffle: bool, shuffle_buffer: int, seed: int,
-                 rank: int, world_size: int, mean: Optional[np.ndarray], skip_nonfinite: bool,
-                 normalize: str = "none", evaluation: bool = False, group_of=None):
-        self.files, self.shard_rows, self.d, self.dtype = files, shard_rows, d, dtype
-        self.normalize = normalize
-        # evaluation streams yield (rows, cluster ids); group_of maps global row indices to ids (None: -1)
-        self.evaluation, self.group_of = evaluation, group_of
-        self.row_offsets = np.concatenate([[0], np.cumsum(shard_rows)]).astype(np.int64)
-        self.blocks, self.bad_rows = blocks, bad_rows
-        self.batch_size, self.shuffle, self.shuffle_buffer, self.seed = batch_size, shuffle, shuffle_buffer, seed
-        self.rank, self.world_size, self.mean, self.skip_nonfinite = rank, world_size, mean, skip_nonfinite
-        self.epoch = 0
-        self.skipped = 0
-        self._open: Optional[tuple[int, np.ndarray]] = None  # (shard, its memory map): one shard mapped at a time
-        self._resume: Optional[tuple[int, int]] = None
-
-    def resume_from(self, epoch: int, batches_done: int) -> None:
-        """The next pass over `epoch` drops the first `batches_done` batches this rank's loader would yield."""
-        self._resume = (epoch, batches_done)
-
-    def resume_plan(self, workers: int) -> tuple[list[int], int]:
-        """(batches each worker skips, batches the DataLoader then drops) to resume after `batches_done`.
-
-        The DataLoader reads workers round-robin (one that runs out leaves the rotation), so workers
-        skip whole rounds and the loader drops the rest of the last, partial round.
-        """
-        nw = max(1, workers)
-        if self._resume is None or self._resume[0] != self.epoch:
-            return [0] * nw, 0
-        total = sum(self.block_len(b) for b in self.order())
-        counts = [len(p[2]) for p in stream_plan(total, self.world_size, nw, self.batch_size)[self.rank]]
-        left, skips, r = self._resume[1], [0] * nw, 0
-        while r < max(counts, default=0):
-            active = [w for w, c in enumerate(counts) if c > r]
-            if left < len(active):
-                break
-            for w in active:
-                skips[w] += 1
-            left -= len(active)
-            r += 1
-        return skips, left
-
-    def batches_per_epoch(self, workers: int) -> int:
-        """Batches this rank's loader yields in one pass (the same every epoch and on every rank)."""
-        total = sum(self.block_len(b) for b in range(len(self.blocks)))
-        return sum(len(p[2]) for p in stream_plan(total, self.world_size, max(1, workers), self.batch_size)[self.rank])
-
-    def batch_sizes(self, workers: int, rank: Optional[int] = None) -> list[int]:
-        """A rank's batch sizes in one pass, in the order its DataLoader yields them (workers round-robin; one
-        that runs out leaves the rotation)."""
-        total = sum(self.block_len(b) for b in range(len(self.blocks)))
-        plan = stream_plan(total, self.world_size, max(1, workers), self.batch_size)[self.rank if rank is None else rank]
-        parts = [p[2] for p in plan]
-        return [sizes[r] for r in range(max((len(x) for x in parts), default=0)) for sizes in parts if len(sizes) > r]
-
-    def block_len(self, b: int) -> int:
-        s, lo, hi = self.blocks[b]
-        return hi - lo - (len(self.bad_rows[b]) if b in self.bad_rows else 0)
-
-    def _map(self, shard: int) -> np.ndarray:
-        """The shard's memory map. Only one map is kept open: pages of a dropped map leave the process's
-        resident memory, so RSS stays bounded by one shard whatever the cache size (re-mapping costs
-        one header read per block, negligible beside training on it)."""
-        if self._open is None or self._open[0] != shard:
-            self._open = None  # unmap the previous shard first
-            self._open = (shard, cache_mod.open_shard(self.files[shard], self.shard_rows[shard], self.d, self.dtype))
-        return self._open[1]
-
-    def _read_block(self, b: int) -> np.ndarray:
-        return self._read_block_rows(b)[0]
-
-    def _read_block_rows(self, b: int) -> tuple[np.ndarray, np.ndarray]:
-        """The block's kept rows (centred, normalised) and their global row indices in the layer."""
-        s, lo, hi = self.blocks[b]
-        x = np.array(self._map(s)[lo:hi], dtype=np.float32)  # a copy: the map is read-only
-        rows = np.arange(lo, hi, dtype=np.int64) + self.row_offsets[s]
-        ok = np.isfinite(x).all(axis=1)
-        if b in self.bad_rows:
-            ok[self.bad_rows[b]] = False
-            self.skipped += int((~ok).sum())
-            x, rows = x[ok], rows[ok]
-        elif not ok.all():
-            row = lo + int(np.flatnonzero(~ok)[0])
-            if self.skip_nonfinite:  # the manifest's count missed this row: the advice below would be circular
-                raise DataError(f"{self.files[s]}: row {row} holds NaN/Inf that the manifest does not count: the cache "
-                                "changed after it was built; rebuild it")
-            raise DataError(f"{self.files[s]}: row {row} holds NaN/Inf (use data.skip_nonfinite=true to skip such rows)")
-        if self.mean is not None:
-            x -= self.mean
-        return preprocess.normalize_rows(x, self.normalize), rows
-
-    def order(self) -> list[int]:
-        idx = np.arange(len(self.blocks))
-        if self.shuffle:
-            idx = np.random.default_rng([self.seed, self.epoch]).permutation(idx)
-        return idx.tolist()
-
-    def _rows(self, order: list[int], start: int, stop: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Rows [start, stop) of the stream that reads the blocks in `order`, with their global row indices."""
-        pos = 0
-        for b in order:
-            n = self.block_len(b)
-            if pos + n > start and pos < stop:
-                x, rows = self._read_block_rows(b)
-                a, z = max(start - pos, 0), min(stop - pos, n)
-                yield x[a:z], rows[a:z]
-            pos += n
-            if pos >= stop:
-                return
-
-    def _shuffled(self, chunks: Iterator[np.ndarray], n: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-        cap = max(1, min(self.shuffle_buffer, n))
-        buf = np.empty((cap, self.d), np.float32)
-        fill = 0
-        for chunk in chunks:
-            take = min(cap - fill, len(chunk))
-            buf[fill : fill + take] = chunk[:take]
-            fill += take
-            chunk = chunk[take:]
-            for p in range(0, len(chunk), cap):
-                piece = chunk[p : p + cap]
-                slots = rng.choice(cap, size=len(piece), replace=False)
-                out = buf[slots].copy()
-                buf[slots] = piece
-                yield out
-        yield buf[:fill][rng.permutation(fill)]
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        order = self.order()
-        total = sum(self.block_len(b) for b in order)
-        start, stop, sizes = stream_plan(total, self.world_size, nw, self.batch_size)[self.rank][wid]
-        skip = self.resume_plan(nw)[0][wid]
-        self._resume = None
-        chunks = self._rows(order, start, stop)
-        if self.evaluation:  # (rows, cluster ids)
-            chunks = ((x, self.group_of(rows) if self.group_of else np.full(len(rows), -1, np.int64))
-                      for x, rows in chunks)
-        else:
-            chunks = ((x,) for x, _ in chunks)
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, self.epoch, self.rank, wid, 1])
-            chunks = ((x,) for x in self._shuffled((c[0] for c in chunks), stop - start, rng))
-        pending: list[tuple] = []
-        have = 0
-        it = iter(sizes)
-        want = next(it, None)
-        for chunk in chunks:
-            pending.append(chunk)
-            have += len(chunk[0])
-            while want is not None and have >= want:
-                cat = tuple(np.concatenate(parts) for parts in zip(*pending)) if len(pending) > 1 else pending[0]
-                if skip > 0:  # resuming: this batch was trained on before the checkpoint
-                    skip -= 1
-                else:
-                    yield self._batch(tuple(a[:want] for a in cat))
-                pending, have = [tuple(a[want:] for a in cat)], have - want
-                want = next(it, None)
-        if want is not None and have > 0 and skip <= 0:
-            yield self._batch(tuple(np.concatenate(parts) for parts in zip(*pending)))
-
-    def _batch(self, arrays: tuple):
-        """A training batch is the rows tensor; an evaluation batch is (rows, cluster ids)."""
-        tensors = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
-        return tensors if self.evaluation else tensors[0]
-
-
-class _EpochLoader(DataLoader):
-    """A DataLoader that stamps the current epoch on its stream before each pass (workers included).
-
-    With `position_fn` it is stateful for Lightning (`state_dict`/`load_state_dict`): see `RowStream.resume_from`.
-    """
-
-    def __init__(self, dataset: RowStream, epoch_fn, position_fn=None, **kwargs):
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self._epoch_fn = epoch_fn
-        self._position_fn = position_fn
-
-    def __iter__(self):
-        self.dataset.epoch = self._epoch_fn()
-        return super().__iter__()
-
-
-class _ResumableEpochLoader(_EpochLoader):
-    """The training loader: each pass yields the rest of the run's current epoch (`position_fn`: batches
-    trained, None outside a fit, then `epoch_fn` and `load_state_dict` choose the pass)."""
-
-    def _trained(self) -> Optional[int]:
-        return self._position_fn()
-
-    def __iter__(self):
-        trained = self._trained()
-        if trained is not None:
-            epoch, done = divmod(trained, max(1, self.dataset.batches_per_epoch(self.num_workers)))
-            self.dataset.epoch = epoch
-            self.dataset.resume_from(epoch, done)
-        else:
-            self.dataset.epoch = self._epoch_fn()
-        drop = self.dataset.resume_plan(self.num_workers)[1]
-        it = DataLoader.__iter__(self)  # worker processes start here with their copy of the resume point
-        if self.num_workers > 0:
-            self.dataset._resume = None
-        for _ in range(drop):
-            next(it, None)
-        return it
-
-    def state_dict(self) -> dict:
-        from sparse_coding.datamodule import position
-
-        trained = self._trained()
-        if trained is None:
-            return {"epoch": self.dataset.epoch, "batches_done": 0}
-        return position(trained, self.dataset.batches_per_epoch(self.num_workers))
-
-    def load_state_dict(self, state: dict) -> None:
-        if self._trained() is None:  # in a fit the position comes from the restored run itself
-            self.dataset.resume_from(int(state["epoch"]), int(state["batches_done"]))
 
 
 class CacheDataModule(pl.LightningDataModule):
@@ -324,19 +65,22 @@ class CacheDataModule(pl.LightningDataModule):
                  seed: int = DataConfig.seed, center: bool = DataConfig.center,
                  skip_nonfinite: bool = DataConfig.skip_nonfinite, num_workers: int = DataConfig.num_workers, *,
                  rank: Optional[int] = None, world_size: Optional[int] = None, expected_dim: Optional[int] = None,
-                 verify: bool = True, drop_positions: int = DataConfig.drop_positions,
-                 normalize: str = DataConfig.normalize, max_norm_ratio: float = DataConfig.max_norm_ratio):
+                 expected_model: Optional[tuple[str, str]] = None, verify: bool = True,
+                 drop_positions: int = DataConfig.drop_positions, normalize: str = DataConfig.normalize,
+                 max_norm_ratio: float = DataConfig.max_norm_ratio):
+        """`expected_model`: (model.name, model.dtype) of the run, `expected_dim` the model's width; a cache of
+        another model, compute dtype or width is refused."""
         super().__init__()
         self.path = Path(path)
-        m = cache_mod.read_manifest(self.path)
+        m = read_manifest(self.path)
         self.manifest = m
-        self.layer = cache_mod.select_layer(m, layer, self.path)
+        if expected_model is not None:
+            check_model(m, self.path, *expected_model)
+        self.layer = select_layer(m, layer, self.path)
         self.dim = int(m["d"])
         if expected_dim is not None and int(expected_dim) != self.dim:
             raise ConfigError(f"{self.path}/manifest.json: the cache holds width d={self.dim}, the model has "
                               f"d={expected_dim}: this cache was not made by this model")
-        if not 0 < val_fraction < 1:
-            raise ConfigError(f"data.val_fraction={val_fraction!r} must be between 0 and 1")
         self.batch_size, self.val_fraction, self.shuffle_buffer = int(batch_size), float(val_fraction), int(shuffle_buffer)
         self.seed, self.center, self.skip_nonfinite, self.num_workers = int(seed), bool(center), bool(skip_nonfinite), int(num_workers)
         self._rank, self._world = rank, world_size
@@ -344,14 +88,14 @@ class CacheDataModule(pl.LightningDataModule):
         self._epoch: Optional[int] = None
         self._passes = 0
         entries = m["shards"][self.layer]
-        self.files = cache_mod.shard_paths(self.path, m, self.layer)
+        self.files = shard_paths(self.path, m, self.layer)
         self.shard_rows = [int(e["rows"]) for e in entries]
         if sum(self.shard_rows) != int(m["n_rows"]):
             raise DataError(f"{self.path}/manifest.json: shards of layer {self.layer} hold {sum(self.shard_rows)} rows, "
                             f"the manifest says {m['n_rows']}")
         for f, r in zip(self.files, self.shard_rows):  # shape/dtype of every shard against the manifest, cheaply
-            cache_mod.open_shard(f, r, self.dim, m["dtype"])
-        self.verification = cache_mod.ensure_verified(self.path, self.layer) if verify else {"verified": False}
+            open_shard(f, r, self.dim, m["dtype"])
+        self.verification = ensure_verified(self.path, self.layer, manifest=m) if verify else {"verified": False}
         st = m["stats"][self.layer]
         self.n_nonfinite = int(st.get("n_nonfinite", 0))
         if self.n_nonfinite and not self.skip_nonfinite:
@@ -363,20 +107,18 @@ class CacheDataModule(pl.LightningDataModule):
             what = "zero" if msn == 0 else "the same (zero after centring with data.center=true)"
             raise DataError(f"{self.path}: every row of layer {self.layer} is {what}: there is nothing to code; "
                             "check how the cache was made")
-        mean_file = cache_mod.cache_file(self.path, st["mean_file"])
-        stored_mean = cache_mod.read_mean(mean_file, self.dim) if self.center else None
+        mean_file = cache_file(self.path, st["mean_file"])
+        stored_mean = read_mean(mean_file, self.dim) if self.center else None
         self.mean = None if stored_mean is None else stored_mean.astype(np.float32)
         n = int(m["n_rows"])
-        self.blocks = cache_store.cache_blocks(self.shard_rows)
-        self.train_blocks, self.val_blocks = cache_store.split_blocks(self.blocks, self.val_fraction)
+        self.blocks = cache_blocks(self.shard_rows)
+        self.train_blocks, self.val_blocks = split_blocks(self.blocks, self.val_fraction)
         if not self.train_blocks or not self.val_blocks:
             raise DataError(f"{self.path}: {n} rows are too few to split into training and validation "
                             f"(data.val_fraction={self.val_fraction}); a cache needs at least 2 rows")
         self._bad = self._scan_nonfinite() if self.n_nonfinite else ({}, {})
         self.drop_positions, self.normalize = int(drop_positions), str(normalize)
         self.max_norm_ratio, self.norm_dropped, self.median_norm = float(max_norm_ratio), None, None
-        if not (self.max_norm_ratio == 0 or 1 < self.max_norm_ratio < math.inf):
-            raise ConfigError(f"data.max_norm_ratio={max_norm_ratio!r} must be 0 (off) or a number above 1")
         drops = {}  # {index in self.blocks: rows left out by the massive-activation remedies (preprocess.py)}
         if self.drop_positions > 0:
             drops = preprocess.dropped_rows(m, self.shard_rows, self.blocks, self.drop_positions)
@@ -451,7 +193,7 @@ class CacheDataModule(pl.LightningDataModule):
 
     def _raw_block(self, block: tuple[int, int, int]) -> np.ndarray:
         s, lo, hi = block
-        return cache_mod.open_shard(self.files[s], self.shard_rows[s], self.dim, self.manifest["dtype"])[lo:hi]
+        return open_shard(self.files[s], self.shard_rows[s], self.dim, self.manifest["dtype"])[lo:hi]
 
     def _scan_nonfinite(self) -> tuple[dict, dict]:
         """Row indices holding NaN/Inf per block (train, val): read once, only when the manifest counts some."""
@@ -459,7 +201,7 @@ class CacheDataModule(pl.LightningDataModule):
         for blocks in (self.train_blocks, self.val_blocks):
             bad = {}
             for i, (s, lo, hi) in enumerate(blocks):
-                x = cache_mod.open_shard(self.files[s], self.shard_rows[s], self.dim, self.manifest["dtype"])[lo:hi]
+                x = open_shard(self.files[s], self.shard_rows[s], self.dim, self.manifest["dtype"])[lo:hi]
                 ok = np.isfinite(x).all(axis=1)
                 if not ok.all():
                     bad[i] = np.flatnonzero(~ok)
@@ -468,27 +210,15 @@ class CacheDataModule(pl.LightningDataModule):
 
     @classmethod
     def from_config(cls, cfg: Any, data: Any, path: Any) -> "CacheDataModule":
-        """From a composed run config and its plan's data (`config.plan.DataPlan`: the layer, the model's width):
-        cfg.data holds the loader settings."""
-        d = cfg.data
-        expected = None
-        if cfg.model is not None:
-            m = cache_mod.read_manifest(Path(path))
-            if m.get("model") and m["model"].get("name") != cfg.model.name:
-                raise ConfigError(f"{path}/manifest.json: cache of model {m['model'].get('name')}, the run asks for "
-                                  f"model={cfg.model.name}")
-            built_in = cache_mod.model_dtype_of(m)
-            if built_in is not None and built_in != str(cfg.model.dtype):
-                raise ConfigError(f"{path}/manifest.json: activations computed with model.dtype={built_in}, the run asks "
-                                  f"for model.dtype={cfg.model.dtype}: use model.dtype={built_in} or the cache of "
-                                  f"model.dtype={cfg.model.dtype} (built without data.path)")
-            expected = data.model.width
-            if isinstance(data.layer, str) and data.layer.strip().lower() == "all":
-                raise ConfigError("layer=all builds every layer's cache; train one layer per run: layer=K")
+        """From a composed run config, its plan's data (`config.plan.DataPlan`: the layer; with a model, the model's
+        width) and the cache folder (data.path, or the one `ensure_cache` found or built); cfg.data holds the
+        loader settings."""
+        d, model = cfg.data, cfg.model
         return cls(path, data.layer, batch_size=d.batch_size, val_fraction=d.val_fraction, shuffle_buffer=d.shuffle_buffer,
                    seed=d.seed, center=d.center, skip_nonfinite=d.skip_nonfinite, num_workers=d.num_workers,
-                   expected_dim=expected, drop_positions=d.drop_positions,
-                   normalize=d.normalize, max_norm_ratio=d.max_norm_ratio)
+                   expected_dim=None if model is None else data.model.width,
+                   expected_model=None if model is None else (model.name, str(model.dtype)),
+                   drop_positions=d.drop_positions, normalize=d.normalize, max_norm_ratio=d.max_norm_ratio)
 
     # -- distributed and epochs
 
@@ -534,11 +264,13 @@ class CacheDataModule(pl.LightningDataModule):
         return [sum(sizes) for sizes in zip(*per_rank)]
 
     def train_dataloader(self) -> DataLoader:
-        from sparse_coding.datamodule import trained_batches
-
-        return _ResumableEpochLoader(self._stream(self.train_blocks, self._bad[0], True), self._current_epoch,
-                                     lambda: trained_batches(getattr(self, "trainer", None)),
-                                     num_workers=self.num_workers)
+        """Each pass follows the run's data position (sparse_coding.data.loader); outside a fit the epoch is
+        `set_epoch`'s, else the trainer's, else the next of successive passes."""
+        stream, workers = self._stream(self.train_blocks, self._bad[0], True), self.num_workers
+        passes = Passes(lambda: stream.batches_per_epoch(workers), lambda: trained_batches(getattr(self, "trainer", None)),
+                        self._current_epoch)
+        return ResumableLoader(stream, passes, lambda epoch, skip: stream.start(epoch, skip, workers), batch_size=None,
+                               num_workers=workers)
 
     def init_rows(self, k: int, seed: int) -> torch.Tensor:
         """k training rows (centred like training batches) chosen by `seed`, the same on every rank.
@@ -566,13 +298,13 @@ class CacheDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         stream = self._stream(self.val_blocks, self._bad[1], False, evaluation=True, group_of=self._group_maps[0] and self._group_maps[0][0])
-        return _EpochLoader(stream, lambda: 0, num_workers=self._eval_workers(self.val_rows))
+        return DataLoader(stream, batch_size=None, num_workers=self._eval_workers(self.val_rows))
 
     def in_sample_dataloader(self) -> DataLoader:
         """Training rows (evenly spaced blocks, as many rows as held out), evaluated like the held-out set."""
         stream = self._stream(self.in_sample_blocks, self._bad[2], False, evaluation=True,
                               group_of=self._group_maps[1] and self._group_maps[1][0])
-        return _EpochLoader(stream, lambda: 0, num_workers=self._eval_workers(self.in_sample_rows))
+        return DataLoader(stream, batch_size=None, num_workers=self._eval_workers(self.in_sample_rows))
 
     def describe(self) -> dict:
         m = self.manifest
@@ -604,7 +336,7 @@ class CacheDataModule(pl.LightningDataModule):
         """What makes this data set (`data.KEY`: value): the layer's content (sha256 over its shards' and mean's
         sha256 in the manifest, which every open verifies), the build that made it, and every data setting that
         changes which rows train or how they look. Stored in every checkpoint (`state_dict`) and compared on resume
-        (sparse_coding.checkpoints.check_same_data), so a run never continues on another cache, or on a cache
+        (sparse_coding.lifecycle.resume.check_same_data), so a run never continues on another cache, or on a cache
         swapped under the same path. Keys starting with "_" only inform (the path may move)."""
         import hashlib
         import json
@@ -624,3 +356,15 @@ class CacheDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict:
         """Saved in every checkpoint: the data's identity, checked when a run resumes."""
         return {"data_identity": self.identity()}
+
+
+def check_model(manifest: dict, path: Path, name: str, dtype: str) -> None:
+    """A cache of the run's model, computed in the run's `model.dtype` (when its manifest records them)."""
+    if manifest.get("model") and manifest["model"].get("name") != name:
+        raise ConfigError(f"{path}/manifest.json: cache of model {manifest['model'].get('name')}, the run asks for "
+                          f"model={name}")
+    built_in = model_dtype_of(manifest)
+    if built_in is not None and built_in != dtype:
+        raise ConfigError(f"{path}/manifest.json: activations computed with model.dtype={built_in}, the run asks "
+                          f"for model.dtype={dtype}: use model.dtype={built_in} or the cache of "
+                          f"model.dtype={dtype} (built without data.path)")

@@ -2,7 +2,7 @@
 
 Every builder holds the build lock, claims its output folder with a build identity, writes
 shards that resume after an interruption and writes the manifest last (the format is in
-`cache_store`). `ensure_cache` gives the cache folder of a run config, building what is missing.
+`cache.store`). `ensure_cache` gives the cache folder of a run config, building what is missing.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from sparse_coding.cache_store import (
+from sparse_coding.cache.store import (
     DTYPES,
     MAX_D,
     MAX_ROWS,
@@ -158,7 +158,6 @@ def _build_hidden_states(
     dtype: str = "float32",
     shard_rows: int = DEFAULT_SHARD_ROWS,
     corpus_fingerprint: Optional[str] = None,
-    fail_after_shards: Optional[int] = None,
 ) -> Path:
     """Run the model over the corpus once and store `hidden_states[K]` for every K in `layers`.
 
@@ -166,7 +165,6 @@ def _build_hidden_states(
     once, into the shard being filled, in the cache dtype. A finished shard is written (sha256, file, fsync) and
     added to its layer's statistics on a background thread while the next shard's forward passes run.
     Resumes an interrupted build; adds layers to an existing cache of the same tokens.
-    `fail_after_shards` raises after that many new shards (fault injection for tests).
     """
     import torch
 
@@ -241,7 +239,6 @@ def _build_hidden_states(
             stats[key].add(arr, shard_name(s))
             del arr
 
-    written = 0
     bar = _progress(n_rows, rows_done, f"{model_info['name']} layers {','.join(keys)}")
     # the forward pass runs here; a background thread writes each batch's rows as they come (sha256 and file),
     # and finishes each shard (fsync, sidecar, rename, statistics)
@@ -269,10 +266,6 @@ def _build_hidden_states(
                     bar.update(hi - lo)
                 writer.submit(finish_shard, s, {key: (files[key], arr.reshape(-1, d)[:n]) for key, arr in shard.items()})
                 del shard, files  # the writer holds them now, and lets each layer go once done
-                written += 1
-                if fail_after_shards is not None and written >= fail_after_shards:
-                    writer.wait()
-                    raise RuntimeError(f"fault injection: stopped after {written} shards")
         writer.wait()
     finally:
         writer.close()
@@ -565,16 +558,20 @@ def cache_dir_for(cfg: Any, model_fingerprint: str, corpus_fingerprint: Optional
     )
 
 
-def ensure_cache(cfg: Any, *, shard_rows: int = DEFAULT_SHARD_ROWS, force: bool = False,
-                 fail_after_shards: Optional[int] = None) -> Path:
+def ensure_cache(cfg: Any, *, shard_rows: int = DEFAULT_SHARD_ROWS, force: bool = False) -> Path:
     """The cache folder for a run config, building whatever is missing (requested layers or embeddings).
 
-    When the cache is complete, neither the model nor the corpus text is loaded.
+    The model, layer and corpus settings are checked first (the model's shape read once), so a caller that
+    did not validate the config gets one line, not a traceback. When the cache is complete, neither the model
+    nor the corpus text is loaded.
     """
     from sparse_coding import corpus as corpus_mod
     from sparse_coding import models
+    from sparse_coding.config.checks import check_model
+    from sparse_coding.config.plan import resolve_model
 
-    models.validate_model_config(cfg)
+    model = resolve_model(cfg)  # the model's folder and shape (config.json read once)
+    check_model(cfg, model)
     model_dir = models.prepare_model_dir(cfg.model)
     mfp = models.fingerprint_files(model_dir)
     token_emb = cfg.activation == "token_embeddings"
@@ -583,8 +580,7 @@ def ensure_cache(cfg: Any, *, shard_rows: int = DEFAULT_SHARD_ROWS, force: bool 
     if token_emb:
         keys = ["embeddings"]
     else:
-        num_layers, _ = models.read_model_shape(model_dir, cfg.model.name)
-        keys = [layer_key(k) for k in models.parse_layers(cfg.layer, num_layers, cfg.model.name)]
+        keys = [layer_key(k) for k in models.parse_layers(cfg.layer, model.num_layers, cfg.model.name)]
     if not force and (out / "manifest.json").is_file() and all(k in read_manifest(out)["layers"] for k in keys):
         return out
     # the forward pass runs on model.device (token embeddings are read from the weights: no forward pass)
@@ -592,5 +588,4 @@ def ensure_cache(cfg: Any, *, shard_rows: int = DEFAULT_SHARD_ROWS, force: bool 
     if token_emb:
         return build_token_embeddings(out, model, info, dtype=cfg.cache_dtype, shard_rows=shard_rows, force=force)
     return build_hidden_states(out, model, tokenizer, info, cfg.corpus, [int(k) for k in keys],
-                               dtype=cfg.cache_dtype, shard_rows=shard_rows, corpus_fingerprint=cfp,
-                               fail_after_shards=fail_after_shards, force=force)
+                               dtype=cfg.cache_dtype, shard_rows=shard_rows, corpus_fingerprint=cfp, force=force)

@@ -1,14 +1,12 @@
-"""The activation cache: sharded memory-mappable `.npy` files per layer, checksummed, resumable.
-
-The folder format is described in `cache_store`; the builders are in `cache_build`. This module
-is the CLI and re-exports the public names of both, so `from sparse_coding import cache` keeps
-working.
-
-CLI::
+"""The cache CLI (console script `sparse-coding-cache`)::
 
     python -m sparse_coding.cache build model=minilm layer=all corpus=wiki corpus.max_tokens=100000
     python -m sparse_coding.cache import --input acts.npy --output DIR
     python -m sparse_coding.cache verify DIR
+
+`build` composes a run config from the overrides, checks it (sparse_coding.config.checks) and builds
+what is missing (`cache.build.ensure_cache`); `import` turns an array into a cache; `verify` checks
+every file against the manifest. Errors are one line (exit 2); Ctrl-C keeps the finished shards (130).
 """
 
 from __future__ import annotations
@@ -19,74 +17,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from sparse_coding.cache_build import (  # noqa: F401 - re-exported
-    DEFAULT_SHARD_ROWS,
-    MAX_SHARD_BYTES,
-    build_hidden_states,
-    build_token_embeddings,
-    cache_dir_for,
-    check_disk,
-    check_sizes,
-    ensure_cache,
-    import_array,
-    load_user_array,
-    write_array_cache,
-)
-from sparse_coding.cache_store import (  # noqa: F401 - re-exported
-    BUILD_RECORD,
-    DTYPES,
-    FORMAT_VERSION,
-    MAX_D,
-    MAX_ROWS,
-    build_lock,
-    cache_file,
-    check_replaceable,
-    claim_output,
-    describe_build,
-    ensure_verified,
-    finish_build,
-    finish_layer,
-    glob_escape,
-    human_bytes,
-    layer_key,
-    layer_stats,
-    model_dtype_of,
-    open_shard,
-    read_manifest,
-    read_mean,
-    replacing,
-    same_build,
-    select_layer,
-    sha256_file,
-    shard_done,
-    shard_name,
-    shard_paths,
-    verify,
-    write_manifest,
-    write_npy,
-    write_shard,
-)
+from sparse_coding.cache.build import DEFAULT_SHARD_ROWS, ensure_cache, import_array
+from sparse_coding.cache.store import DTYPES, MAX_ROWS, human_bytes, read_manifest, verify
+from sparse_coding.config.compose import compose_config
 from sparse_coding.errors import ConfigError, DataError, SparseCodingError
 
 
-def compose_config(overrides: list[str], config_dir: Optional[Path] = None, config_name: str = "train"):
-    """The project's run config (conf/train.yaml) with Hydra-style overrides, via the compose API."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from sparse_coding.config.schema import register_configs
-
-    register_configs()
-    from sparse_coding.paths import config_dir as package_config_dir
-
-    config_dir = Path(config_dir or package_config_dir())
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
+DESCRIPTION = "The activation cache: sharded memory-mappable `.npy` files per layer, checksummed, resumable."
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,7 +54,7 @@ def compose_build_config(overrides: list[str]):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = _Parser(prog="python -m sparse_coding.cache", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m sparse_coding.cache", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     b = sub.add_parser("build", help="build the cache of a run config (Hydra overrides)")
     b.add_argument("--force", action="store_true",
