@@ -30,8 +30,8 @@ from benchmarks.common import (
     sync,
     write_results,
 )
-from sparse_coding.solver import _kernel_available, objective, solve, solve_reference
 from sparse_coding.data.synthetic import generate
+from sparse_coding.solver import _kernel_available, objective, solve, solve_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_CACHE = ROOT / "data/cache/smollm2-a251daf763/hidden_states/wiki-52647a9084-ctx128-20480tok-nospecial-float32"

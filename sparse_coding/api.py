@@ -53,8 +53,8 @@ def default_out_dir() -> Path:
 def measure(overrides: Iterable[str] = ()) -> dict:
     """Train and evaluate like `python train.py OVERRIDES`; returns the metrics dict of metrics.json."""
     cfg, plan = compose_and_plan(overrides)
-    from sparse_coding.run import run
     from sparse_coding.lifecycle.rundir import start_run
+    from sparse_coding.run import run
 
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir()
     with start_run(out_dir, cfg.ckpt_path, cfg.overwrite):  # never replaces a finished run (see lifecycle.rundir)

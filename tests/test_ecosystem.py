@@ -90,8 +90,8 @@ def assert_same_metrics(got: dict, want: dict) -> None:
 
 
 def test_measure_api_and_the_loaded_dictionary_reproduce_metrics_json(tmp_path):
-    import sparse_coding
     from sparse_coding import SparseDictionary
+    import sparse_coding
     from sparse_coding.data.synthetic_datamodule import FreshSyntheticDataModule
 
     out = tmp_path / "run"
@@ -117,9 +117,9 @@ def test_a_centred_cache_dictionary_encodes_raw_activations(tmp_path):
     from sparse_coding.cache import build
     from sparse_coding.config.checks import validate
     from sparse_coding.config.compose import compose_config
+    from sparse_coding.data.cache_datamodule import CacheDataModule
     from sparse_coding.run import run
     from sparse_coding.solver import solve
-    from sparse_coding.data.cache_datamodule import CacheDataModule
 
     rng = np.random.default_rng(0)
     acts = (rng.standard_normal((600, 8)) + 5.0).astype(np.float32)  # far from centred: the mean matters

@@ -333,8 +333,8 @@ def test_drop_positions_and_token_normalisation(gpt2_cache):
     import numpy as np
 
     from sparse_coding.cache import store
-    from sparse_coding.data.preprocess import context_positions
     from sparse_coding.data.cache_datamodule import CacheDataModule
+    from sparse_coding.data.preprocess import context_positions
 
     _, path = gpt2_cache
     m = store.read_manifest(path)
@@ -393,8 +393,8 @@ def test_kept_mean_reads_only_the_left_out_rows(tmp_path):
     """The mean of the kept rows, from the stored mean minus the left-out rows: NaN rows are in neither."""
     import numpy as np
 
-    from sparse_coding.data import preprocess
     from sparse_coding.cache import build
+    from sparse_coding.data import preprocess
     from sparse_coding.data.cache_datamodule import CacheDataModule
 
     rng = np.random.default_rng(1)
@@ -420,8 +420,8 @@ def test_max_norm_ratio_with_drop_positions(gpt2_cache):
     import numpy as np
 
     from sparse_coding.cache import store
-    from sparse_coding.data.preprocess import context_positions
     from sparse_coding.data.cache_datamodule import CacheDataModule
+    from sparse_coding.data.preprocess import context_positions
 
     _, path = gpt2_cache
     m = store.read_manifest(path)

@@ -13,11 +13,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT
+from sparse_coding.cache.store import cache_blocks, split_blocks
 from sparse_coding.config.schema import register_configs
 from sparse_coding.dictionary import SparseDictionary
-from sparse_coding.cache_store import cache_blocks, split_blocks
-from sparse_coding.features import FeatureStats, main, recovery, synthetic_rows, true_features, windows
 from sparse_coding.feature_report import render_html
+from sparse_coding.features import FeatureStats, main, recovery, synthetic_rows, true_features, windows
 
 register_configs()
 
@@ -191,8 +191,8 @@ def test_max_rows_heldout_split_one_dictionary_and_the_wandb_table(cache_run, ca
 def test_the_rows_a_run_left_out_are_left_out(tiny_gpt2_cache):
     """data.drop_positions and data.max_norm_ratio: the rows coded are those the run's data module trains on."""
     from sparse_coding.cache import store
-    from sparse_coding.features import CacheRows
     from sparse_coding.data.cache_datamodule import CacheDataModule
+    from sparse_coding.features import CacheRows
 
     _, path = tiny_gpt2_cache
     dm = CacheDataModule(path, "1", batch_size=128, val_fraction=0.2, drop_positions=2, max_norm_ratio=1.1)

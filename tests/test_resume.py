@@ -27,8 +27,8 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from subprocesses import default_sigint
 from sparse_coding.cache import build
-from sparse_coding.lifecycle.resume import resume_checkpoint
 from sparse_coding.errors import ConfigError, StorageError
+from sparse_coding.lifecycle.resume import resume_checkpoint
 from sparse_coding.run import run
 
 QUIET = ["logger=none", "trainer.enable_progress_bar=false"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparse_coding.solver import DEFAULT_TOL, _kernel_available, objective, solve, solve_reference
 from sparse_coding.data.synthetic import sparse_coefficients
+from sparse_coding.solver import DEFAULT_TOL, _kernel_available, objective, solve, solve_reference
 
 
 def random_problem(n, d, m, seed, dtype=torch.float64):

@@ -11,9 +11,9 @@ import torch
 
 from sparse_coding.cache import build
 from sparse_coding.config.plan import resolve
-from sparse_coding.errors import ConfigError, DataError
 from sparse_coding.data.cache_datamodule import CacheDataModule
 from sparse_coding.data.row_stream import batch_plan, stream_plan
+from sparse_coding.errors import ConfigError, DataError
 from tinymodels import make_tiny_gpt2, run_cfg
 
 N, D = 5000, 8

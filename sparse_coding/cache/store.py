@@ -17,7 +17,7 @@ grid). A finished cache is never rebuilt unless asked (`--force`).
 
 This module holds the format: manifest reading, checking and writing, shard names and files,
 layer statistics, verification, build identity records and the build lock. Building is in
-`cache_build`, the CLI in `cache`.
+`cache.build`, the CLI in `cache.cli`.
 """
 
 from __future__ import annotations

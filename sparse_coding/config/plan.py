@@ -45,7 +45,7 @@ class DataPlan:
     """Where the rows come from.
 
     source: "synthetic" (a generator), "cache" (the cache folder `path`, given with data.path) or "model"
-    (the model's cache, found or built by cache.ensure_cache when the run starts: its folder depends on the
+    (the model's cache, found or built by cache.build.ensure_cache when the run starts: its folder depends on the
     weights' and the corpus's fingerprints, so it is not known here).
     """
 

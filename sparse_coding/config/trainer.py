@@ -31,11 +31,11 @@ import torch
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from sparse_coding.lifecycle.checkpoint import AtomicCheckpoint
 from sparse_coding.config.keys import RUN_OWNED, RUN_TRAINER_KEYS
 from sparse_coding.config.overrides import one_line
 from sparse_coding.config.plan import RunPlan
 from sparse_coding.errors import ConfigError
+from sparse_coding.lifecycle.checkpoint import AtomicCheckpoint
 from sparse_coding.lightning_compat import RICH_AVAILABLE
 from sparse_coding.lightning_compat import MultiProcessingLauncher as _MultiProcessingLauncher
 from sparse_coding.progress import PassProgressBar

@@ -17,10 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reliability.helpers import error_lines, import_cache, run_py
-from sparse_coding.errors import DataError
-from sparse_coding.solver import objective, solve, solve_reference
 from sparse_coding.data.cache_datamodule import CacheDataModule
 from sparse_coding.data.synthetic import GENERATORS, generate
+from sparse_coding.errors import DataError
+from sparse_coding.solver import objective, solve, solve_reference
 
 SOLVER_EXAMPLES = 300
 GENERATOR_EXAMPLES = 40
@@ -28,8 +28,8 @@ QUIET = ["logger=none", "trainer.enable_progress_bar=false"]
 
 
 def train(tmp_path, overrides):
-    from sparse_coding.config.compose import compose_config
     from sparse_coding.config.checks import validate
+    from sparse_coding.config.compose import compose_config
     from sparse_coding.run import run
 
     cfg = compose_config(QUIET + overrides)

@@ -19,12 +19,12 @@ from hypothesis import strategies as st
 
 from sparse_coding import corpus
 from sparse_coding.cache import build, cli, store
-from sparse_coding.lifecycle import checkpoint, resume
 from sparse_coding.config import resources
-from sparse_coding.config.compose import compose_config
 from sparse_coding.config.checks import validate
+from sparse_coding.config.compose import compose_config
 from sparse_coding.errors import ConfigError, DataError, StorageError, TrainingError
-from sparse_coding.rundir import check_writable, own_run_dir
+from sparse_coding.lifecycle import checkpoint, resume
+from sparse_coding.lifecycle.rundir import check_writable, own_run_dir
 from reliability.helpers import import_cache, one_line
 
 settings.load_profile("reliability")

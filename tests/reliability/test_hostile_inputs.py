@@ -23,8 +23,8 @@ import torch
 
 from reliability.helpers import as_nobody, child_env, error_lines, import_cache, run_py
 from sparse_coding.cache import store
-from sparse_coding.lifecycle import resume
 from sparse_coding.errors import DataError, TrainingError
+from sparse_coding.lifecycle import resume
 
 QUICK = ["logger=none", "trainer.enable_progress_bar=false", "data=sparse_linear", "data.dim=8", "data.n=256",
          "data.n_val=64", "data.batch_size=64", "dictionary.mult=2", "trainer.max_steps=4"]

@@ -28,10 +28,10 @@ import pytest
 from reliability.helpers import error_lines, file_digests, import_cache, one_line, run_py
 from sparse_coding import corpus
 from sparse_coding.cache import build, cli, store
-from sparse_coding.lifecycle import checkpoint, resume
-from sparse_coding.config.compose import compose_config
 from sparse_coding.config.checks import validate
+from sparse_coding.config.compose import compose_config
 from sparse_coding.errors import ConfigError, DataError, StorageError
+from sparse_coding.lifecycle import checkpoint, resume
 
 
 def digests(d: Path) -> dict:

@@ -15,8 +15,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from sparse_coding.config.compose import compose_config
 from sparse_coding.config.checks import validate
+from sparse_coding.config.compose import compose_config
 from sparse_coding.module import NonFiniteError
 from sparse_coding.run import run
 

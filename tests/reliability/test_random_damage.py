@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 
 from reliability.helpers import import_cache, one_line
 from sparse_coding.cache import cli, store
-from sparse_coding.lifecycle import resume, rundir
 from sparse_coding.errors import DataError, SparseCodingError
+from sparse_coding.lifecycle import resume, rundir
 
 settings.load_profile("reliability")
 

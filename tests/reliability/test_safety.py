@@ -17,8 +17,8 @@ import torch
 from reliability.helpers import ROOT, error_lines, import_cache, run_py
 from sparse_coding.cache import build, store
 from sparse_coding.config.compose import compose_config
-from sparse_coding.errors import DataError
 from sparse_coding.data.cache_datamodule import CacheDataModule
+from sparse_coding.errors import DataError
 
 
 def python_sources():
