@@ -515,7 +515,32 @@ def section_functional(rows: list[dict]) -> str:
                  "dictionary converged"], body)
     return (out + f"\n\n{rows[0]['model']}, {rows[0]['tokens']} held-out wiki tokens, the seed-0 dictionary of each "
             "hidden state patched into the forward pass (Φα + the cache mean). Zero-ablating SmolLM2's residual stream "
-            "gives uniform predictions (no biases), a weak baseline; the mean-ablation columns are the telling ones.")
+            "gives uniform predictions (no biases), a weak baseline; the mean-ablation columns are the telling ones."
+            + functional_summary(rows))
+
+
+FUNCTIONAL_KEEPS = 0.9  # "keeps the model's behaviour": recovers at least this share of the mean-ablation loss
+
+
+def functional_summary(rows: list[dict]) -> str:
+    """One generated sentence: which hidden states keep the model's behaviour, and which lose it while their
+    reconstruction explains nearly all the variance (the variance is not what the model uses downstream)."""
+    rated = [r for r in rows if r.get("fraction_recovered_vs_mean") is not None]
+    keep = [r for r in rated if r["fraction_recovered_vs_mean"] >= FUNCTIONAL_KEEPS]
+    lose = [r for r in rated if r["fraction_recovered_vs_mean"] < FUNCTIONAL_KEEPS]
+    if not rated:
+        return ""
+    out = f" Hidden states measured: {', '.join(str(r['layer']) for r in rated)}."
+    if keep:
+        out += (f" The reconstruction keeps at least {FUNCTIONAL_KEEPS:.0%} of the behaviour (vs mean-ablation) at "
+                f"{', '.join(str(r['layer']) for r in keep)}.")
+    for r in lose:
+        out += (f" At hidden state {r['layer']} it recovers only {fmt(r['fraction_recovered_vs_mean'])} (+{fmt(r['loss_increase'])}"
+                f" nats) although its fvu on these tokens is {fmt(r['heldout_fvu'])} and l0 {fmt(r['heldout_l0'])}: the "
+                "variance the dictionary explains there is not what the model uses downstream, so its normalized_loss "
+                f"({fmt(r['normalized_loss'])}) does not measure the features the model computes with (see the "
+                "massive-activation section and the layer curve under the remedy).")
+    return out
 
 
 def section_massive(results: list[dict]) -> str:
