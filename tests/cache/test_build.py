@@ -1,11 +1,10 @@
-"""The activation cache: round trip against a direct forward pass, checksums, resume, import, statistics."""
+"""Building caches (sparse_coding.cache.build): a model's hidden states against a direct forward pass, token
+embeddings, imported arrays, the build identity (source, settings, model dtype), the device, and what an
+interrupted or failed build leaves (a build killed mid-way resumes: tests/reliability/test_interrupts.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,22 +13,28 @@ import torch
 
 from sparse_coding import models
 from sparse_coding.cache import build, store
+from sparse_coding.config.checks import validate
 from sparse_coding.config.plan import resolve
 from sparse_coding.corpus import build_contexts
 from sparse_coding.errors import ConfigError, DataError, StorageError
-from tinymodels import forward_hidden, gpt2_cfg, make_tiny_gpt2, run_cfg
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory) -> Path:
-    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+from tests.helpers import digests, import_cache, one_line
+from tests.tinymodels import forward_hidden, gpt2_cfg, run_cfg
 
 
 def all_files(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): store.sha256_file(p) for p in sorted(d.rglob("*"))
-            if p.is_file() and p.name not in ("verified.json",)}
+    return digests(d, skip=("verified.json",))
+
+
+def shards(path: Path, key: str) -> np.ndarray:
+    m = store.read_manifest(path)
+    return np.concatenate([np.load(path / "layers" / key / s["file"]) for s in m["shards"][key]])
+
+
+def manifest_without_provenance(path: Path) -> dict:
+    m = json.loads((path / "manifest.json").read_text())
+    for key in ("build_seconds", "build_device"):
+        m.pop(key)
+    return m
 
 
 @pytest.fixture(scope="module")
@@ -70,93 +75,6 @@ def test_finished_cache_is_not_rebuilt(tiny_gpt2, gpt2_cache, monkeypatch):
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a finished cache loaded the model"))
     assert build.ensure_cache(cfg, shard_rows=64) == path
     assert {p: p.stat().st_mtime_ns for p in path.rglob("*.npy")} == before
-
-
-def test_interrupted_build_resumes_to_the_identical_cache(tiny_gpt2, gpt2_cache, tmp_path, monkeypatch):
-    _, clean = gpt2_cache
-    cfg = gpt2_cfg(tiny_gpt2, tmp_path)
-    finish = store.ShardFile.finish
-
-    def fail_at_the_third_shard(self):
-        if self.path.name == "shard_00002.npy":
-            raise RuntimeError("fault injection: stopped after 2 shards")
-        return finish(self)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(store.ShardFile, "finish", fail_at_the_third_shard)
-        with pytest.raises(RuntimeError, match="fault injection"):
-            build.ensure_cache(cfg, shard_rows=64)
-    partial = next((tmp_path).glob("gpt2-*/hidden_states/*"))
-    assert not (partial / "manifest.json").exists()
-    assert sorted(p.name for p in (partial / "layers" / "0").glob("shard_*.npy")) == ["shard_00000.npy", "shard_00001.npy"]
-    done_before = (partial / "layers" / "0" / "shard_00000.npy").stat().st_mtime_ns
-    # a half-written shard left by a crash is a temporary file, never taken for a shard
-    (partial / "layers" / "0" / ".shard_00002.npy.tmp-999").write_bytes(b"partial")
-    path = build.ensure_cache(cfg, shard_rows=64)
-    assert path == partial
-    assert (partial / "layers" / "0" / "shard_00000.npy").stat().st_mtime_ns == done_before  # not recomputed
-    got = {k: v for k, v in all_files(path).items() if ".tmp-" not in k}
-    want = all_files(clean)
-    m1, m2 = json.loads((path / "manifest.json").read_text()), json.loads((clean / "manifest.json").read_text())
-    for m in (m1, m2):
-        m.pop("build_seconds")
-    assert m1 == m2
-    got.pop("manifest.json"), want.pop("manifest.json")
-    assert got == want
-
-
-def test_real_subprocess_killed_mid_build_resumes(tiny_gpt2, gpt2_cache, tmp_path):
-    """A real process dies (os._exit) right after its first shard; the rerun completes to the same bytes."""
-    _, clean = gpt2_cache
-    code = (
-        "import os, sys; sys.path.insert(0, %r); from sparse_coding.cache import build, store; from tinymodels import run_cfg\n"
-        "orig = store.ShardFile.finish\n"
-        "def dying(self):\n    d = orig(self)\n    os._exit(9)\n"
-        "store.ShardFile.finish = dying\n"
-        "build.ensure_cache(run_cfg(['model=gpt2','model.path=%s','layer=all','corpus=kjv','corpus.context_len=16',"
-        "'corpus.max_tokens=300','corpus.batch_size=4','cache_dir=%s']), shard_rows=64)\n"
-    ) % (str(ROOT / "tests"), tiny_gpt2, tmp_path)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 9, proc.stderr
-    path = build.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path), shard_rows=64)
-    got, want = all_files(path), all_files(clean)
-    got.pop("manifest.json"), want.pop("manifest.json")
-    assert got == want
-
-
-def test_corruption_is_detected(gpt2_cache, tmp_path):
-    import shutil
-
-    _, clean = gpt2_cache
-    path = tmp_path / "c"
-    shutil.copytree(clean, path)
-    shard = path / "layers" / "1" / "shard_00002.npy"
-    data = bytearray(shard.read_bytes())
-    data[-5] ^= 0x01  # one bit of one value
-    shard.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=r"shard_00002\.npy: sha256 does not match"):
-        store.verify(path)
-    proc = subprocess.run([sys.executable, "-m", "sparse_coding.cache", "verify", str(path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "shard_00002.npy" in proc.stderr
-    shard.write_bytes(bytes(data[:-100]))  # truncated
-    with pytest.raises(DataError, match=r"shard_00002\.npy: cannot be read as \.npy, truncated"):
-        store.verify(path)
-    shutil.copy(clean / "layers" / "1" / "shard_00002.npy", shard)
-    store.verify(path)
-    m = json.loads((path / "manifest.json").read_text())
-    m["shards"]["1"][0]["rows"] = 63
-    (path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(DataError, match="shards of layer 1 hold 299 rows, the manifest says 300"):
-        store.verify(path)
-    m["shards"]["1"][0]["rows"] = 64
-    m["d"] = 31
-    (path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(DataError, match=r"shard_00000\.npy: shape \(64, 32\) float32 does not match .*\(64, 31\)"):
-        store.verify(path)
-    (path / "manifest.json").unlink()
-    with pytest.raises(DataError, match="no manifest"):
-        store.verify(path)
 
 
 def test_layers_are_added_to_an_existing_cache(tiny_gpt2, gpt2_cache, tmp_path):
@@ -225,30 +143,6 @@ def test_text_corpus_from_local_files(tiny_gpt2, tmp_path):
     assert np.load(path / "tokens.npy").tolist()[: len(first)] == first
 
 
-@pytest.mark.parametrize("suffix", [".npy", ".pt", ".safetensors"])
-def test_import_user_array(tmp_path, suffix):
-    x = np.random.default_rng(0).standard_normal((1000, 12)).astype(np.float32)
-    src = tmp_path / f"acts{suffix}"
-    if suffix == ".npy":
-        np.save(src, x)
-    elif suffix == ".pt":
-        torch.save(torch.from_numpy(x), src)
-    else:
-        from safetensors.numpy import save_file
-
-        save_file({"acts": x}, str(src))
-    out = tmp_path / "cache"
-    proc = subprocess.run([sys.executable, "-m", "sparse_coding.cache", "import", "--input", str(src), "--output",
-                           str(out), "--shard-rows", "300"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    m = store.read_manifest(out)
-    assert m["kind"] == "imported" and m["layers"] == ["data"] and [s["rows"] for s in m["shards"]["data"]] == [300, 300, 300, 100]
-    rows = np.concatenate([np.load(out / "layers" / "data" / s["file"]) for s in m["shards"]["data"]])
-    np.testing.assert_array_equal(rows, x)
-    assert m["stats"]["data"]["mean_sq_norm"] == pytest.approx(float((x.astype(np.float64) ** 2).sum(1).mean()))
-    assert store.verify(out)["files"] == 4
-
-
 def test_import_rejects_bad_input(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(DataError, match="pickled data"):
@@ -302,3 +196,156 @@ def test_model_dtype_is_part_of_the_cache_identity(tiny_gpt2, gpt2_cache, tmp_pa
     legacy["model"] = {k: v for k, v in m32["model"].items() if k != "dtype"}
     assert store.same_build(legacy, m32["build"]) and store.model_dtype_of(legacy) == "float32"
     assert not store.same_build(legacy, m16["build"])
+
+
+
+def test_device_auto_runs_on_the_cpu_without_cuda(tiny_gpt2, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = gpt2_cfg(tiny_gpt2, tmp_path)
+    assert cfg.model.device == "auto"  # the schema's default
+    validate(cfg)
+    assert models.resolve_device(cfg.model) == "cpu"
+    path = build.ensure_cache(cfg, shard_rows=64)
+    assert store.read_manifest(path)["build_device"] == "cpu"
+    # the device is provenance, not identity: model.device=cpu names the same folder and finds it finished
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a finished cache loaded the model"))
+    assert build.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path, "model.device=cpu"), shard_rows=64) == path
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_cache_matches_the_cpu_cache(tiny_gpt2, tmp_path):
+    """The same tiny caches built on CUDA and on the CPU: same folder name, tokens and format; values within
+    float32 rounding of the two devices' kernels; the device recorded as provenance only."""
+    for extra, tol in (((), 1e-4), (("cache_dtype=float16",), 2e-3)):
+        on_cpu = build.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path / "cpu", "model.device=cpu", *extra), shard_rows=64)
+        on_gpu = build.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path / "gpu", "model.device=cuda", *extra), shard_rows=64)
+        assert on_cpu.relative_to(tmp_path / "cpu") == on_gpu.relative_to(tmp_path / "gpu")
+        mc, mg = store.read_manifest(on_cpu), store.read_manifest(on_gpu)
+        assert mc["build_device"] == "cpu" and mg["build_device"].startswith("cuda")
+        assert mc["build"] == mg["build"] and mc["layers"] == mg["layers"] == ["0", "1", "2"]
+        np.testing.assert_array_equal(np.load(on_cpu / "tokens.npy"), np.load(on_gpu / "tokens.npy"))
+        for key in mc["layers"]:
+            a, b = shards(on_cpu, key), shards(on_gpu, key)
+            assert a.dtype == b.dtype and a.shape == b.shape == (300, 32)
+            np.testing.assert_allclose(b.astype(np.float32), a.astype(np.float32), rtol=tol, atol=tol)
+            assert mg["stats"][key]["mean_sq_norm"] == pytest.approx(mc["stats"][key]["mean_sq_norm"], rel=1e-4)
+        assert store.verify(on_gpu)["files"] == store.verify(on_cpu)["files"]
+    # a real model in bfloat16 on the GPU: hidden states come back as float32 rows of the same format
+    cfg = ["model=minilm", "layer=3", "corpus=wiki", "corpus.context_len=32", "corpus.max_tokens=300"]
+    ref = build.ensure_cache(run_cfg([*cfg, "model.device=cpu", f"cache_dir={tmp_path / 'mcpu'}"]))
+    bf16 = build.ensure_cache(run_cfg([*cfg, "model.device=cuda", "model.dtype=bfloat16", f"cache_dir={tmp_path / 'mgpu'}"]))
+    a, b = shards(ref, "3"), shards(bf16, "3")
+    assert b.dtype == np.float32 and b.shape == a.shape == (300, 384)
+    assert np.abs(b - a).mean() < 0.05 * np.abs(a).mean()  # bfloat16's 8-bit mantissa through 3 blocks
+
+
+def test_a_failed_shard_write_stops_the_build_with_its_error(tiny_gpt2, tmp_path, monkeypatch):
+    """A write on the background thread that fails (a full disk) raises in the build, nothing half-done is kept,
+    and the rerun resumes to the same cache as an undisturbed build."""
+    real, calls = store.ShardFile.write, []
+
+    def failing(self, rows):
+        calls.append(self.path)
+        if len(calls) == 4:  # shard 1 of layer 0: shard 0 of every layer is complete
+            raise StorageError(f"{self.path}: no space left on device")
+        return real(self, rows)
+
+    monkeypatch.setattr(store.ShardFile, "write", failing)
+    cfg = gpt2_cfg(tiny_gpt2, tmp_path / "a")
+    with pytest.raises(StorageError, match="no space left on device"):
+        build.ensure_cache(cfg, shard_rows=64)
+    partial = next((tmp_path / "a").glob("gpt2-*/hidden_states/*"))
+    assert not (partial / "manifest.json").exists() and not list(partial.rglob("*.tmp-*"))
+    monkeypatch.setattr(store.ShardFile, "write", real)
+    resumed = build.ensure_cache(cfg, shard_rows=64)
+    clean = build.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path / "b"), shard_rows=64)
+    assert manifest_without_provenance(resumed) == manifest_without_provenance(clean)
+    for key in ("0", "1", "2"):
+        np.testing.assert_array_equal(shards(resumed, key), shards(clean, key))
+
+
+def test_a_resumed_or_repeated_import_of_another_source_is_refused_and_force_replaces(tmp_path):
+    a = np.random.default_rng(0).standard_normal((400, 8)).astype(np.float32)
+    b = np.random.default_rng(1).standard_normal((400, 8)).astype(np.float32)
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    out = tmp_path / "cache"
+
+    def dies_after_three(lo, hi):  # the import of A is killed part-way (after 3 of 25 shards)
+        if lo >= 48:
+            raise KeyboardInterrupt
+        return a[lo:hi]
+
+    identity = {"kind": "imported", "source_sha256": store.sha256_file(tmp_path / "a.npy"), "key": None,
+                "shape": [400, 8], "dtype": "float32", "rows_per_shard": 16}
+    with pytest.raises(KeyboardInterrupt):
+        build.write_array_cache(out, dies_after_three, 400, 8, "data", {"kind": "imported"}, shard_rows=16,
+                                identity=identity)
+    with pytest.raises(ConfigError, match="partial build of another source") as e:
+        build.import_array(tmp_path / "b.npy", out, shard_rows=16)
+    one_line(e.value)
+    build.import_array(tmp_path / "a.npy", out, shard_rows=16)  # the same source resumes
+    assert store.verify(out)["files"] == 25
+    with pytest.raises(ConfigError, match="finished cache of another source"):
+        build.import_array(tmp_path / "b.npy", out, shard_rows=16)
+    with pytest.raises(ConfigError, match="finished cache of another source"):  # other settings, same file
+        build.import_array(tmp_path / "a.npy", out, shard_rows=32)
+    build.import_array(tmp_path / "b.npy", out, shard_rows=16, force=True)
+    rows = np.concatenate([np.load(p) for p in sorted((out / "layers" / "data").glob("shard_*.npy"))])
+    np.testing.assert_array_equal(rows, b)
+    assert store.verify(out)["files"] == 25
+    assert not list(tmp_path.glob(".cache.*-*"))  # no sibling left by --force
+
+
+def test_an_output_that_is_a_file_or_a_foreign_folder_is_refused(tmp_path):
+    np.save(tmp_path / "a.npy", np.ones((10, 4), np.float32))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="existing file"):
+        build.import_array(tmp_path / "a.npy", tmp_path / "file")
+    with pytest.raises(ConfigError, match="not empty"):
+        build.import_array(tmp_path / "a.npy", tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_inputs_get_messages_that_say_what_they_are(tmp_path):
+    (tmp_path / "text.npy").write_text("just some words\n")
+    np.save(tmp_path / "full.npy", np.ones((100, 8), np.float32))
+    data = (tmp_path / "full.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[: len(data) // 2])
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
+    np.save(tmp_path / "wide.npy", np.zeros((1, store.MAX_D + 1), np.float16))
+    for name, pattern in (("text.npy", "not a .npy file"), ("cut.npy", "truncated"),
+                          ("bad.safetensors", "not a readable .safetensors"), ("wide.npy", "width d=1048577")):
+        with pytest.raises(DataError, match=pattern) as e:
+            build.import_array(tmp_path / name, tmp_path / f"out-{name}")
+        assert "pickle" not in one_line(e.value)
+        assert not (tmp_path / f"out-{name}").exists()
+
+
+def test_cache_force_replaces_a_cache_a_partial_build_or_an_empty_folder_only(tmp_path):
+    a = np.random.default_rng(0).standard_normal((40, 4)).astype(np.float32)
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", a + 1)
+    done = import_cache(tmp_path / "done", a, shard_rows=16)
+    store.verify(done)  # verified.json is part of a cache too
+    partial = tmp_path / "partial"
+    with pytest.raises(KeyboardInterrupt):
+        def dies(lo, hi):
+            if lo >= 16:
+                raise KeyboardInterrupt
+            return a[lo:hi]
+        build.write_array_cache(partial, dies, 40, 4, "data", {"kind": "imported"}, shard_rows=16)
+    (tmp_path / "empty").mkdir()
+    for out in (done, partial, tmp_path / "empty", tmp_path / "new"):
+        build.import_array(tmp_path / "b.npy", out, shard_rows=16, force=True)
+        assert store.verify(out)["files"] == 3, out
+    mixed = import_cache(tmp_path / "mixed", a, shard_rows=16)
+    (mixed / "notes.txt").write_text("mine")  # a user's file inside a cache: --force would delete it
+    (mixed / "layers" / "data" / "keep.npy").write_bytes(b"x")
+    before = digests(mixed)
+    with pytest.raises(ConfigError, match=r"not a cache folder: it holds layers/data/keep.npy, notes.txt;"):
+        build.import_array(tmp_path / "b.npy", mixed, shard_rows=16, force=True)
+    assert digests(mixed) == before

@@ -1,109 +1,26 @@
-"""Extracting activations into a cache (issue 20 item 4): `model.device`, the one-copy shard path, statistics
-summed while shards are written, the lazily read corpora; a CUDA build against the CPU one (`-m cuda`)."""
+"""The cache's folder format (sparse_coding.cache.store): shard files written as np.save writes them (in one
+copy, with statistics summed while writing), verify against the manifest, and the build lock (non-blocking polls,
+a message that says what it waits for)."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
-from pathlib import Path
+import threading
+import time
 
 import numpy as np
 import pytest
-import torch
 
-from sparse_coding import corpus, models
-from sparse_coding.cache import build, store
-from sparse_coding.config.checks import validate
-from sparse_coding.errors import ConfigError, StorageError
-from tinymodels import gpt2_cfg, make_tiny_gpt2, run_cfg
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory) -> Path:
-    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
-
-
-def shards(path: Path, key: str) -> np.ndarray:
-    m = store.read_manifest(path)
-    return np.concatenate([np.load(path / "layers" / key / s["file"]) for s in m["shards"][key]])
-
-
-def manifest_without_provenance(path: Path) -> dict:
-    m = json.loads((path / "manifest.json").read_text())
-    for key in ("build_seconds", "build_device"):
-        m.pop(key)
-    return m
-
-
-# ---- model.device
-
-
-def test_device_auto_runs_on_the_cpu_without_cuda(tiny_gpt2, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cfg = gpt2_cfg(tiny_gpt2, tmp_path)
-    assert cfg.model.device == "auto"  # the schema's default
-    validate(cfg)
-    assert models.resolve_device(cfg.model) == "cpu"
-    path = build.ensure_cache(cfg, shard_rows=64)
-    assert store.read_manifest(path)["build_device"] == "cpu"
-    # the device is provenance, not identity: model.device=cpu names the same folder and finds it finished
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a finished cache loaded the model"))
-    assert build.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path, "model.device=cpu"), shard_rows=64) == path
-
-
-def test_cuda_without_cuda_is_one_line(tiny_gpt2, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError) as err:
-        validate(run_cfg(["model=gpt2", f"model.path={tiny_gpt2}", "layer=1", "model.device=cuda"]))
-    msg = str(err.value)
-    assert "\n" not in msg and "model.device=cuda" in msg and "no CUDA device" in msg and "model.device=cpu" in msg
-    with pytest.raises(ConfigError, match=r"model.device='gpu': choose auto .*, cpu or cuda"):
-        validate(run_cfg(["model=gpt2", f"model.path={tiny_gpt2}", "layer=1", "model.device=gpu"]))
-
-
-def test_cuda_without_cuda_stops_train_py_with_one_line():
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no device, even on a machine with one
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=minilm", "layer=1", "model.device=cuda"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert "model.device=cuda" in lines[-1] and "model.device=cpu" in lines[-1], lines
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_cache_matches_the_cpu_cache(tiny_gpt2, tmp_path):
-    """The same tiny caches built on CUDA and on the CPU: same folder name, tokens and format; values within
-    float32 rounding of the two devices' kernels; the device recorded as provenance only."""
-    for extra, tol in (((), 1e-4), (("cache_dtype=float16",), 2e-3)):
-        on_cpu = build.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path / "cpu", "model.device=cpu", *extra), shard_rows=64)
-        on_gpu = build.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path / "gpu", "model.device=cuda", *extra), shard_rows=64)
-        assert on_cpu.relative_to(tmp_path / "cpu") == on_gpu.relative_to(tmp_path / "gpu")
-        mc, mg = store.read_manifest(on_cpu), store.read_manifest(on_gpu)
-        assert mc["build_device"] == "cpu" and mg["build_device"].startswith("cuda")
-        assert mc["build"] == mg["build"] and mc["layers"] == mg["layers"] == ["0", "1", "2"]
-        np.testing.assert_array_equal(np.load(on_cpu / "tokens.npy"), np.load(on_gpu / "tokens.npy"))
-        for key in mc["layers"]:
-            a, b = shards(on_cpu, key), shards(on_gpu, key)
-            assert a.dtype == b.dtype and a.shape == b.shape == (300, 32)
-            np.testing.assert_allclose(b.astype(np.float32), a.astype(np.float32), rtol=tol, atol=tol)
-            assert mg["stats"][key]["mean_sq_norm"] == pytest.approx(mc["stats"][key]["mean_sq_norm"], rel=1e-4)
-        assert store.verify(on_gpu)["files"] == store.verify(on_cpu)["files"]
-    # a real model in bfloat16 on the GPU: hidden states come back as float32 rows of the same format
-    cfg = ["model=minilm", "layer=3", "corpus=wiki", "corpus.context_len=32", "corpus.max_tokens=300"]
-    ref = build.ensure_cache(run_cfg([*cfg, "model.device=cpu", f"cache_dir={tmp_path / 'mcpu'}"]))
-    bf16 = build.ensure_cache(run_cfg([*cfg, "model.device=cuda", "model.dtype=bfloat16", f"cache_dir={tmp_path / 'mgpu'}"]))
-    a, b = shards(ref, "3"), shards(bf16, "3")
-    assert b.dtype == np.float32 and b.shape == a.shape == (300, 384)
-    assert np.abs(b - a).mean() < 0.05 * np.abs(a).mean()  # bfloat16's 8-bit mantissa through 3 blocks
-
-
-# ---- the shard path: one copy, bytes as np.save writes them, statistics while writing
+from sparse_coding.cache import store
+from sparse_coding.errors import DataError, StorageError
+from tests.helpers import ROOT, import_cache, one_line
 
 
 @pytest.mark.parametrize("shape,dtype", [((5, 3), np.float32), ((32768, 384), np.float16), ((1, 1), np.float32),
@@ -153,70 +70,131 @@ def test_statistics_summed_while_writing_equal_those_read_back(tmp_path):
     assert got == from_disk and got["n_nonfinite"] == 2 and got["first_nonfinite"] == {"file": "shard_00001.npy", "row": 5}
 
 
-def test_a_failed_shard_write_stops_the_build_with_its_error(tiny_gpt2, tmp_path, monkeypatch):
-    """A write on the background thread that fails (a full disk) raises in the build, nothing half-done is kept,
-    and the rerun resumes to the same cache as an undisturbed build."""
-    real, calls = store.ShardFile.write, []
 
-    def failing(self, rows):
-        calls.append(self.path)
-        if len(calls) == 4:  # shard 1 of layer 0: shard 0 of every layer is complete
-            raise StorageError(f"{self.path}: no space left on device")
-        return real(self, rows)
-
-    monkeypatch.setattr(store.ShardFile, "write", failing)
-    cfg = gpt2_cfg(tiny_gpt2, tmp_path / "a")
-    with pytest.raises(StorageError, match="no space left on device"):
-        build.ensure_cache(cfg, shard_rows=64)
-    partial = next((tmp_path / "a").glob("gpt2-*/hidden_states/*"))
-    assert not (partial / "manifest.json").exists() and not list(partial.rglob("*.tmp-*"))
-    monkeypatch.setattr(store.ShardFile, "write", real)
-    resumed = build.ensure_cache(cfg, shard_rows=64)
-    clean = build.ensure_cache(gpt2_cfg(tiny_gpt2, tmp_path / "b"), shard_rows=64)
-    assert manifest_without_provenance(resumed) == manifest_without_provenance(clean)
-    for key in ("0", "1", "2"):
-        np.testing.assert_array_equal(shards(resumed, key), shards(clean, key))
-
-
-# ---- corpora read only as far as needed
-
-
-def test_wiki_is_read_and_tokenised_only_as_far_as_the_contexts_need(monkeypatch):
-    from omegaconf import OmegaConf
-
-    cleaned = []
-    real = corpus.clean_wiki
-    monkeypatch.setattr(corpus, "clean_wiki", lambda text: cleaned.append(1) or real(text))
-
-    batches = []  # word counts of the documents of each tokenizer call
-
-    class Tok:  # one token per word; "\n\n" is one token
-        def __call__(self, texts, add_special_tokens=True):
-            if isinstance(texts, str):
-                return {"input_ids": [1] * max(1, len(texts.split()))}
-            batches.append([len(t.split()) for t in texts])
-            return {"input_ids": [[1] * len(t.split()) for t in texts]}
-
-    cfg = OmegaConf.create({"name": "wiki", "context_len": 16, "max_tokens": 100_000, "keep_special_tokens": False})
-    ctx = corpus.build_contexts(cfg, Tok())
-
-    def stream(bs):
-        return sum(words + 1 for b in bs for words in b)
-
-    assert ctx.n_rows == 100_000 and len(batches) > 1
-    assert len(cleaned) == sum(map(len, batches))  # no article read beyond those tokenised
-    assert stream(batches[:-1]) < 100_000 <= stream(batches) == ctx.corpus_tokens
-    assert ctx.corpus_tokens - (batches[-1][-1] + 1) < 100_000  # the last article tokenised was needed
+def test_corruption_is_detected(tmp_path):
+    x = np.random.default_rng(0).standard_normal((300, 32)).astype(np.float32)
+    clean = import_cache(tmp_path / "clean", x, shard_rows=64)
+    path = tmp_path / "c"
+    shutil.copytree(clean, path)
+    shard = path / "layers" / "data" / "shard_00002.npy"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x01  # one bit of one value
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"shard_00002\.npy: sha256 does not match"):
+        store.verify(path)
+    proc = subprocess.run([sys.executable, "-m", "sparse_coding.cache", "verify", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "shard_00002.npy" in proc.stderr
+    shard.write_bytes(bytes(data[:-100]))  # truncated
+    with pytest.raises(DataError, match=r"shard_00002\.npy: cannot be read as \.npy, truncated"):
+        store.verify(path)
+    shutil.copy(clean / "layers" / "data" / "shard_00002.npy", shard)
+    store.verify(path)
+    m = json.loads((path / "manifest.json").read_text())
+    m["shards"]["data"][0]["rows"] = 63
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match="shards of layer data hold 299 rows, the manifest says 300"):
+        store.verify(path)
+    m["shards"]["data"][0]["rows"] = 64
+    m["d"] = 31
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r"shard_00000\.npy: shape \(64, 32\) float32 does not match .*\(64, 31\)"):
+        store.verify(path)
+    (path / "manifest.json").unlink()
+    with pytest.raises(DataError, match="no manifest"):
+        store.verify(path)
 
 
-def test_kjv_chapters_are_the_documents_datasets_read():
-    """The Bible read with `json` (fast) gives the chapters the `datasets` JSON loader gave (the caches' tokens)."""
-    import datasets
-    from omegaconf import OmegaConf
+def test_a_manifest_with_stats_or_mean_of_the_wrong_type_or_shape_fails_verify(tmp_path):
+    path = import_cache(tmp_path / "c", np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
+    good = json.loads((path / "manifest.json").read_text())
+    for mutate in (lambda m: m["stats"]["data"].update(mean_sq_norm="big"),
+                   lambda m: m["stats"]["data"].update(n_finite=-3),
+                   lambda m: m["stats"]["data"].update(first_nonfinite=[1]),
+                   lambda m: m.update(stats=[1, 2])):
+        m = json.loads(json.dumps(good))
+        mutate(m)
+        (path / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(DataError) as e:
+            store.verify(path)
+        one_line(e.value)
+    (path / "manifest.json").write_text(json.dumps(good))
+    mean = path / "layers" / "data" / "mean.npy"
+    np.save(mean, np.zeros(5))  # wrong shape, checksum updated to match
+    good["stats"]["data"]["mean_sha256"] = store.sha256_file(mean)
+    (path / "manifest.json").write_text(json.dumps(good))
+    with pytest.raises(DataError, match="mean row is \\(5,\\)"):
+        store.verify(path)
 
-    (path,) = corpus.source_files(OmegaConf.create({"name": "kjv"}))
-    verses = datasets.load_dataset("json", data_files=str(path), split="train")
-    chapters: dict = {}
-    for book, chapter, text in zip(verses["book"], verses["chapter"], verses["text"]):
-        chapters.setdefault((book, chapter), []).append(text)
-    assert corpus._kjv_chapters(path) == [" ".join(v) for v in chapters.values()]
+
+def test_build_lock_serialises_builders_in_process(tmp_path):
+    """The lock itself: a second holder waits until the first lets go."""
+    import threading
+
+    out = tmp_path / "c"
+    order = []
+    with store.build_lock(out):
+        t = threading.Thread(target=lambda: (store.build_lock(out).__enter__(), order.append("second")))
+        # flock locks belong to open file descriptions, so a second open in another thread waits too
+        t.start()
+        time.sleep(0.3)
+        order.append("first done")
+    t.join(timeout=10)
+    assert order == ["first done", "second"]
+
+
+def test_the_cache_lock_wait_never_blocks_in_flock_and_says_what_it_waits_for(tmp_path, monkeypatch, capsys):
+    calls = []
+    real = fcntl.flock
+
+    def recording(fd, op):
+        calls.append(op)
+        if op & fcntl.LOCK_EX and not op & fcntl.LOCK_NB:
+            raise AssertionError("a blocking flock(2): a Ctrl-C that lands just before it is lost")
+        return real(fd, op)
+
+    out = tmp_path / "c"
+    with store.build_lock(out):  # this open file description holds the lock, with our pid in the lock file
+        monkeypatch.setattr(store.fcntl, "flock", recording)
+        with pytest.raises(StorageError, match="gave up waiting") as e:
+            with open(tmp_path / ".c.lock", "a+b") as f:
+                store.wait_for_lock(f, lambda holder: f"[cache] waiting for it{holder}", timeout=0.3)
+        one_line(e.value)
+        monkeypatch.undo()
+    # a blocking flock(2) entered just after a Ctrl-C was handled waits forever: only non-blocking attempts
+    assert len(calls) >= 2 and all(op & fcntl.LOCK_NB for op in calls), calls
+    assert capsys.readouterr().err.strip() == f"[cache] waiting for it (pid {os.getpid()})"
+
+
+def test_the_cache_lock_wait_ends_when_the_holder_lets_go(tmp_path, capsys):
+    out = tmp_path / "c"
+    released = threading.Event()
+    got = []
+
+    def second():
+        with store.build_lock(out):
+            got.append(released.is_set())
+
+    with store.build_lock(out):
+        t = threading.Thread(target=second)
+        t.start()
+        for _ in range(1200):  # at most a minute for the thread to start waiting
+            if "waiting for it to finish" in capsys.readouterr().err:
+                break
+            t.join(timeout=0.05)
+        else:
+            pytest.fail("the second builder never said it waits")
+        released.set()
+    t.join(timeout=60)
+    assert got == [True]
+
+
+def test_disk_full_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    """The error text a user sees when the disk fills (ENOSPC from the write itself)."""
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "atomic_write_bytes", full)  # write_shard lives in cache.store
+    with pytest.raises(StorageError) as info:
+        store.write_shard(tmp_path / "shard_00000.npy", np.zeros((4, 4), np.float32))
+    assert "\n" not in str(info.value) and "no space left on device" in str(info.value)
