@@ -53,7 +53,8 @@ def test_bank_member_equals_the_dictionary_trained_alone(bank, tmp_path, mult, l
 
 def test_fixed_lambda(tmp_path):
     result = train(tmp_path, ["data=rademacher", "data.dim=16", "data.n=8192", "data.n_val=2048", "data.batch_size=512",
-                              "trainer.max_epochs=1", "dictionary.mult=8", "solver.max_steps=128", "dictionary.lam=0.5"])
+                              "trainer.max_epochs=1", "dictionary.mult=8", "solver.max_steps=128",
+                              "dictionary.lam=0.5"])
     assert result["lam"] == 0.5 and result["lam_mode"] == "fixed"
 
 

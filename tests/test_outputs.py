@@ -13,8 +13,8 @@ from tests.helpers import one_line, train
 
 
 def test_outputs_written(tmp_path):
-    result = train(tmp_path, ["data=sparse_linear", "data.dim=16", "data.n=1024", "data.n_val=2048", "data.batch_size=512",
-                              "trainer.max_epochs=1", "dictionary.mult=8", "solver.max_steps=128"])
+    result = train(tmp_path, ["data=sparse_linear", "data.dim=16", "data.n=1024", "data.n_val=2048",
+                              "data.batch_size=512", "trainer.max_epochs=1", "dictionary.mult=8", "solver.max_steps=128"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("normalized_loss", "avg_coef_norm", "l0", "loss", "fvu", "dead_fraction", "capped_fraction", "lam",
                 "dim", "dict_size", "truth"):

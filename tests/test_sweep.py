@@ -11,7 +11,8 @@ from sparse_coding.config.checks import validate
 from sparse_coding.config.compose import compose_config
 from sparse_coding.errors import ConfigError
 from sparse_coding.loggers import wandb_mode
-from sparse_coding.sweep import build_command, check_sweep, entry_point_problem, find_sweep, load_sweep, propose, run_sweep
+from sparse_coding.sweep import (build_command, check_sweep, entry_point_problem, find_sweep, load_sweep, propose,
+                                 run_sweep)
 from sparse_coding.sweep import main as sweep_main
 from tests.helpers import ROOT, TINY_SWEEP
 

@@ -45,7 +45,7 @@ def test_cuda_without_cuda_is_one_line(tiny_gpt2, monkeypatch):
 
 
 HEAVY_AT_IMPORT = ("torch", "pytorch_lightning", "lightning", "transformers", "numpy")
-HEAVY_TO_VALIDATE = ("torch", "pytorch_lightning", "lightning", "transformers")  # numpy: corpus.py, for the corpus checks
+HEAVY_TO_VALIDATE = ("torch", "pytorch_lightning", "lightning", "transformers")  # numpy: corpus.py (corpus checks)
 
 
 def test_the_checks_import_nothing_heavy_and_validate_a_model_without_torch(tmp_path):

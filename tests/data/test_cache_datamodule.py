@@ -241,7 +241,7 @@ def test_more_workers_than_full_batches_are_lowered_and_batches_stay_full(tmp_pa
 
 
 def test_a_cache_too_small_to_measure_is_refused_before_training(tmp_path):
-    """Two rows: one training and one held-out row, too few for fvu (synthetic data.n_val: tests/config/test_checks.py)."""
+    """Two rows: one training and one held-out row, too few for fvu (synthetic data: tests/config/test_checks.py)."""
     path = import_cache(tmp_path / "c", np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32))
     with pytest.raises(DataError, match="too few to measure"):
         CacheDataModule(path)

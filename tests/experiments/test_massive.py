@@ -1,5 +1,5 @@
 """The massive-activation analysis (sparse_coding.experiments.massive): an outlier position and dimension found in
-made-up rows, and the analysis of a real (tiny GPT-2) cache. (The remedies on the data: tests/data/test_preprocess.py.)"""
+made-up rows, and the analysis of a real (tiny GPT-2) cache. (The remedies: tests/data/test_preprocess.py.)"""
 
 import numpy as np
 import pytest

@@ -1,6 +1,7 @@
 """Sweeps that run: one tiny sweep end to end offline (its W&B runs hold the Hydra config only, with the logger.*
 settings), a failed run that stops the sweep and is retried on --keep-going, and Hydra multirun. (The sweep
-files and the runner's refusals: tests/test_sweep.py; a sweep from an installed wheel: tests/integration/test_wheel.py.)"""
+files and the runner's refusals: tests/test_sweep.py; a sweep from an installed wheel: tests/integration/test_wheel.py.)
+"""
 
 import json
 import subprocess

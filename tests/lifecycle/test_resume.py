@@ -77,7 +77,7 @@ def test_a_resume_on_the_same_synthetic_data_is_accepted(stopped_runs):
 def test_a_resume_on_another_cache_or_a_cache_swapped_under_its_path_is_refused(stopped_runs, resume_cache, tmp_path):
     out, ovr = stopped_runs["cache"]
     own = Path(next(a for a in ovr if a.startswith("data.path="))[len("data.path="):])
-    other = build.import_array(resume_cache.parent / "acts.npy", tmp_path / "other", shard_rows=900)  # same rows, other shards
+    other = build.import_array(resume_cache.parent / "acts.npy", tmp_path / "other", shard_rows=900)  # same rows
     moved = tmp_path / "moved"
     shutil.copytree(own, moved)
     assert resume_check(out, [*ovr, f"data.path={moved}", "trainer.max_steps=20"])  # the same cache elsewhere: fine

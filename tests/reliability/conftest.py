@@ -58,9 +58,9 @@ def network_guard_is_on():
         threading.Thread(target=lambda: server.accept()[0].close(), daemon=True).start()
         socket.create_connection(server.getsockname(), timeout=10).close()  # loopback still works
         server.close()
-    proc = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('1.1.1.1', 443), timeout=30)"],
-                          cwd=ROOT, env=_guarded_env(), capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL)
+    connect = "import socket; socket.create_connection(('1.1.1.1', 443), timeout=30)"
+    proc = subprocess.run([sys.executable, "-c", connect], cwd=ROOT, env=_guarded_env(), capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
     if proc.returncode == 0 or GUARD_MESSAGE not in proc.stderr:
         pytest.fail(f"the network guard is not active in subprocesses: {proc.stderr[-500:]}")
 
