@@ -7,7 +7,7 @@ state back). The call sites use the functions below instead of reaching into the
 upgrade that moves one of them is mended here. Where the project subclasses a Lightning class and
 overrides or sets its private members (AtomicCheckpoint, PassProgressBar, SpawnDDPStrategy, _RunStateLauncher),
 the members are listed in `PRIVATE_METHODS` and `PRIVATE_ATTRIBUTES`; `missing_members()` checks them all against the installed
-Lightning (tests/test_wheel.py), and importing this module fails with one line when one is gone.
+Lightning (tests/test_lightning_compat.py), and importing this module fails with one line when one is gone.
 
 Public API used instead of an internal: RICH_AVAILABLE (lightning_utilities' RequirementCache, the same test
 Lightning's own `_RICH_AVAILABLE` makes).

@@ -1,30 +1,19 @@
-"""Training until the measurement converges (SPEC §3): the stopping rule, the fixed protocol, budgets,
-scale invariance and the auto-lambda fixed point."""
+"""Training until the measurement converges (sparse_coding.convergence, docs/method.md): the stopping rule and the
+relative change it reads, the fixed protocol, budgets in samples (short batches counted) and the advice when a
+budget ends an unconverged run. (Scale invariance: tests/integration/test_train.py; auto-λ's fixed point:
+tests/test_module.py.)"""
 
 import json
 import math
 
+import numpy as np
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
 
-from conftest import ROOT
-from sparse_coding.config.schema import register_configs
-from sparse_coding.convergence import has_converged, unconverged_advice
+from sparse_coding.convergence import has_converged, relative_change, steps_for_samples, unconverged_advice
+from tests.helpers import import_cache, train
 
-register_configs()
-
-QUIET = ["logger=none", "trainer.enable_progress_bar=false"]
 SMALL = ["data=sparse_linear", "data.dim=16", "data.active=4", "data.n=2048", "data.n_val=1024",
          "data.batch_size=256", "dictionary.mult=4"]
-
-
-def train(out, overrides):
-    from sparse_coding.run import run
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=QUIET + overrides)
-    return run(cfg, out)
 
 
 def point(samples, values, lam_ok=True):
@@ -89,70 +78,39 @@ def test_budget_ends_an_unconverged_run_with_advice(tmp_path, capsys):
     assert "raise convergence.max_samples" in unconverged_advice(result)
 
 
-@pytest.mark.parametrize("scale", ["1e-6", "1e-3", "1e3", "1e6"])
-def test_scale_invariance_over_the_allowed_range(tmp_path, scale):
-    """S1 and L_norm do not depend on the data's scale under auto-lambda (SPEC §4), down as well as up:
-    the reconstruction error is normalised by the data's power, so Adam's eps never matters."""
-    fixed = SMALL + ["convergence.stop=false", "trainer.max_epochs=3"]
-    base = train(tmp_path / "base", fixed)
-    scaled = train(tmp_path / "scaled", fixed + [f"data.scale={scale}"])
-    for key in ("normalized_loss", "avg_coef_norm"):
-        assert scaled[key] == pytest.approx(base[key], rel=2e-3), key
-    assert scaled["lam"] == pytest.approx(float(scale) * base["lam"], rel=2e-3)
+def test_relative_change_of_window_means():
+    flat = [point(i, [10.0]) for i in range(6)]
+    assert relative_change(flat, window=3) == 0.0
+    assert relative_change(flat[:5], window=3) is None  # two windows are needed
+    assert relative_change([], window=1) is None
+    drifting = [point(i, [10.6 - 0.1 * i]) for i in range(6)]  # window means 10.5 then 10.2
+    assert relative_change(drifting, window=3) == pytest.approx(0.3 / 10.2)
+    # the largest over the dictionaries of a grid: the second one moves 20 % (12.5 -> 10)
+    grid = [point(i, [10.0, 12.5]) for i in range(2)] + [point(i, [10.0, 10.0]) for i in range(2, 4)]
+    assert relative_change(grid, window=2) == pytest.approx(0.25)
+    # only the last 2 x window evaluations count
+    assert relative_change([point(0, [99.0])] + flat, window=3) == 0.0
+    bad = flat[:5] + [point(5, [math.nan])]
+    assert relative_change(bad, window=3) == math.inf
 
 
-def test_auto_lambda_is_the_fixed_point_of_a_tenth_of_mean_max(tmp_path):
-    """After training, lambda = 0.1 * mean_i max(alpha_i) over the training data under the final Phi
-    (to the auto-lambda tolerance): a different factor would fail this."""
-    from safetensors.torch import load_file
-
-    from sparse_coding.data.synthetic_datamodule import SyntheticDataModule
-    from sparse_coding.solver import solve
-
-    result = train(tmp_path, SMALL + ["dictionary.lam_tol=0.002", "convergence.tol=0.002"])
-    assert result["lam_converged"]
-    phi = load_file(str(tmp_path / "dictionary.safetensors"))["mult4_lamauto"]
-    data = SyntheticDataModule("sparse_linear", 16, 2048, 1024, seed=0, active=4)
-    codes = solve(data.train_x, phi, result["lam"], tol=1e-2)
-    implied = 0.1 * float(codes.row_max().double().mean())
-    assert implied == pytest.approx(result["lam"], rel=0.02)  # a factor of 0.2 would give implied = lam / 2
+def test_relative_change_agrees_with_has_converged():
+    for history in ([point(i, [10.6 - 0.1 * i]) for i in range(6)], [point(i, [10.0 + 0.001 * i]) for i in range(6)]):
+        change = relative_change(history, window=3)
+        for tol in (0.001, 0.01, 0.05):
+            assert has_converged(history, window=3, tol=tol) == (change <= tol)
 
 
-def test_history_survives_resume(tmp_path):
-    first = train(tmp_path, SMALL + ["convergence.stop=false", "trainer.max_epochs=2", "convergence.eval_every=512"])
-    resumed = train(tmp_path, SMALL + ["convergence.stop=false", "trainer.max_epochs=4", "convergence.eval_every=512",
-                                       "ckpt_path=last"])
-    seen = [h["samples_seen"] for h in resumed["history"]]
-    assert seen[: len(first["history"])] == [h["samples_seen"] for h in first["history"]]
-    assert resumed["samples_seen"] == 4 * 2048
+def test_a_sample_budget_stops_at_the_budget_and_says_so(tmp_path):
+    path = import_cache(tmp_path / "c", np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32), 1000)
+    result = train(tmp_path / "run", ["data=cache", f"data.path={path}", "data.num_workers=64", "dictionary.mult=2",
+                                      "convergence.tol=1e-9", "convergence.max_samples=7000"])
+    assert result["stopped_by"] == "convergence.max_samples"
+    assert 7000 <= result["samples_seen"] < 7000 + 1024  # short batches counted: the budget is met, not undershot
 
 
-@pytest.mark.parametrize("protocol", [[], ["convergence.stop=false", "trainer.max_epochs=2"]], ids=["converged", "fixed"])
-def test_a_run_killed_before_writing_its_outputs_resumes_to_them(tmp_path, protocol):
-    """Ended (converged or at its budget), checkpointed, then killed before metrics.json: resuming writes the
-    outputs from the checkpoint without training further, and only then refuses to resume it again."""
-    from sparse_coding.errors import ConfigError
-
-    first = train(tmp_path, SMALL + protocol)
-    (tmp_path / "metrics.json").unlink()
-    again = train(tmp_path, SMALL + protocol + ["ckpt_path=last"])
-    for key in ("optimizer_steps", "samples_seen", "converged", "stopped_by", "normalized_loss", "avg_coef_norm"):
-        assert again[key] == first[key], key
-    assert (tmp_path / "metrics.json").is_file()
-    with pytest.raises(ConfigError, match="already (converged|finished)"):
-        train(tmp_path, SMALL + protocol + ["ckpt_path=last"])
-
-
-def test_sparse_training_step_matches_dense_gradient():
-    """The training step's decode/gradient from the nonzeros equals the dense alpha @ Phi^T form."""
-    from sparse_coding.solver import solve
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 12, generator=gen, dtype=torch.float64)
-    phi = torch.randn(12, 48, generator=gen, dtype=torch.float64)
-    phi /= phi.norm(dim=0)
-    codes = solve(x, phi, 0.3)
-    p1, p2 = phi.clone().requires_grad_(True), phi.clone().requires_grad_(True)
-    (x - codes.decode(p1)).pow(2).sum(1).mean().backward()
-    (x - codes.alpha @ p2.T).pow(2).sum(1).mean().backward()
-    torch.testing.assert_close(p1.grad, p2.grad)
+def test_steps_for_samples_counts_short_batches():
+    assert steps_for_samples(2048, [1024, 1024]) == 2
+    assert steps_for_samples(2049, [1024, 1024]) == 3
+    assert steps_for_samples(3000, [1024, 652]) == 4  # 1676 an epoch: 1024 + 652 + 1024 + (<= 652)
+    assert steps_for_samples(0, [10]) == 0

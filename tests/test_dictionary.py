@@ -1,7 +1,8 @@
-"""SparseDictionary as a torch module (issue 20 item 5) and the validation of its files (issue 22 item 8).
+"""The saved dictionary (sparse_coding.dictionary): SparseDictionary as a torch module (issue 20 item 5), its files
+and their validation (issue 22 item 8), and a run's bank loaded back with its cache's mean.
 
-No training: a dictionary is built from a random unit-norm Φ; a run's files are written by the run's own
-writer (save_dictionaries) from a stand-in module."""
+Mostly no training: a dictionary is built from a random unit-norm Φ; a run's files are written by the run's own
+writer (save_dictionaries) from a stand-in module. One short run on a cache checks the whole way back."""
 
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from sparse_coding.cache.build import DEFAULT_SHARD_ROWS
+from sparse_coding.data.cache_datamodule import CacheDataModule
 from sparse_coding.dictionary import FILE, META_KEY, SIDECAR, SparseDictionary, save_dictionaries
 from sparse_coding.errors import ConfigError, DataError
-from sparse_coding.solver import SolveResult
+from sparse_coding.solver import SolveResult, solve
+from tests.helpers import assert_same_metrics, import_cache, train
 
 D, MULT = 8, 4
 M = D * MULT
@@ -389,3 +393,28 @@ def test_the_constructor_checks_the_same_things():
         args = {"phi": phi, "lam": 0.3, **kwargs}
         with pytest.raises(ConfigError, match=word):
             SparseDictionary(args.pop("phi"), args.pop("lam"), **args)
+
+
+def test_a_centred_cache_dictionary_encodes_raw_activations(tmp_path):
+    """A run on a cache far from centred: every bank member loads with the cache's mean, measures the raw held-out
+    rows exactly as the run did, and encodes raw activations as the solver does on centred ones."""
+    acts = (np.random.default_rng(0).standard_normal((600, 8)) + 5.0).astype(np.float32)  # the mean matters
+    path = import_cache(tmp_path / "cache", acts, shard_rows=DEFAULT_SHARD_ROWS)
+    out = tmp_path / "run"
+    train(out, ["data=cache", f"data.path={path}", "data.batch_size=64", "trainer.max_epochs=1", "dictionary.mult=2",
+                "dictionary.lam=[0.5,auto]"])
+    written = {e["label"]: e for e in json.loads((out / "metrics.json").read_text())["dictionaries"]}
+    bank = SparseDictionary.load_bank(out)
+    assert sorted(bank) == sorted(written)  # a bank: one loadable dictionary per member
+    with pytest.raises(ConfigError, match="bank of 2"):
+        SparseDictionary.load(out)
+    raw = CacheDataModule(path, center=False, batch_size=64)
+    raw_val = torch.cat([b for b, _ in raw.val_dataloader()])  # the held-out rows as stored, not centred
+    mean = torch.from_numpy(np.load(path / "layers" / "data" / "mean.npy").astype(np.float32))
+    for label, d in bank.items():
+        assert torch.equal(d.mean, mean)
+        assert_same_metrics(d.measure(raw_val), written[label])
+        assert SparseDictionary.load(out / "dictionary.safetensors", label=label).lam == d.lam
+        want = solve(raw_val - mean, d.phi, d.lam, d.max_steps, tol=d.tol).alpha
+        assert torch.equal(d.encode(raw_val), want)
+        assert torch.allclose(d.decode(want), (want @ d.phi.T) + mean)

@@ -1,6 +1,7 @@
-"""`sparse-coding-features RUN_DIR` (sparse_coding.features, feature_report; docs/method.md §9): every feature's
-density and top-k contexts checked against SparseDictionary.encode on the same rows, recovery of a sparse-linear
-generator's true features against an independent count, the static HTML, and one-line errors."""
+"""`sparse-coding-features RUN_DIR` (sparse_coding.features; docs/method.md §9): every feature's density and top-k
+contexts checked against SparseDictionary.encode on the same rows, recovery of a sparse-linear generator's true
+features against an independent count, the W&B table, the rows a run left out, and one-line errors. (The HTML:
+tests/test_feature_report.py.)"""
 
 import json
 import shutil
@@ -10,31 +11,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from conftest import ROOT
+from sparse_coding.cache import store
 from sparse_coding.cache.store import cache_blocks, split_blocks
-from sparse_coding.config.schema import register_configs
+from sparse_coding.data.cache_datamodule import CacheDataModule
+from sparse_coding.data.synthetic_datamodule import FreshSyntheticDataModule, SyntheticDataModule
 from sparse_coding.dictionary import SparseDictionary
-from sparse_coding.feature_report import render_html
-from sparse_coding.features import FeatureStats, main, recovery, synthetic_rows, true_features, windows
-
-register_configs()
-
-QUIET = ["logger=none", "trainer.enable_progress_bar=false"]
-
-
-def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=QUIET + overrides)
-
-
-def train(out, overrides):
-    from sparse_coding.run import run
-
-    cfg = compose_cfg(overrides)
-    run(cfg, out)
-    return cfg
+from sparse_coding.features import CacheRows, FeatureStats, main, recovery, synthetic_rows, true_features, windows
+from sparse_coding.solver import from_dense
+from tests.helpers import ROOT, compose, train
+from tests.wandb_records import records, summary
 
 
 def features(run_dir, *args):
@@ -60,7 +46,8 @@ SYNTHETIC = ["data=sparse_linear", "data.dim=8", "data.active=2", "data.fresh=fa
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic_run")
-    return out, train(out, SYNTHETIC)
+    train(out, SYNTHETIC)
+    return out, compose(SYNTHETIC)
 
 
 def test_recovered_true_features_match_an_independent_count(synthetic_run, capsys):
@@ -84,8 +71,6 @@ def test_recovered_true_features_match_an_independent_count(synthetic_run, capsy
     assert rec["recovered"] >= 8 > chance
     assert f"recovered {rec['recovered']} of 32 true features" in printed
     # the density is counted on the run's own training rows, regenerated from its config
-    from sparse_coding.data.synthetic_datamodule import SyntheticDataModule
-
     train_x = SyntheticDataModule.from_config(cfg).train_x
     alpha = SparseDictionary.load(out).encode(train_x)
     density = [x["density"] for x in entry["features"]]
@@ -94,12 +79,10 @@ def test_recovered_true_features_match_an_independent_count(synthetic_run, capsy
 
 
 def test_controls_have_no_true_features_and_fresh_rows_are_the_runs():
-    cfg = compose_cfg(["data=gaussian", "data.dim=8"])
+    cfg = compose(["data=gaussian", "data.dim=8"])
     feats, line = true_features(cfg)
     assert feats is None and "no true features" in line and "\n" not in line
-    from sparse_coding.data.synthetic_datamodule import FreshSyntheticDataModule
-
-    cfg = compose_cfg(["data=sparse_linear", "data.dim=8", "data.n=300", "data.n_val=100", "data.batch_size=64"])
+    cfg = compose(["data=sparse_linear", "data.dim=8", "data.n=300", "data.n_val=100", "data.batch_size=64"])
     dm = FreshSyntheticDataModule.from_config(cfg)
     assert torch.equal(synthetic_rows(cfg, "train", 100), dm.in_sample_x)  # the first rows of epoch 0
     assert torch.equal(synthetic_rows(cfg, "heldout", None), dm.val_x)
@@ -118,9 +101,6 @@ def cache_run(tiny_gpt2_cache, tmp_path_factory):
 
 
 def test_density_and_top_k_are_those_of_encode_on_the_training_rows(cache_run, capsys):
-    from sparse_coding.cache import store
-    from sparse_coding.data.cache_datamodule import CacheDataModule
-
     out, tiny, path = cache_run
     report = features(out, "--top-k", "5", "--window", "3")
     (entry,) = report["dictionaries"]
@@ -137,7 +117,7 @@ def test_density_and_top_k_are_those_of_encode_on_the_training_rows(cache_run, c
     assert entry["dead"] == int(((alpha > 0).sum(0) == 0).sum())
     position = {int(r): j for j, r in enumerate(rows)}
     tokens = np.load(path / "tokens.npy")
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only here
 
     tok = AutoTokenizer.from_pretrained(str(tiny))
     checked = 0
@@ -164,9 +144,6 @@ def test_density_and_top_k_are_those_of_encode_on_the_training_rows(cache_run, c
 
 
 def test_max_rows_heldout_split_one_dictionary_and_the_wandb_table(cache_run, capsys, monkeypatch):
-    from sparse_coding.data.cache_datamodule import CacheDataModule
-    from wandb_records import records, summary
-
     out, _, path = cache_run
     monkeypatch.setenv("WANDB_MODE", "offline")  # never a login prompt
     main([str(out), "--max-rows", "300"])  # with the W&B table
@@ -195,10 +172,6 @@ def test_max_rows_heldout_split_one_dictionary_and_the_wandb_table(cache_run, ca
 
 def test_the_rows_a_run_left_out_are_left_out(tiny_gpt2_cache):
     """data.drop_positions and data.max_norm_ratio: the rows coded are those the run's data module trains on."""
-    from sparse_coding.cache import store
-    from sparse_coding.data.cache_datamodule import CacheDataModule
-    from sparse_coding.features import CacheRows
-
     _, path = tiny_gpt2_cache
     dm = CacheDataModule(path, "1", batch_size=128, val_fraction=0.2, drop_positions=2, max_norm_ratio=1.1)
     stream = dm._stream(dm.train_blocks, dm._bad[0], False)
@@ -218,8 +191,6 @@ def test_windows_stay_inside_their_context_and_the_top_k_merge_keeps_the_largest
     assert ids[:, 2].tolist() == [100, 115, 116, 139]
     assert valid.tolist() == [[False, False, True, True, True], [True, True, True, False, False],
                               [False, False, True, True, True], [True, True, True, False, False]]
-    from sparse_coding.solver import from_dense
-
     gen = torch.Generator().manual_seed(0)
     alpha = torch.rand(50, 6, generator=gen) * (torch.rand(50, 6, generator=gen) < 0.3)
     stats = FeatureStats(6, 3)
@@ -231,24 +202,6 @@ def test_windows_stay_inside_their_context_and_the_top_k_merge_keeps_the_largest
     hit = stats.values > 0
     assert torch.equal(stats.row_ids[hit], (1000 + top.indices.T)[hit])
     assert torch.equal(stats.counts, (alpha > 0).sum(0))
-
-
-def test_html_escapes_every_text():
-    hostile = {"row": 7, "value": 1.5, "token_id": 1, "left": "<img src=x onerror=alert(1)> & ", "token": "</mark><b>",
-               "right": " \"q\" 'a'\n"}
-    report = {"run_dir": "<run>", "split": "train", "rows_used": 1, "rows_in_split": 1, "top_k": 1, "source": "cache",
-              "cache_path": "<c>", "layer": "1", "density_definition": "d", "contexts": "<note>",
-              "dictionaries": [{"label": "<lab>", "lam": 0.5, "dict_size": 1, "dead": 0, "dead_fraction": 0.0,
-                                "features": [{"index": 0, "density": 1.0, "active_rows": 1, "top": [hostile]}]}]}
-    page = render_html(report, b"png")
-    for raw in ("<img src=x", "</mark><b>", "<run>", "<lab>", "<note>", "<c>"):
-        assert raw not in page
-    assert "&lt;img src=x onerror=alert(1)&gt; &amp; <mark>&lt;/mark&gt;&lt;b&gt;</mark>" in page
-    assert "&quot;q&quot; &#x27;a&#x27;↵" in page
-
-
-def test_the_console_script_is_declared():
-    assert 'sparse-coding-features = "sparse_coding.features:main"' in (ROOT / "pyproject.toml").read_text()
 
 
 def test_bad_inputs_are_one_line(tmp_path, capsys, synthetic_run):

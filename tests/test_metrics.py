@@ -1,9 +1,11 @@
-"""SPEC §4 metric identities, exactness of the global sums, standard errors, and direct formulas."""
+"""The metrics (sparse_coding.metrics): docs/method.md's identities, exactness of the global sums, the metric names,
+and the standard errors (row, cluster-robust, the ratio's closed form) against direct formulas."""
 
 import numpy as np
+import pytest
 import torch
 
-from sparse_coding.metrics import METRIC_NAMES, SparsityMetrics
+from sparse_coding.metrics import METRIC_NAMES, SparsityMetrics, ratio_se
 from sparse_coding.solver import from_dense, solve
 
 
@@ -162,3 +164,76 @@ def test_standard_errors_match_the_delta_method_and_the_bootstrap():
         boot_n.append(y[idx].sum() / (lam * mx[idx].sum()))
     assert abs(np.std(boot_s1) / values["avg_coef_norm_se"] - 1) < 0.2
     assert abs(np.std(boot_n) / values["normalized_loss_se"] - 1) < 0.2
+
+
+class Codes:
+    def __init__(self, alpha):
+        self.alpha = alpha
+        self.l0 = (alpha > 0).sum(1)
+        self.capped = torch.zeros(len(alpha), dtype=torch.bool)
+        self.steps = self.l0
+
+    def row_sums(self):
+        return self.alpha.sum(1)
+
+    def row_max(self):
+        return self.alpha.amax(1)
+
+    def feature_counts(self):
+        return (self.alpha > 0).sum(0)
+
+
+def test_clustered_se_matches_a_brute_force_cluster_robust_formula_and_the_row_se_with_singletons():
+    gen = torch.Generator().manual_seed(0)
+    n, d, m, groups = 300, 6, 10, 17
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    alpha = torch.rand(n, m, generator=gen, dtype=torch.float64) * (torch.rand(n, m, generator=gen) < 0.3)
+    recon = x + 0.3 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    g = torch.randint(0, groups, (n,), generator=gen)
+    metric = SparsityMetrics(d, m, groups)
+    for part in torch.arange(n).split(64):  # batches that cut clusters
+        metric.update(x[part], Codes(alpha[part]), recon[part], g[part])
+    metric.lam = 0.7
+    out = metric.compute()
+    e = (x - recon).pow(2).sum(1)
+    y, z = e + 0.7 * alpha.sum(1), 0.7 * alpha.amax(1)
+    r = y.sum() / z.sum()
+    yg = torch.zeros(groups, dtype=torch.float64).index_add_(0, g, y)
+    zg = torch.zeros(groups, dtype=torch.float64).index_add_(0, g, z)
+    present = torch.bincount(g, minlength=groups) > 0
+    G = int(present.sum())
+    brute = (G / (G - 1) * (yg - r * zg)[present].pow(2).sum()).sqrt() / z.sum()
+    assert float(out["normalized_loss_se"]) == pytest.approx(float(brute), rel=1e-9)
+    assert float(out["se_clusters"]) == G
+    # one row per cluster: the cluster-robust SE is the independent-rows SE
+    single = SparsityMetrics(d, m, n)
+    single.update(x, Codes(alpha), recon, torch.arange(n))
+    single.lam = 0.7
+    s = single.compute()
+    assert float(s["normalized_loss_se"]) == pytest.approx(float(s["normalized_loss_se_rows"]), rel=1e-9)
+    assert float(s["avg_coef_norm_se"]) == pytest.approx(float(s["avg_coef_norm_se_rows"]), rel=1e-9)
+
+
+def test_correlated_clusters_widen_the_standard_error():
+    gen = torch.Generator().manual_seed(1)
+    n, d, m = 2000, 4, 8
+    level = torch.rand(n // 50, generator=gen).repeat_interleave(50) * 4 + 0.1  # 40 clusters sharing a scale
+    alpha = torch.rand(n, m, generator=gen, dtype=torch.float64) * level[:, None]
+    x = torch.zeros(n, d, dtype=torch.float64)
+    metric = SparsityMetrics(d, m, 40)
+    metric.update(x, Codes(alpha), x + level[:, None].double(), torch.arange(n) // 50)
+    metric.lam = 1.0
+    out = metric.compute()
+    assert float(out["normalized_loss_se"]) > 2 * float(out["normalized_loss_se_rows"])
+
+
+def test_ratio_se_is_unchanged_for_independent_rows():
+    # the closed form the row SE uses, against a direct computation
+    gen = torch.Generator().manual_seed(2)
+    y, x = torch.rand(100, generator=gen, dtype=torch.float64), torch.rand(100, generator=gen, dtype=torch.float64) + 1
+    n = torch.tensor(100.0, dtype=torch.float64)
+    se = ratio_se(n, y.sum(), x.sum(), (y * y).sum(), (x * x).sum(), (x * y).sum())
+    r = y.sum() / x.sum()
+    direct = ((y - r * x).pow(2).sum() / (100 * 99)).sqrt() / x.mean()
+    assert float(se) == pytest.approx(float(direct), rel=1e-12)
+    assert np.isfinite(float(se))

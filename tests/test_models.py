@@ -1,37 +1,19 @@
-"""Model registry, offline resolution and the fast validation hook; the tiny GPT-2 and MiniLM load paths."""
+"""Models (sparse_coding.models): the registry, offline resolution of weights (a folder, the Hugging Face cache, a
+hub id), the shape read from config.json, fingerprints, layers; the tiny GPT-2 and MiniLM load paths."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
 from sparse_coding import corpus, models
-from sparse_coding.config.checks import check_trainable, validate
+from sparse_coding.config.checks import validate
 from sparse_coding.errors import ConfigError, DataError
-from tinymodels import forward_hidden, make_tiny_gpt2, run_cfg
-
-ROOT = Path(__file__).resolve().parents[1]
-
-BUILT_A_TRAINER = "GPU available:"  # the line Lightning prints when a Trainer is built: a check that stops early never sees it
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory) -> Path:
-    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
-
-
-@pytest.fixture
-def empty_hf(tmp_path, monkeypatch) -> Path:
-    """An empty Hugging Face home: no cached models."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    return tmp_path / "hf"
+from tests.helpers import ROOT
+from tests.tinymodels import forward_hidden, run_cfg
 
 
 def test_every_model_config_names_a_registry_entry():
@@ -58,23 +40,6 @@ def test_missing_weights_message_says_what_and_how(empty_hf):
         assert part in msg
 
 
-def test_train_py_offline_without_weights_stops_fast(empty_hf):
-    env = {"HF_HOME": str(empty_hf), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=gpt2", "layer=3"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "model=gpt2" in proc.stderr and "model.path=" in proc.stderr and "minilm, smollm2" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert BUILT_A_TRAINER not in proc.stdout + proc.stderr  # stopped before any heavy work
-
-
-def test_validation_does_not_import_torch(empty_hf):
-    code = ("import sys; from sparse_coding.config.compose import compose_config; from sparse_coding.config.checks import validate; "
-            "validate(compose_config(['model=minilm','layer=2'])); "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)")
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
-
-
 def test_layer_rules():
     assert models.parse_layers("all", 6, "minilm") == list(range(7))
     assert models.parse_layers(0, 6, "minilm") == [0]
@@ -87,26 +52,6 @@ def test_layer_rules():
         validate(run_cfg(["model=smollm2", "layer=31"]))
     validate(run_cfg(["model=minilm", "layer=all"]))
     validate(run_cfg(["model=minilm", "activation=token_embeddings"]))  # no layer needed
-
-
-def test_corpus_rules(tmp_path):
-    with pytest.raises(ConfigError, match="corpus=text needs corpus.files"):
-        validate(run_cfg(["model=minilm", "layer=1", "corpus=text"]))
-    with pytest.raises(DataError, match="does not exist"):
-        validate(run_cfg(["model=minilm", "layer=1", "corpus=text", f"corpus.files=[{tmp_path}/nope.txt]"]))
-    with pytest.raises(ConfigError, match="context_len=1 must be an integer >= 2"):
-        validate(run_cfg(["model=minilm", "layer=1", "corpus.context_len=1"]))
-    with pytest.raises(ConfigError, match="max_tokens=0"):
-        validate(run_cfg(["model=minilm", "layer=1", "corpus.max_tokens=0"]))
-    with pytest.raises(ConfigError, match="exceeds model=minilm's 512 positions"):
-        validate(run_cfg(["model=minilm", "layer=1", "corpus.context_len=600"]))
-    with pytest.raises(ConfigError, match="unknown corpus"):
-        validate(run_cfg(["model=minilm", "layer=1", "corpus.name=books"]))
-
-
-def test_bad_model_path(tmp_path):
-    with pytest.raises(DataError, match="has no config.json and weights"):
-        validate(run_cfg(["model=gpt2", f"model.path={tmp_path}", "layer=0"]))
 
 
 def test_hf_cache_snapshot_is_found(tiny_gpt2, empty_hf):
@@ -217,31 +162,3 @@ def test_fingerprint_is_remembered_by_size_and_mtime(tiny_gpt2, tmp_path, monkey
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert models.fingerprint_files(copy) != first and len(reads) == 2  # changed file: hashed again
-
-
-def test_layer_all_is_refused_before_any_work(monkeypatch):
-    from sparse_coding.cache import build
-    from sparse_coding.run import build_datamodule
-
-    cfg = run_cfg(["model=minilm", "layer=all"])
-    plan = validate(cfg)  # a valid cache build ...
-    with pytest.raises(ConfigError, match="layer=all trains nothing: train one layer per run"):
-        check_trainable(cfg)  # ... but not one training run
-    # run() called without train.py's checks (experiments.runner, extras): refused before every layer is built
-    monkeypatch.setattr(build, "ensure_cache", lambda *a, **k: pytest.fail("layer=all built the cache"))
-    with pytest.raises(ConfigError, match="layer=all trains nothing"):
-        build_datamodule(cfg, plan)
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=minilm", "layer=all", "logger=none"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "layer=all trains nothing" in proc.stderr and "Traceback" not in proc.stderr
-    assert BUILT_A_TRAINER not in proc.stdout + proc.stderr
-
-
-def test_a_model_run_carries_no_synthetic_data_fields():
-    cfg = run_cfg(["model=minilm", "layer=3"])
-    assert cfg.data.name == "cache" and not {"dim", "n", "n_val", "active", "noise", "scale"} & set(cfg.data)
-    assert {"batch_size", "val_fraction", "center", "shuffle_buffer"} <= set(cfg.data)
-    synthetic = run_cfg(["data=sparse_linear"])
-    assert synthetic.data.dim == 256 and synthetic.data.active == 10
-    with pytest.raises(Exception, match="data.dim"):
-        run_cfg(["model=minilm", "layer=3", "data.dim=64"])  # a field that does not apply is refused

@@ -1,41 +1,16 @@
-"""The progress bar toward the budget (issue 20 item 8): the window's relative change the bar shows, and the
-bar's text for a given run state (no training: a fake trainer and module)."""
+"""The progress bar toward the budget (sparse_coding.progress, issue 20 item 8): the bar's text for a given run
+state (no training: a fake trainer and module). (The relative change it shows: tests/test_convergence.py.)"""
 
-import math
 from types import SimpleNamespace
 
-import pytest
 import torch
 
-from sparse_coding.convergence import ConvergenceMonitor, has_converged, relative_change
+from sparse_coding.convergence import ConvergenceMonitor, relative_change
 
 
 def point(samples, values, lam_ok=True):
     return {"samples_seen": samples, "dictionaries": [
         {"normalized_loss": v, "avg_coef_norm": v / 2, "lam_converged": lam_ok} for v in values]}
-
-
-def test_relative_change_of_window_means():
-    flat = [point(i, [10.0]) for i in range(6)]
-    assert relative_change(flat, window=3) == 0.0
-    assert relative_change(flat[:5], window=3) is None  # two windows are needed
-    assert relative_change([], window=1) is None
-    drifting = [point(i, [10.6 - 0.1 * i]) for i in range(6)]  # window means 10.5 then 10.2
-    assert relative_change(drifting, window=3) == pytest.approx(0.3 / 10.2)
-    # the largest over the dictionaries of a grid: the second one moves 20 % (12.5 -> 10)
-    grid = [point(i, [10.0, 12.5]) for i in range(2)] + [point(i, [10.0, 10.0]) for i in range(2, 4)]
-    assert relative_change(grid, window=2) == pytest.approx(0.25)
-    # only the last 2 x window evaluations count
-    assert relative_change([point(0, [99.0])] + flat, window=3) == 0.0
-    bad = flat[:5] + [point(5, [math.nan])]
-    assert relative_change(bad, window=3) == math.inf
-
-
-def test_relative_change_agrees_with_has_converged():
-    for history in ([point(i, [10.6 - 0.1 * i]) for i in range(6)], [point(i, [10.0 + 0.001 * i]) for i in range(6)]):
-        change = relative_change(history, window=3)
-        for tol in (0.001, 0.01, 0.05):
-            assert has_converged(history, window=3, tol=tol) == (change <= tol)
 
 
 def fake_state(samples, global_step, max_steps, history, monitor):

@@ -1,10 +1,14 @@
-"""The greedy solver against its per-sample twin, its own invariants, and scikit-learn's exact lasso."""
+"""The greedy solver (sparse_coding.solver) against its per-sample twin, its own invariants, scikit-learn's exact
+lasso, and fuzzed inputs (hypothesis: any finite input gives finite, non-negative codes within max_steps; a
+non-finite one is a clear error)."""
 
 import math
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparse_coding.data.synthetic import sparse_coefficients
 from sparse_coding.solver import DEFAULT_TOL, _kernel_available, objective, solve, solve_reference
@@ -246,3 +250,61 @@ def test_cuda_matches_cpu():
     cpu = solve(x, phi, 0.7)
     gpu = solve(x.cuda(), phi.cuda(), 0.7)
     torch.testing.assert_close(gpu.alpha.cpu(), cpu.alpha)
+
+
+SOLVER_EXAMPLES = 300
+
+
+@settings(max_examples=SOLVER_EXAMPLES, deadline=None, derandomize=True)
+@given(n=st.integers(1, 8), d=st.integers(1, 12), m=st.integers(1, 24), log_scale=st.integers(-6, 6),
+       lam_mode=st.sampled_from(["relative", "absolute"]), log_lam=st.floats(-3, 1), duplicates=st.integers(0, 4),
+       zero_rows=st.integers(0, 3), dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+@pytest.mark.timeout(300)
+def test_solver_is_finite_and_terminates_on_any_finite_input(n, d, m, log_scale, lam_mode, log_lam, duplicates,
+                                                             zero_rows, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scale = 10.0**log_scale
+    x = (torch.randn(n, d, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    x[: min(zero_rows, n)] = 0
+    phi = torch.randn(d, m, generator=gen, dtype=torch.float64)
+    for j in range(min(duplicates, m - 1)):  # exact copies and opposite copies of other columns
+        phi[:, m - 1 - j] = phi[:, j] * (1 if j % 2 == 0 else -1)
+    phi = (phi / phi.norm(dim=0, keepdim=True)).to(dtype)
+    lam = 10.0**log_lam * (scale if lam_mode == "relative" else 1.0)
+    max_steps = 64
+    result = solve(x, phi, lam, max_steps)
+    a = result.alpha
+    assert a.shape == (n, m) and torch.isfinite(a).all() and (a >= 0).all()
+    assert (result.steps <= max_steps).all() and (result.steps >= 0).all()
+    assert (a[: min(zero_rows, n)] == 0).all()  # a zero row gets no coefficients
+    # descent: never worse than alpha = 0 (objective ||x||^2), up to rounding
+    x64, phi64, a64 = x.double(), phi.double(), a.double()
+    start = x64.pow(2).sum(1)
+    tol = 1e-4 * start + 1e-12 * scale**2 + (1e-3 if dtype == torch.float32 else 1e-9) * lam * a64.sum(1)
+    assert (objective(x64, phi64, a64, lam) <= start + tol).all()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(n=st.integers(1, 4), d=st.integers(1, 6), m=st.integers(1, 10), log_scale=st.integers(-6, 6),
+       seed=st.integers(0, 2**16))
+def test_fast_and_reference_solvers_agree_across_scales(n, d, m, log_scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scale = 10.0**log_scale
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64) * scale
+    phi = torch.randn(d, m, generator=gen, dtype=torch.float64)
+    phi /= phi.norm(dim=0, keepdim=True)
+    lam = 0.1 * scale
+    fast, ref = solve(x, phi, lam, 32), solve_reference(x, phi, lam, 32)
+    obj_fast, obj_ref = objective(x, phi, fast.alpha, lam), objective(x, phi, ref.alpha, lam)
+    assert torch.allclose(obj_fast, obj_ref, rtol=1e-6, atol=1e-9 * scale**2)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_solver_rejects_nonfinite_input_with_a_clear_error(bad):
+    x = torch.randn(3, 4)
+    phi = torch.nn.functional.normalize(torch.randn(4, 8), dim=0)
+    x[1, 2] = bad
+    with pytest.raises(ValueError, match="must be finite"):
+        solve(x, phi, 0.1)
+    with pytest.raises(ValueError, match="lam must be a finite number > 0"):
+        solve(torch.randn(3, 4), phi, bad)

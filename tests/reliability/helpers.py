@@ -1,4 +1,5 @@
-"""Helpers of the reliability suite: subprocesses under the network guard, tiny caches and models."""
+"""Helpers of the reliability suite: subprocesses under the network guard, cache digests, user nobody.
+(one_line, error_lines and import_cache are the whole suite's: tests.helpers.)"""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT
 
 
 def child_env(**changes) -> dict:
@@ -29,19 +28,6 @@ def run_py(args, *, env=None, timeout=300, cwd=ROOT) -> subprocess.CompletedProc
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in proc.stderr.strip().splitlines() if line.strip()]
-
-
-def import_cache(out: Path, arr: np.ndarray, shard_rows: int = 64) -> Path:
-    """A one-layer cache ('data') holding `arr`, written by the real import path."""
-    from sparse_coding.cache import build
-
-    src = Path(out).parent / f"{Path(out).name}-src.npy"
-    np.save(src, arr)
-    return build.import_array(src, out, shard_rows=shard_rows)
-
-
 def file_digests(d: Path, skip=("verified.json",)) -> dict:
     """sha256 of every file under d (relative names), manifest.json without its timing field."""
     import hashlib
@@ -59,13 +45,6 @@ def file_digests(d: Path, skip=("verified.json",)) -> dict:
             data = json.dumps(m, sort_keys=True).encode()
         out[str(p.relative_to(d))] = hashlib.sha256(data).hexdigest()
     return out
-
-
-def one_line(err: BaseException) -> str:
-    """The text of an error that must be one line with no traceback (asserted)."""
-    text = str(err)
-    assert "\n" not in text and "Traceback" not in text, text
-    return text
 
 
 def as_nobody() -> None:

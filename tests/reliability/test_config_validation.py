@@ -1,9 +1,8 @@
 """Issue 6, configs: every invalid value fails before heavy work, with one line and exit code != 0.
 
-`train.py` is run for real on each bad value (one line on stderr, exit 2, no traceback); one
-subprocess checks that validation imports no torch/Lightning/transformers and takes < 2 s of our
-own start-up; a hypothesis test throws random values at `validate` and compares its verdict with
-an independent statement of the rules (docs/reliability.md).
+`train.py` is run for real on each bad value (one line on stderr, exit 2, no traceback, no Trainer built); one
+subprocess checks that validation imports no torch/Lightning/transformers; a hypothesis test throws random values
+at `validate` and compares its verdict with an independent statement of the rules (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,8 @@ from unittest import mock
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from reliability.helpers import ROOT, as_nobody, child_env, error_lines, import_cache, run_py
+from tests.helpers import ROOT, error_lines, import_cache
+from tests.reliability.helpers import as_nobody, child_env, run_py
 from sparse_coding.config import resources
 from sparse_coding.config import schema as config_mod
 from sparse_coding.config.checks import validate
@@ -29,6 +28,7 @@ from sparse_coding.config.schema import ModelConfig, RunConfig
 from sparse_coding.errors import ConfigError, DataError
 
 FUZZ_EXAMPLES = 400
+BUILT_A_TRAINER = "GPU available:"  # Lightning prints it when a Trainer is built
 
 
 def fake_model(d: Path, n_layer: int = 2, width: int = 32) -> Path:
@@ -70,6 +70,7 @@ def cli_cases(f):
     model = ["model=gpt2", f"model.path={f['model']}", "layer=1"]
     return [
         (["data.name=bogus"], "unknown data set"),
+        (["layer=3"], "layer=3 needs a model"),
         (["model=gpt2", "model.name=bogus"], "unknown model"),
         ([*model, "corpus.name=bogus"], "unknown corpus"),
         ([*model[:2], "layer=7"], "out of range for model=gpt2: valid 0..2"),
@@ -108,17 +109,17 @@ def cli_cases(f):
 
 
 def test_every_bad_value_fails_fast_with_one_line(fixtures, tmp_path):
-    """Each case: exit code 2, exactly one line on stderr naming the setting, no traceback, quickly."""
+    """Each case: exit code 2, exactly one line on stderr naming the setting, no traceback, and before any heavy
+    work (no Trainer built: Lightning's "GPU available:" line never printed; no wall-clock bound, which a loaded
+    machine would break)."""
     failures = []
     for overrides, expected in cli_cases(fixtures):
-        start = time.monotonic()
         proc = run_py(["train.py", *overrides, "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], timeout=120)
-        wall = time.monotonic() - start
         lines = error_lines(proc)
         ok = (proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
-              and "Traceback" not in proc.stderr and wall < 60)
+              and "Traceback" not in proc.stderr and BUILT_A_TRAINER not in proc.stdout + proc.stderr)
         if not ok:
-            failures.append((overrides, proc.returncode, round(wall, 1), proc.stderr[-400:]))
+            failures.append((overrides, proc.returncode, proc.stderr[-400:]))
     assert not failures, failures
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing ran
 
@@ -126,7 +127,8 @@ def test_every_bad_value_fails_fast_with_one_line(fixtures, tmp_path):
 def test_hydra_level_errors_are_one_line(tmp_path):
     """What Hydra itself would refuse in several lines is checked before it composes (sparse_coding.config.overrides)."""
     for overrides, expected in ((["model=bogus"], "no such model config"), (["data.dim=abc"], "data.dim=abc"),
-                                (["corpus=bogus"], "no such corpus config"), (["layer=[bogus"], "cannot read the override")):
+                                (["corpus=bogus"], "no such corpus config"), (["data=bogus"], "no such data config"),
+                                (["layer=[bogus"], "cannot read the override")):
         proc = run_py(["train.py", *overrides, "logger=none", f"hydra.run.dir={tmp_path}"], timeout=120)
         lines = error_lines(proc)
         assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
@@ -177,49 +179,40 @@ def test_unreadable_cache_in_process(fixtures, monkeypatch):
 
 
 STARTUP_SCRIPT = r"""
-import json, sys, time
-t0 = time.perf_counter()
+import json, sys
 from sparse_coding.config.checks import validate
 from sparse_coding.errors import ConfigError, DataError
-t_import = time.perf_counter() - t0
-from sparse_coding.config.compose import compose_config  # Hydra's compose API (not our start-up)
+from sparse_coding.config.compose import compose_config  # Hydra's compose API
 from sparse_coding.config.overrides import check_overrides  # before Hydra composes (loads Hydra's parser, as Hydra would)
 cases = json.loads(sys.argv[1])
-worst = 0.0
 messages = []
 for overrides in cases:
-    t = time.perf_counter()
     try:
         checked = check_overrides(overrides)
     except ConfigError as e:
         messages.append(str(e))
-        worst = max(worst, time.perf_counter() - t)
         continue
-    checking = time.perf_counter() - t
-    cfg = compose_config(checked)
-    t = time.perf_counter()
     try:
-        validate(cfg)
+        validate(compose_config(checked))
         messages.append(None)
     except (ConfigError, DataError) as e:
         messages.append(str(e))
-    worst = max(worst, checking + time.perf_counter() - t)
 heavy = sorted(m for m in ("torch", "pytorch_lightning", "lightning", "transformers", "datasets", "wandb")
                if m in sys.modules)
-print(json.dumps({"import_s": t_import, "worst_validate_s": worst, "heavy": heavy, "messages": messages}))
+print(json.dumps({"heavy": heavy, "messages": messages}))
 """
 
 
-def test_validation_imports_nothing_heavy_and_takes_under_2s(fixtures):
-    """Our own start-up (checking the overrides, importing the validation and running it) is under 2 s and
-    imports no torch."""
+def test_validation_imports_nothing_heavy(fixtures):
+    """Checking the overrides, importing the validation and running it on every bad value above imports no torch,
+    Lightning, transformers, datasets or wandb, and refuses each in one line (what makes it fast; the time itself
+    is not asserted: a loaded machine would break any bound)."""
     cases = [o for o, _ in cli_cases(fixtures) if not any(x.startswith("model=bogus") for x in o)]
     proc = run_py(["-c", STARTUP_SCRIPT, json.dumps(cases)], timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["heavy"] == [], out["heavy"]
     assert all(m is not None and "\n" not in m for m in out["messages"]), out["messages"]
-    assert out["import_s"] + out["worst_validate_s"] < 2.0, out
 
 
 # --------------------------------------------------------------------------------------------

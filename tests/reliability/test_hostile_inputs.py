@@ -5,8 +5,8 @@ passed validation and broke later (a fractional trainer.limit_train_batches, dat
 W&B names and an online run without a login, trainer.num_nodes without a launcher, a resume on other data,
 crafted checkpoints, damaged or unreadable cache files, imports whose values the cache's dtype cannot hold. Every
 case runs through a real subprocess of train.py (or the cache CLI); crafted checkpoints and unreadable files are
-also checked in process. Also: data.num_workers beyond the full batches is lowered, and a sample budget stops at
-the budget (stopped_by tells the truth).
+also checked in process. (data.num_workers beyond the full batches is lowered: tests/data/test_cache_datamodule.py;
+a sample budget stops at the budget: tests/test_convergence.py.)
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from reliability.helpers import as_nobody, child_env, error_lines, import_cache, run_py
+from tests.helpers import error_lines, import_cache
+from tests.reliability.helpers import as_nobody, child_env, run_py
 from sparse_coding.cache import store
 from sparse_coding.errors import DataError, TrainingError
 from sparse_coding.lifecycle import resume
@@ -330,43 +331,8 @@ def test_chmod_000_on_a_cache_file_or_folder_for_a_real_user(tmp_path, what):
 
 
 # --------------------------------------------------------------------------------------------
-# Loader workers and the sample budget (item 9)
-
-
-def test_more_workers_than_full_batches_are_lowered_and_batches_stay_full(tmp_path, capsys):
-    from sparse_coding.data.cache_datamodule import CacheDataModule
-
-    path = import_cache(tmp_path / "c", np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32), 1000)
-    dm = CacheDataModule(path, batch_size=1024, num_workers=64)
-    assert dm.num_workers == 2 == dm.train_rows // 1024
-    note = capsys.readouterr().err
-    assert "data.num_workers=64 lowered to 2" in note and "2,700 training rows make 2 full batches" in note
-    dm.set_epoch(0)
-    sizes = [len(b) for b in dm.train_dataloader()]
-    assert sizes == dm.epoch_batch_sizes() and sum(sizes) == dm.train_rows
-    assert sizes.count(1024) == 2  # each worker's part starts with a full batch (was 64 batches of 42 rows)
-    assert sum(len(x) for x, _ in dm.val_dataloader()) == dm.val_rows
-
-
-def test_a_sample_budget_stops_at_the_budget_and_says_so(tmp_path):
-    from sparse_coding.api import compose
-    from sparse_coding.run import run
-
-    path = import_cache(tmp_path / "c", np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32), 1000)
-    result = run(compose(["logger=none", "trainer.enable_progress_bar=false", "data=cache", f"data.path={path}",
-                          "data.num_workers=64", "dictionary.mult=2", "convergence.tol=1e-9",
-                          "convergence.max_samples=7000"]), tmp_path / "run")
-    assert result["stopped_by"] == "convergence.max_samples"
-    assert 7000 <= result["samples_seen"] < 7000 + 1024  # short batches counted: the budget is met, not undershot
-
-
-def test_steps_for_samples_counts_short_batches():
-    from sparse_coding.convergence import steps_for_samples
-
-    assert steps_for_samples(2048, [1024, 1024]) == 2
-    assert steps_for_samples(2049, [1024, 1024]) == 3
-    assert steps_for_samples(3000, [1024, 652]) == 4  # 1676 an epoch: 1024 + 652 + 1024 + (<= 652)
-    assert steps_for_samples(0, [10]) == 0
+# Data whose squares overflow float32 (the loader workers and the sample budget: tests/data/test_cache_datamodule.py,
+# tests/test_convergence.py)
 
 
 def test_data_whose_squares_overflow_float32_is_one_line(tmp_path):

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from reliability.helpers import ROOT, child_env, error_lines, run_py
-from subprocesses import default_sigint
+from tests.helpers import ROOT, error_lines
+from tests.reliability.helpers import child_env, run_py
+from tests.subprocesses import default_sigint
 
 TRAIN = ["train.py", "logger=none", "trainer.enable_progress_bar=false", "data.dim=16", "data.n=2048", "data.n_val=256",
          "data.batch_size=128", "dictionary.mult=2", "convergence.stop=false",

@@ -1,7 +1,9 @@
 """Issue 6, interrupted and concurrent work, with real subprocesses and real signals.
 
 - SIGKILL during a cache build, then the same command again: the cache is identical (sha256 of
-  every file) to an uninterrupted build.
+  every file) to an uninterrupted build, the shards complete before the kill are kept, a half-written one is not
+  taken (the suite's one test of a build's resume; a failed shard write and a full disk: tests/cache/test_build.py,
+  test_storage.py).
 - Two processes building the same cache at once: both succeed, the cache verifies and is
   identical to a single build (the second waits on the build lock, then finds it finished).
 - SIGKILL during training, then `ckpt_path=last`: the same Phi and metrics as an uninterrupted run.
@@ -10,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,19 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from reliability.helpers import ROOT, child_env, file_digests, run_py
 from sparse_coding.cache import build, store
 from sparse_coding.config.compose import compose_config
 from sparse_coding.errors import DataError
+from tests.helpers import ROOT
+from tests.reliability.helpers import child_env, file_digests, run_py
 
 TOKENS = 5000
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory) -> Path:
-    from tinymodels import make_tiny_gpt2
-
-    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
 
 
 def build_args(tiny, cache_dir):
@@ -76,6 +71,8 @@ def reference_cache(tiny_gpt2, tmp_path_factory) -> Path:
 
 
 def test_sigkill_during_cache_build_then_rerun_gives_the_identical_cache(tiny_gpt2, reference_cache, tmp_path):
+    """The one test of a cache build's resume: killed mid-way, the same command finishes the cache to the bytes of
+    an uninterrupted build, without recomputing the shards that were complete or taking a half-written one."""
     proc = start(build_args(tiny_gpt2, tmp_path))
     shards = lambda: len(list(tmp_path.glob("gpt2-*/hidden_states/*/layers/0/shard_*.npy")))
     wait_for(lambda: shards() >= 8, proc)
@@ -87,10 +84,14 @@ def test_sigkill_during_cache_build_then_rerun_gives_the_identical_cache(tiny_gp
     with pytest.raises(DataError, match="no manifest"):
         store.read_manifest(partial)
     n_before = shards()
+    done = {p: p.stat().st_mtime_ns for p in partial.glob("layers/*/shard_*.npy")}  # renamed into place: complete
+    # a half-written shard a crash leaves is a temporary file, never taken for a shard
+    (partial / "layers" / "0" / f".shard_{n_before:05d}.npy.tmp-999").write_bytes(b"partial")
     rerun = run_py(build_args(tiny_gpt2, tmp_path), timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert cache_folder(tmp_path) == partial
     assert 8 <= n_before < len(json.loads((partial / "manifest.json").read_text())["shards"]["0"])
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # the complete shards were not computed again
     assert file_digests(partial) == file_digests(reference_cache)
     assert not [p for p in partial.rglob("*") if ".tmp-" in p.name]  # the killed build's leftovers are gone
     assert store.verify(partial)["files"] > 0
@@ -107,22 +108,6 @@ def test_two_processes_building_the_same_cache_at_once(tiny_gpt2, reference_cach
     # each process either waited on the lock or found the finished cache; exactly one computed the shards
     computed = [err.count("needs ") for _, err in outs]
     assert sorted(computed) == [0, 1], [err[-500:] for _, err in outs]
-
-
-def test_build_lock_serialises_builders_in_process(tmp_path):
-    """The lock itself: a second holder waits until the first lets go."""
-    import threading
-
-    out = tmp_path / "c"
-    order = []
-    with store.build_lock(out):
-        t = threading.Thread(target=lambda: (store.build_lock(out).__enter__(), order.append("second")))
-        # flock locks belong to open file descriptions, so a second open in another thread waits too
-        t.start()
-        time.sleep(0.3)
-        order.append("first done")
-    t.join(timeout=10)
-    assert order == ["first done", "second"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,8 +16,6 @@ Derandomized, bounded example counts (tests/reliability/conftest.py): well under
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,10 +26,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reliability.helpers import import_cache, one_line
 from sparse_coding.cache import cli, store
 from sparse_coding.errors import DataError, SparseCodingError
 from sparse_coding.lifecycle import resume, rundir
+from tests.helpers import digests, import_cache, one_line
 
 settings.load_profile("reliability")
 
@@ -79,11 +77,6 @@ def test_random_overrides_are_accepted_or_refused_with_one_line(tmp_path, choice
 # --------------------------------------------------------------------------------------------
 # Random run-directory states
 
-
-def digests(d: Path) -> dict:
-    """sha256 of every file under d by relative path (the lock's pid file aside)."""
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file() and not p.is_symlink() and p.name != rundir.LOCK_NAME}
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from reliability.helpers import ROOT, error_lines, import_cache, run_py
+from tests.helpers import ROOT, error_lines, import_cache
+from tests.reliability.helpers import run_py
 from sparse_coding.cache import build, store
 from sparse_coding.config.compose import compose_config
 from sparse_coding.data.cache_datamodule import CacheDataModule

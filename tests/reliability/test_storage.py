@@ -7,14 +7,14 @@ is not permitted here.
 
 from __future__ import annotations
 
-import errno
 import os
 import subprocess
 
 import numpy as np
 import pytest
 
-from reliability.helpers import error_lines, file_digests, run_py
+from tests.helpers import error_lines
+from tests.reliability.helpers import file_digests, run_py
 from sparse_coding.cache import build, store
 from sparse_coding.errors import DataError, StorageError
 
@@ -79,14 +79,3 @@ def test_running_out_of_space_mid_build_leaves_only_complete_shards(small_disk, 
     ref = build.write_array_cache(tmp_path / "ref", lambda lo, hi: arr[lo:hi], 1024, 256, "data", base, shard_rows=64)
     assert file_digests(out) == file_digests(ref)
     assert store.verify(out)["files"] == 16
-
-
-def test_disk_full_is_one_line_not_a_traceback(small_disk, tmp_path, monkeypatch):
-    """The error text a user sees when the disk fills (ENOSPC from the write itself)."""
-    def full(path, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(store, "atomic_write_bytes", full)  # write_shard lives in cache.store
-    with pytest.raises(StorageError) as info:
-        store.write_shard(small_disk / "shard_00000.npy", np.zeros((4, 4), np.float32))
-    assert "\n" not in str(info.value) and "no space left on device" in str(info.value)

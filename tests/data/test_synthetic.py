@@ -1,9 +1,15 @@
-"""The synthetic generators (sparse_coding.data.synthetic): fresh sources and the sparse non-linear control."""
+"""The synthetic generators (sparse_coding.data.synthetic): fresh sources, the sparse non-linear control, and
+finite data from every generator (hypothesis) or a clear refusal when nothing would be left to code."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sparse_coding.data.synthetic import SyntheticSource, generate
+from sparse_coding.data.synthetic import GENERATORS, SyntheticSource, generate
+from sparse_coding.errors import DataError
+
+GENERATOR_EXAMPLES = 40
 
 
 def test_fresh_source_is_seeded_and_centred_on_the_population_mean():
@@ -48,3 +54,23 @@ def test_nonlinear_share_of_a_linear_map_is_zero():
     alpha = torch.rand(500, 16, generator=gen) * (torch.rand(500, 16, generator=gen) < 0.2)
     w1 = torch.randn(16, 16, generator=gen) * 1e-4  # GELU(z) = z/2 up to O(z^2) at this scale
     assert nonlinear_truth(alpha, w1, torch.randn(16, 4, generator=gen), 3.2)["nonlinear_share"] < 1e-6
+
+
+
+@settings(max_examples=GENERATOR_EXAMPLES, deadline=None, derandomize=True)
+@given(name=st.sampled_from(GENERATORS), dim=st.integers(1, 16), n=st.integers(1, 64), seed=st.integers(0, 2**32 - 1),
+       active=st.floats(0.01, 4.0))
+def test_generators_give_finite_data(name, dim, n, seed, active):
+    try:
+        data = generate(name, dim, n, seed, active=min(active, 4 * dim))
+    except DataError as e:  # documented: all-zero samples (one centred sample, nothing active) are refused
+        assert "generated samples are zero" in str(e) and "\n" not in str(e)
+        return
+    assert data.x.shape == (n, dim) and torch.isfinite(data.x).all() and data.x.any()
+    for scale in (1e-6, 1e6):  # the ends of the data.scale range
+        assert torch.isfinite(data.x * scale).all()
+
+
+def test_one_centred_sample_is_refused_clearly():
+    with pytest.raises(DataError, match="generated samples are zero"):
+        generate("sparse_nonlinear", 4, 1, 0, active=2.0)  # centring one sample leaves zero

@@ -1,24 +1,23 @@
-"""DDP on 2 CPU processes (trainer=ddp_cpu, gloo) against 1 process on the same global batches.
+"""DDP on 2 CPU processes (trainer=ddp_cpu, gloo; and ddp_spawn) against 1 process on the same global batches.
 
 Each DDP run is `python train.py ...` in a clean subprocess (Lightning's ddp launcher re-runs the
 command for rank 1, so it must not be the pytest process).
 """
 
 import json
+import os
 
 import pytest
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_train
-from sparse_coding.config.schema import register_configs
+from sparse_coding.api import compose
 from sparse_coding.run import run
-
-register_configs()
+from tests.helpers import QUIET, run_train
 
 # data.fresh=false: the fixed sample the tolerances below were measured on (fresh batches split across ranks
-# exactly as well, tests/test_sample_sufficiency.py; their float32 drift between 1 and 2 processes reaches 1.6e-3)
-TINY = ["logger=none", "trainer.enable_progress_bar=false", "data=sparse_linear", "data.dim=16", "data.active=4",
+# exactly as well, tests/data/test_synthetic_datamodule.py; their float32 drift between 1 and 2 processes reaches
+# 1.6e-3)
+TINY = [*QUIET, "data=sparse_linear", "data.dim=16", "data.active=4",
         "data.fresh=false", "data.n=2048", "data.n_val=1024", "data.batch_size=256", "trainer.max_epochs=3", "dictionary.mult=4"]
 METRICS = ("normalized_loss", "avg_coef_norm", "l0", "loss", "fvu", "explained_variance", "mean_l1", "mean_max",
            "dead_fraction", "capped_fraction", "mean_steps", "lam")
@@ -33,8 +32,7 @@ def finished(proc, out):
 def one_and_two(tmp_path_factory):
     one = tmp_path_factory.mktemp("one") / "run"
     work = tmp_path_factory.mktemp("two")  # default hydra.run.dir (outputs/DATE/TIME) under this cwd
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        run(compose(config_name="train", overrides=TINY), one)  # 1 process, in this one
+    run(compose(TINY), one)  # 1 process, in this one
     single = json.loads((one / "metrics.json").read_text()), load_file(str(one / "dictionary.safetensors"))
     proc = run_train(TINY + ["trainer=ddp_cpu"], cwd=work, timeout=300)
     dirs = [p.parent for p in work.glob("outputs/*/*/.hydra")]
@@ -69,3 +67,31 @@ def test_evaluation_is_identical_on_one_and_two_ranks(one_and_two, tmp_path):
     assert (phi2["mult4_lamauto"] == phi1["mult4_lamauto"]).all()  # nothing was trained: the same Phi
     for key in METRICS:
         assert m2[key] == pytest.approx(m1[key], rel=1e-12, abs=1e-14), key
+
+
+SPAWN = [*QUIET, "data=sparse_linear", "data.dim=16", "data.active=4", "data.n=1024", "data.n_val=512",
+         "data.batch_size=256", "trainer.max_epochs=2", "convergence.stop=false", "dictionary.mult=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two processes need two cores")
+def test_ddp_spawn_runs_to_the_end_and_matches_one_process(tmp_path):
+    """docs/scaling.md's ddp_spawn (the DDP that works under `-m`): what the run reads after fit and validate
+    (history, step and epoch counts, what stopped it, Phi on every rank) is rank 0's, not the main process's copy."""
+    run(compose(SPAWN), tmp_path / "one")
+    proc = run_train(SPAWN + ["trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.accelerator=cpu",
+                             f"hydra.run.dir={tmp_path / 'spawn'}"], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "spawn"))
+    assert two["ddp"] == {"world_size": 2, "phi_max_rank_difference": 0.0}
+    for key in ("optimizer_steps", "epochs_completed", "samples_seen", "stopped_by", "converged", "n_samples"):
+        assert two[key] == one[key], key  # n_samples: each rank measured its own share, once
+    assert len(two["history"]) == len(one["history"]) >= 1 and two["timing"]["fit_seconds"] > 0
+    for key in ("normalized_loss", "avg_coef_norm", "normalized_loss_se", "l0", "lam"):
+        assert two[key] == pytest.approx(one[key], rel=1e-3), key  # as above: float32 summation order
+    for a, b in zip(one["history"], two["history"]):  # every evaluation, the first one too (its sums start at 0)
+        assert b["dictionaries"][0]["normalized_loss_se"] == pytest.approx(a["dictionaries"][0]["normalized_loss_se"],
+                                                                          rel=1e-2)
+    phi1, phi2 = (load_file(str(tmp_path / d / "dictionary.safetensors")) for d in ("one", "spawn"))
+    assert all((phi2[k] - phi1[k]).abs().max() < 1e-3 for k in phi1)
+    assert (tmp_path / "spawn" / "plots").is_dir()

@@ -18,20 +18,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
-from subprocesses import default_sigint
-from sparse_coding.cache import build
 from sparse_coding.errors import ConfigError, StorageError
-from sparse_coding.lifecycle.resume import resume_checkpoint
 from sparse_coding.run import run
+from tests.helpers import QUIET, RANK_VARIABLES, ROOT, compose, train
+from tests.subprocesses import default_sigint
 
-QUIET = ["logger=none", "trainer.enable_progress_bar=false"]
 # 8 batches of 256 rows an epoch; 3 epochs (24 steps) in every configuration
 SYNTHETIC = ["data=sparse_linear", "data.dim=16", "data.active=4", "data.n=2048", "data.n_val=512", "dictionary.mult=4"]
 COMMON = ["data.batch_size=256", "seed=3"]
@@ -45,24 +41,8 @@ SMALLER_BUDGET = {"fixed": ["trainer.max_epochs=2"], "fresh": ["convergence.max_
                   "cache": ["convergence.max_samples=3584"]}  # 14 of the 24 steps
 
 
-def compose_cfg(overrides):
-    from sparse_coding.api import compose
-
-    return compose([*QUIET, *overrides])
-
-
-@pytest.fixture(scope="module")
-def cache_path(tmp_path_factory) -> Path:
-    """A cache of 2304 training rows: 9 batches of 256 an epoch (not 8: the epochs of a cache fall elsewhere)."""
-    folder = tmp_path_factory.mktemp("cache")
-    rng = np.random.default_rng(0)
-    x = (rng.standard_normal((2560, 16)) * rng.random(16)).astype(np.float32)
-    np.save(folder / "acts.npy", x)
-    return build.import_array(folder / "acts.npy", folder / "cache", shard_rows=1000)
-
-
-def overrides(name: str, cache_path: Path, *extra: str) -> list:
-    data = [f"data.path={cache_path}"] if name == "cache" else []
+def overrides(name: str, resume_cache: Path, *extra: str) -> list:
+    data = [f"data.path={resume_cache}"] if name == "cache" else []
     return [*CONFIGS[name], *COMMON, *data, *extra]
 
 
@@ -73,14 +53,14 @@ def outputs(path: Path):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_path):
+def reference(tmp_path_factory, resume_cache):
     """The uninterrupted run of each configuration, trained once (default checkpointing)."""
     done = {}
 
     def get(name: str):
         if name not in done:
             out = tmp_path_factory.mktemp(f"straight-{name}")
-            run(compose_cfg(overrides(name, cache_path)), out)
+            run(compose(overrides(name, resume_cache)), out)
             done[name] = outputs(out)
         return done[name]
     return get
@@ -117,9 +97,9 @@ def saved(out: Path) -> dict:
     return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
-def resume(name, cache_path, out, *extra) -> None:
+def resume(name, resume_cache, out, *extra) -> None:
     assert not (out / "metrics.json").exists()
-    run(compose_cfg(overrides(name, cache_path, *extra, "ckpt_path=last")), out)
+    run(compose(overrides(name, resume_cache, *extra, "ckpt_path=last")), out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,29 +107,29 @@ def resume(name, cache_path, out, *extra) -> None:
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_a_crash_after_an_epoch_end_checkpoint_resumes_exactly(tmp_path, reference, cache_path, name):
+def test_a_crash_after_an_epoch_end_checkpoint_resumes_exactly(tmp_path, reference, resume_cache, name):
     """Default checkpointing: last.ckpt only at epoch ends; the crash is 2 batches into the next epoch."""
     per_epoch = 9 if name == "cache" else 8
     with pytest.raises(Killed):
-        run(compose_cfg(overrides(name, cache_path)), tmp_path, callbacks=[KillAt(per_epoch + 2)])
+        run(compose(overrides(name, resume_cache)), tmp_path, callbacks=[KillAt(per_epoch + 2)])
     ckpt = saved(tmp_path)
     assert ckpt["global_step"] == per_epoch  # the epoch-end checkpoint of epoch 0
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches_done": 0}]
-    resume(name, cache_path, tmp_path)
+    resume(name, resume_cache, tmp_path)
     assert_identical(outputs(tmp_path), reference(name))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_a_crash_mid_epoch_resumes_exactly(tmp_path, reference, cache_path, name):
+def test_a_crash_mid_epoch_resumes_exactly(tmp_path, reference, resume_cache, name):
     """last.ckpt every 3 steps: the crash at step 14 leaves the checkpoint of step 12, mid-epoch."""
     every = ["trainer.checkpoint_every_n_steps=3"]
     with pytest.raises(Killed):
-        run(compose_cfg(overrides(name, cache_path, *every)), tmp_path, callbacks=[KillAt(14)])
+        run(compose(overrides(name, resume_cache, *every)), tmp_path, callbacks=[KillAt(14)])
     ckpt = saved(tmp_path)
     assert ckpt["global_step"] == 12
     per_epoch = 9 if name == "cache" else 8
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches_done": 12 - per_epoch}]
-    resume(name, cache_path, tmp_path, *every)
+    resume(name, resume_cache, tmp_path, *every)
     assert_identical(outputs(tmp_path), reference(name))
 
 
@@ -170,22 +150,22 @@ def disk_full_at_step(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["fixed", "fresh"])
-def test_a_full_disk_while_writing_a_checkpoint_resumes_exactly(tmp_path, reference, cache_path, name,
+def test_a_full_disk_while_writing_a_checkpoint_resumes_exactly(tmp_path, reference, resume_cache, name,
                                                                   disk_full_at_step, monkeypatch):
     every = ["trainer.checkpoint_every_n_steps=3"]
     disk_full_at_step(15)
     with pytest.raises(StorageError, match="no space left on device while writing a checkpoint; the previous "
                                           "checkpoint is intact"):
-        run(compose_cfg(overrides(name, cache_path, *every)), tmp_path)
+        run(compose(overrides(name, resume_cache, *every)), tmp_path)
     monkeypatch.undo()
     assert saved(tmp_path)["global_step"] == 12
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]  # the partial file was removed
-    resume(name, cache_path, tmp_path, *every)
+    resume(name, resume_cache, tmp_path, *every)
     assert_identical(outputs(tmp_path), reference(name))
 
 
 @pytest.mark.parametrize("name", ["fixed", "fresh"])
-def test_a_full_disk_while_writing_the_outputs_resumes_exactly(tmp_path, reference, cache_path, name, monkeypatch):
+def test_a_full_disk_while_writing_the_outputs_resumes_exactly(tmp_path, reference, resume_cache, name, monkeypatch):
     from sparse_coding import outputs as outputs_mod
 
     real = outputs_mod.atomic_write_bytes
@@ -197,19 +177,19 @@ def test_a_full_disk_while_writing_the_outputs_resumes_exactly(tmp_path, referen
 
     monkeypatch.setattr(outputs_mod, "atomic_write_bytes", full)
     with pytest.raises(StorageError, match="could not write metrics.json .No space left on device."):
-        run(compose_cfg(overrides(name, cache_path)), tmp_path)
+        run(compose(overrides(name, resume_cache)), tmp_path)
     monkeypatch.undo()
-    resume(name, cache_path, tmp_path)
+    resume(name, resume_cache, tmp_path)
     assert_identical(outputs(tmp_path), reference(name))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_a_budget_raised_afterwards_resumes_exactly(tmp_path, reference, cache_path, name):
+def test_a_budget_raised_afterwards_resumes_exactly(tmp_path, reference, resume_cache, name):
     """The run ends at a smaller budget (outputs written), then goes on to the reference's budget."""
-    run(compose_cfg(overrides(name, cache_path, *SMALLER_BUDGET[name])), tmp_path)
+    run(compose(overrides(name, resume_cache, *SMALLER_BUDGET[name])), tmp_path)
     first, _ = outputs(tmp_path)
     assert first["samples_seen"] < reference(name)[0]["samples_seen"]
-    run(compose_cfg(overrides(name, cache_path, "ckpt_path=last")), tmp_path)
+    run(compose(overrides(name, resume_cache, "ckpt_path=last")), tmp_path)
     assert_identical(outputs(tmp_path), reference(name))
 
 
@@ -238,7 +218,7 @@ SIGNALS = {"SIGKILL": (signal.SIGKILL, 12), "SIGINT": (signal.SIGINT, 12), "SIGT
 
 
 @pytest.mark.parametrize("name, sig", [("fixed", "SIGKILL"), ("fresh", "SIGINT"), ("cache", "SIGTERM")])
-def test_a_train_py_process_stopped_by_a_signal_resumes_exactly(tmp_path, reference, cache_path, name, sig):
+def test_a_train_py_process_stopped_by_a_signal_resumes_exactly(tmp_path, reference, resume_cache, name, sig):
     """train.py paused at step 14 (last.ckpt of step 12 written) receives the signal; ckpt_path=last (in
     process: the same code path, without a second start-up) ends bit-identical to the uninterrupted run."""
     signum, step = SIGNALS[sig]
@@ -249,9 +229,9 @@ def test_a_train_py_process_stopped_by_a_signal_resumes_exactly(tmp_path, refere
     every = ["trainer.checkpoint_every_n_steps=3"]
     env = {**os.environ, "SC_TEST_PAUSE_AT_STEP": "14", "SC_TEST_PAUSED": str(paused),
            "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    for key in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
+    for key in RANK_VARIABLES:
         env.pop(key, None)
-    proc = subprocess.Popen([sys.executable, "train.py", *QUIET, *overrides(name, cache_path, *every), f"out_dir={out}",
+    proc = subprocess.Popen([sys.executable, "train.py", *QUIET, *overrides(name, resume_cache, *every), f"out_dir={out}",
                              f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
@@ -274,124 +254,26 @@ def test_a_train_py_process_stopped_by_a_signal_resumes_exactly(tmp_path, refere
         assert proc.returncode == 2 and last.startswith("error: stopped by ") and "ckpt_path=last" in last, err[-2000:]
     assert saved(out)["global_step"] == step
     assert not (out / "metrics.json").exists()
-    resume(name, cache_path, out, *every)
+    resume(name, resume_cache, out, *every)
     assert_identical(outputs(out), reference(name))
 
 
 # --------------------------------------------------------------------------------------------
-# A resume never continues on other data (issue 22 item 6)
+# A run that ended but was killed before its outputs (what a resume refuses: tests/lifecycle/test_resume.py)
+
+SMALL = ["data=sparse_linear", "data.dim=16", "data.active=4", "data.n=2048", "data.n_val=1024",
+         "data.batch_size=256", "dictionary.mult=4"]
 
 
-def resume_check(out: Path, overrides_: list):
-    """What `ckpt_path=last` decides for this config, without training: resume_checkpoint as run() calls it."""
-    from sparse_coding.api import compose_and_plan
-    from sparse_coding.run import build_datamodule, build_module
-
-    cfg, plan = compose_and_plan([*QUIET, *overrides_, "ckpt_path=last"])
-    dm = build_datamodule(cfg, plan)
-    return resume_checkpoint(cfg.ckpt_path, out, build_module(cfg, plan, dm), cfg.trainer, dm)
-
-
-@pytest.fixture(scope="module")
-def stopped_runs(tmp_path_factory, cache_path):
-    """Runs stopped after 4 steps (resumable): fresh synthetic data, and a cache (in a folder of its own)."""
-    import shutil
-
-    base = tmp_path_factory.mktemp("stopped")
-    own_cache = base / "cache"
-    shutil.copytree(cache_path, own_cache)
-    runs = {"fresh": (base / "fresh", overrides("fresh", cache_path, "data.n_val=64")),
-            "cache": (base / "cache-run", overrides("cache", own_cache))}
-    for out, ovr in runs.values():
-        run(compose_cfg([*ovr, "trainer.max_steps=4"]), out)
-    return runs
-
-
-@pytest.mark.parametrize("change, differs", [
-    (["data.active=20", "data.seed=5"], "data.active: 4.0 there, 20.0 here; data.seed: 0 there, 5 here"),
-    (["data.fresh=false"], "data.fresh: True there, False here"),
-    (["data.n=4096"], "data.n: 2048 there, 4096 here"),
-    (["data.n_val=128"], "data.n_val: 64 there, 128 here"),
-    (["data.noise=0.2"], "data.noise: 0.1 there, 0.2 here"),
-    (["data.scale=2"], "data.scale: 1.0 there, 2.0 here"),
-    (["data=gaussian"], "data.name: 'sparse_linear' there, 'gaussian' here"),
-])
-def test_a_resume_on_other_synthetic_data_is_refused_with_one_line(stopped_runs, change, differs):
-    out, ovr = stopped_runs["fresh"]
-    with pytest.raises(ConfigError) as e:
-        resume_check(out, [*ovr, *change, "trainer.max_steps=20"])
-    msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"{out / 'checkpoints' / 'last.ckpt'} was trained on other data ("), msg
-    assert differs in msg and msg.endswith("resume with the same data, or start a new run (another hydra.run.dir)"), msg
-
-
-def test_a_resume_on_the_same_synthetic_data_is_accepted(stopped_runs):
-    out, ovr = stopped_runs["fresh"]
-    assert resume_check(out, [*ovr, "trainer.max_steps=20"]) == str(out / "checkpoints" / "last.ckpt")
-
-
-def test_a_resume_on_another_cache_or_a_cache_swapped_under_its_path_is_refused(stopped_runs, cache_path, tmp_path):
-    import shutil
-
-    out, ovr = stopped_runs["cache"]
-    own = Path(next(a for a in ovr if a.startswith("data.path="))[len("data.path="):])
-    other = build.import_array(cache_path.parent / "acts.npy", tmp_path / "other", shard_rows=900)  # same rows, other shards
-    moved = tmp_path / "moved"
-    shutil.copytree(own, moved)
-    assert resume_check(out, [*ovr, f"data.path={moved}", "trainer.max_steps=20"])  # the same cache elsewhere: fine
-    for change, differs in (([f"data.path={other}"], f"at {own} there, "),
-                            (["data.center=false"], "data.center: True there, False here"),
-                            (["data.val_fraction=0.2"], "data.val_fraction: 0.1 there, 0.2 here"),
-                            (["data.normalize=token"], "data.normalize: 'none' there, 'token' here")):
-        with pytest.raises(ConfigError, match="was trained on other data") as e:
-            resume_check(out, [*ovr, *change, "trainer.max_steps=20"])
-        assert differs in str(e.value) and "\n" not in str(e.value), str(e.value)
-    # another array imported with --force under the same path
-    x = np.random.default_rng(5).standard_normal((2560, 16)).astype(np.float32)
-    np.save(tmp_path / "b.npy", x)
-    build.import_array(tmp_path / "b.npy", own, shard_rows=1000, force=True)
-    with pytest.raises(ConfigError, match=r"was trained on other data \(cache build: \w+ at .* there, \w+ at .* here; "
-                                          r"cache content: "):
-        resume_check(out, [*ovr, "trainer.max_steps=20"])
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_cache_loader_skips_exactly_the_batches_already_trained(tmp_path, workers):
-    from sparse_coding.data.cache_datamodule import CacheDataModule
-
-    x = np.random.default_rng(1).standard_normal((3000, 8)).astype(np.float32)
-    np.save(tmp_path / "acts.npy", x)
-    path = build.import_array(tmp_path / "acts.npy", tmp_path / "cache", shard_rows=700)
-    dm = CacheDataModule(path, batch_size=100, shuffle_buffer=300, seed=3, num_workers=workers)
-    dm.set_epoch(2)
-    full = [b.clone() for b in dm.train_dataloader()]
-    for done in (0, 5, len(full) - 1):
-        loader = dm.train_dataloader()
-        loader.load_state_dict({"epoch": 2, "batches_done": done})
-        rest = list(loader)
-        assert len(rest) == len(full) - done
-        assert all(torch.equal(a, b) for a, b in zip(rest, full[done:]))
-    loader = dm.train_dataloader()
-    loader.load_state_dict({"epoch": 1, "batches_done": 5})  # another epoch's position: ignored
-    assert len(list(loader)) == len(full)
-
-
-def test_cache_init_rows_are_seeded_centred_training_rows(tmp_path):
-    from sparse_coding.data.cache_datamodule import CacheDataModule
-
-    x = (np.random.default_rng(2).standard_normal((2000, 8)) + 5).astype(np.float32)
-    np.save(tmp_path / "acts.npy", x)
-    path = build.import_array(tmp_path / "acts.npy", tmp_path / "cache", shard_rows=600)
-    dm = CacheDataModule(path, batch_size=100, seed=0)
-    rows = dm.init_rows(50, seed=7)
-    assert rows.shape == (50, 8) and rows.dtype == torch.float32
-    assert torch.equal(rows, dm.init_rows(50, seed=7))
-    assert torch.equal(rows[:20], dm.init_rows(20, seed=7))  # a prefix: independent of k
-    assert not torch.equal(rows, dm.init_rows(50, seed=8))
-    val = torch.cat([b for b, _ in dm.val_dataloader()])
-    centred = torch.from_numpy(x - dm.mean)
-    matches = [(centred == r).all(dim=1).nonzero().flatten() for r in rows]
-    assert all(len(m) == 1 for m in matches)  # every row is one row of the cache, centred
-    val_hits = sum(bool((val == r).all(dim=1).any()) for r in rows)
-    assert val_hits == 0  # and never a validation row
-    assert len({int(m) for m in matches}) == 50  # no repeats while k <= training rows
+@pytest.mark.parametrize("protocol", [[], ["convergence.stop=false", "trainer.max_epochs=2"]], ids=["converged", "fixed"])
+def test_a_run_killed_before_writing_its_outputs_resumes_to_them(tmp_path, protocol):
+    """Ended (converged or at its budget), checkpointed, then killed before metrics.json: resuming writes the
+    outputs from the checkpoint without training further, and only then refuses to resume it again."""
+    first = train(tmp_path, SMALL + protocol)
+    (tmp_path / "metrics.json").unlink()
+    again = train(tmp_path, SMALL + protocol + ["ckpt_path=last"])
+    for key in ("optimizer_steps", "samples_seen", "converged", "stopped_by", "normalized_loss", "avg_coef_norm"):
+        assert again[key] == first[key], key
+    assert (tmp_path / "metrics.json").is_file()
+    with pytest.raises(ConfigError, match="already (converged|finished)"):
+        train(tmp_path, SMALL + protocol + ["ckpt_path=last"])

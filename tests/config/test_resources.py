@@ -1,0 +1,24 @@
+"""The resources a run needs (sparse_coding.config.resources): a size that cannot fit in memory is refused before
+anything is allocated."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparse_coding.config import resources
+from sparse_coding.config.checks import validate
+from sparse_coding.config.compose import compose_config
+from sparse_coding.errors import ConfigError
+from tests.helpers import QUIET, one_line
+
+TINY = [*QUIET, "data.dim=8", "data.n=256", "data.n_val=64", "data.batch_size=64", "dictionary.mult=2",
+        "trainer.max_epochs=2"]
+
+
+def test_sizes_that_cannot_fit_in_memory_are_refused_before_allocating(monkeypatch):
+    with pytest.raises(ConfigError, match="needs at least .* GiB of memory .*Gram matrix") as e:
+        validate(compose_config(TINY + ["dictionary.mult=4000", "data.dim=256"]))  # a 1M x 1M Gram matrix
+    one_line(e.value)
+    monkeypatch.setattr(resources, "available_memory", lambda: 1 << 10)
+    with pytest.raises(ConfigError, match="is available: lower dictionary.mult"):
+        validate(compose_config(TINY))
