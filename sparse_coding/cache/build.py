@@ -131,20 +131,26 @@ def _kept_positions(keep: np.ndarray, device: Any) -> Any:
     return torch.as_tensor(positions, device=device)
 
 
+def _locked_build(build: Callable[..., Any], out: Path, force: bool, *args: Any, **kwargs: Any) -> Path:
+    """Run `build(out, ...)` under the build lock (`build_lock`). `force` builds a fresh cache beside `out` and
+    swaps it in when complete (only over a cache: `check_replaceable`)."""
+    out = Path(out)
+    if force:
+        check_replaceable(out)  # before the lock file beside it is made; again under the lock
+    with build_lock(out):
+        if not force:
+            return build(out, *args, **kwargs)
+        with replacing(out) as new:
+            build(new, *args, **kwargs)
+        return out
+
+
 def build_hidden_states(out: Path, *args: Any, force: bool = False, **kwargs: Any) -> Path:
     """Run the model over the corpus once and store `hidden_states[K]` for every K in `layers`.
 
-    Holds the build lock (`build_lock`); see `_build_hidden_states` for the arguments. `force`
-    builds a fresh cache beside `out` and swaps it in when complete (only over a cache: `check_replaceable`).
+    Holds the build lock; see `_build_hidden_states` for the arguments and `_locked_build` for `force`.
     """
-    if force:
-        check_replaceable(Path(out))  # before the lock file beside it is made; again under the lock
-    with build_lock(Path(out)):
-        if not force:
-            return _build_hidden_states(Path(out), *args, **kwargs)
-        with replacing(Path(out)) as new:
-            _build_hidden_states(new, *args, **kwargs)
-        return Path(out)
+    return _locked_build(_build_hidden_states, out, force, *args, **kwargs)
 
 
 def _build_hidden_states(
@@ -305,18 +311,8 @@ def _build_hidden_states(
 
 
 def write_array_cache(out: Path, *args: Any, force: bool = False, **kwargs: Any) -> Path:
-    """A one-layer cache from a row source, under the build lock; see `_write_array_cache`.
-
-    `force` builds a fresh cache beside `out` and swaps it in when complete (only over a cache: `check_replaceable`).
-    """
-    if force:
-        check_replaceable(Path(out))  # before the lock file beside it is made; again under the lock
-    with build_lock(Path(out)):
-        if not force:
-            return _write_array_cache(Path(out), *args, **kwargs)
-        with replacing(Path(out)) as new:
-            _write_array_cache(new, *args, **kwargs)
-        return Path(out)
+    """A one-layer cache from a row source, under the build lock; see `_write_array_cache` and `_locked_build`."""
+    return _locked_build(_write_array_cache, out, force, *args, **kwargs)
 
 
 def _write_array_cache(
