@@ -122,8 +122,11 @@ class ShardFile:
 
     `finish` makes it a shard the way `write_shard` always has: the data fsynced, the checksum sidecar written,
     then the shard renamed into place. On any failure, and on `discard`, the temporary file is removed; a full
-    disk is one line.
+    disk is one line. Every `SYNC_BYTES` written are flushed to disk as they go (`fdatasync`), so that `finish`
+    -- for a build, the wait after the last forward pass -- has at most that much left to flush.
     """
+
+    SYNC_BYTES = 8 << 20
 
     def __init__(self, path: Path, rows: int, d: int, dtype: Any):
         self.path = Path(path)
@@ -131,6 +134,7 @@ class ShardFile:
         self.size = rows * d * np.dtype(dtype).itemsize
         self._left = self.size
         self._done = False
+        self._unsynced = 0
         self._hash = hashlib.sha256()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.tmp, "wb")
@@ -173,6 +177,11 @@ class ShardFile:
         self._hash.update(data)
         with self._failing():
             self._file.write(data)
+            self._unsynced += len(data)
+            if self._unsynced >= self.SYNC_BYTES:
+                self._file.flush()
+                os.fdatasync(self._file.fileno())
+                self._unsynced = 0
 
     @contextlib.contextmanager
     def _failing(self):

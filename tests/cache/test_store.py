@@ -42,6 +42,22 @@ def test_shard_bytes_are_np_save_bytes(tmp_path, shape, dtype):
                                                          "shard_00001.npy", "shard_00001.npy.sha256"]
 
 
+def test_a_shard_is_flushed_to_disk_as_it_is_written(tmp_path, monkeypatch):
+    """Every SYNC_BYTES go to disk while rows come (so a build's last fsync has little left), and the file is
+    unchanged by it."""
+    synced, real = [], os.fdatasync
+    monkeypatch.setattr(store.ShardFile, "SYNC_BYTES", 4096)
+    monkeypatch.setattr(store.os, "fdatasync", lambda fd: (synced.append(os.fstat(fd).st_size), real(fd)))
+    arr = np.arange(100 * 64, dtype=np.float32).reshape(100, 64)  # 25,600 bytes of rows
+    shard = store.ShardFile(tmp_path / "shard_00000.npy", 100, 64, np.float32)
+    for lo in range(0, 100, 10):
+        shard.write(arr[lo : lo + 10])  # 2,560 bytes a write
+    # 128 header bytes, then a sync on the first write that takes the unsynced bytes to 4,096 or more
+    assert synced == [128 + 2 * 2560, 128 + 4 * 2560, 128 + 6 * 2560, 128 + 8 * 2560, 128 + 10 * 2560]
+    shard.finish()
+    np.testing.assert_array_equal(np.load(tmp_path / "shard_00000.npy"), arr)
+
+
 def test_a_shard_file_refuses_rows_it_does_not_hold(tmp_path):
     with pytest.raises(ValueError, match="more bytes than the shard holds"):
         store.ShardFile(tmp_path / "shard_00000.npy", 4, 3, np.float32).write(np.zeros((5, 3), np.float32))
