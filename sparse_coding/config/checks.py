@@ -26,7 +26,7 @@ SCALE_RANGE = (1e-6, 1e6)  # data.scale: float32 training is tested within this 
 NOISE_MAX = 1e6  # data.noise (sigma): beyond it the rows' squared norms leave float32's range
 MAX_MINUTES = 1e8  # convergence.max_minutes: 190 years
 MIN_VAL_ROWS = 2  # fvu divides by the held-out variance: one row has none
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's names; an unavailable one: Lightning says so
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's names
 # DDP in every launcher Lightning has: `ddp` re-runs the command for each rank; `ddp_spawn`, `ddp_fork` and
 # `ddp_notebook` start worker processes (sparse_coding.config.trainer brings rank 0's run state back from them).
 DDP_STRATEGIES = tuple(f"{base}{suffix}" for base in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
@@ -65,6 +65,9 @@ def validate(cfg: Any) -> RunPlan:
     _integer("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, 0)
     _integer("trainer.max_epochs", t.max_epochs, -1)
     _integer("trainer.max_steps", t.max_steps, -1)
+    for key, value in (("max_epochs", t.max_epochs), ("max_steps", t.max_steps)):
+        if value == 0:
+            raise ConfigError(f"trainer.{key}=0 trains nothing: give trainer.{key} >= 1, or -1 for no limit")
     c = cfg.convergence
     if t.max_epochs < 1 and t.max_steps < 1 and not (c.stop and (c.max_samples > 0 or c.max_minutes > 0)):
         raise ConfigError("the run has no budget: set trainer.max_epochs >= 1, trainer.max_steps >= 1, or "
@@ -318,6 +321,9 @@ def check_trainer(items: dict) -> None:
     if accelerator in ("gpu", "cuda") and gpus == 0:
         raise ConfigError(f"trainer.accelerator={items['accelerator']} but no usable GPU is visible (or torch is a CPU "
                           "build): use trainer.accelerator=cpu")
+    if accelerator in ("mps", "tpu") and not resources.has_accelerator(accelerator):
+        raise ConfigError(f"trainer.accelerator={items['accelerator']} but this machine has no {accelerator.upper()} "
+                          "(or torch is not built for it): use trainer.accelerator=cpu or auto")
     devices = items["devices"]
     if isinstance(devices, (list, tuple)):
         devices = list(devices)

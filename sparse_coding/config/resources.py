@@ -39,6 +39,18 @@ def visible_gpus() -> int:
     return n
 
 
+def has_accelerator(name: str) -> bool:
+    """Whether Apple's MPS ("mps") or a TPU through torch_xla ("tpu") can be used here. MPS needs torch imported;
+    only a run that asks for it pays that."""
+    if name == "tpu":
+        return importlib.util.find_spec("torch_xla") is not None
+    if name == "mps":
+        import torch
+
+        return torch.backends.mps.is_available()
+    raise ValueError(f"unknown accelerator {name!r}")
+
+
 def cpu_count() -> int:
     return os.cpu_count() or 1
 

@@ -230,7 +230,7 @@ class CacheDataModule(pl.LightningDataModule):
         else:
             rank, world = 0, 1
         if not 0 <= rank < world:
-            raise ConfigError(f"rank {rank} is outside world size {world}")
+            raise ValueError(f"rank {rank} is outside world size {world}")
         return rank, world
 
     def set_epoch(self, epoch: int) -> None:

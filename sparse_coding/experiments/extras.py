@@ -200,7 +200,7 @@ def functional_check(scale: str, root: Path = DEFAULT_ROOT, log=print, model_nam
                      layers: list[int] | None = None, extra: list[str] | None = None) -> list[dict]:
     from sparse_coding import models
     from sparse_coding.cache.build import ensure_cache
-    from sparse_coding.cache.store import read_manifest
+    from sparse_coding.cache.store import cache_file, layer_key, read_manifest, read_mean
 
     num_layers = LAYER_MODELS.get(model_name)
     layers = layers if layers is not None else FUNCTIONAL_LAYERS[scale] if model_name == "smollm2" else None
@@ -232,7 +232,9 @@ def functional_check(scale: str, root: Path = DEFAULT_ROOT, log=print, model_nam
         _, phi, lam, mult = dictionaries[0]
         max_steps = int(config["solver"]["max_steps"])
         center = bool(config["data"]["center"])
-        mean = torch.as_tensor(np.load(cache_path / "layers" / str(k) / "mean.npy")).float() if center else None
+        # the mean the dictionary was trained around: the file the cache's manifest names, its shape checked
+        mean_file = cache_file(cache_path, manifest["stats"][layer_key(k)]["mean_file"]) if center else None
+        mean = torch.as_tensor(read_mean(mean_file, manifest["d"])).float() if center else None
         # which module's output is hidden_states[k]: the first candidate that reproduces it
         target, captured = None, {}
         for cand in _hook_target(model, k, num_layers):

@@ -67,10 +67,14 @@ def test_the_checks_import_nothing_heavy_and_validate_a_model_without_torch(tmp_
     ["+trainer.gradient_clip_val=1.0"], ["trainer.gradient_clip_val=1.0", "trainer.gradient_clip_algorithm=value"],
     ["trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.accelerator=cpu"], ["trainer.fast_dev_run=true"],
     ["trainer.profiler=simple"], ["trainer.limit_val_batches=0.5"], ["trainer.accelerator=mps"],
+    ["trainer.accelerator=tpu"],
     ["trainer=ddp_cpu"], ["trainer.strategy=ddp_fork", "trainer.devices=2", "trainer.accelerator=cpu"],
     ["trainer.min_epochs=1", "trainer.benchmark=false"], ["callbacks=lr_monitor", "logger=csv"],
 ])
-def test_trainer_settings_compose_and_validate(overrides):
+def test_trainer_settings_compose_and_validate(overrides, monkeypatch):
+    from sparse_coding.config import resources
+
+    monkeypatch.setattr(resources, "has_accelerator", lambda name: True)  # as on a Mac (mps) or a TPU host
     if "trainer.devices=2" in overrides or "trainer=ddp_cpu" in overrides:
         if (os.cpu_count() or 1) < 2:
             pytest.skip("two processes need two cores")
@@ -94,7 +98,9 @@ def test_trainer_settings_compose_and_validate(overrides):
     ("trainer.limit_val_batches=0", "would measure on no batch"),
     ("trainer.gradient_clip_val=-1", "must be a number >= 0"),
     ("trainer.gradient_clip_algorithm=bogus", "choose norm or value"),
-    ("trainer.max_epochs=-1", "no budget"),  # with convergence.stop=false the trainer's budget is the protocol
+    ("trainer.max_epochs=-1", "no budget"),
+    ("trainer.max_epochs=0", "trainer.max_epochs=0 trains nothing"),
+    ("trainer.max_steps=0", "trainer.max_steps=0 trains nothing"),  # with convergence.stop=false the trainer's budget is the protocol
     ("trainer.gradient_clip_vall=1", "did you mean trainer.gradient_clip_val?"),
     ("+trainer.gradient_clip_vall=1", "did you mean trainer.gradient_clip_val?"),
     ("callbacks.es._target_=pytorch_lightning.callbacks.EarlyStopping", "convergence"),
@@ -102,6 +108,15 @@ def test_trainer_settings_compose_and_validate(overrides):
 ])
 def test_settings_that_would_change_the_measurement_are_refused_in_one_line(override, expected):
     assert expected in one_line_error(TRAINER + [override])
+
+
+@pytest.mark.parametrize("accelerator", ["mps", "tpu"])
+def test_an_accelerator_this_machine_lacks_is_one_line(accelerator, monkeypatch):
+    from sparse_coding.config import resources
+
+    monkeypatch.setattr(resources, "has_accelerator", lambda name: False)
+    msg = one_line_error(TRAINER + [f"trainer.accelerator={accelerator}"])
+    assert f"no {accelerator.upper()}" in msg and "trainer.accelerator=cpu" in msg
 
 
 def test_layer_all_is_refused_before_any_work(monkeypatch):

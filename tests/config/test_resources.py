@@ -22,3 +22,16 @@ def test_sizes_that_cannot_fit_in_memory_are_refused_before_allocating(monkeypat
     monkeypatch.setattr(resources, "available_memory", lambda: 1 << 10)
     with pytest.raises(ConfigError, match="is available: lower dictionary.mult"):
         validate(compose_config(TINY))
+
+
+def test_accelerators_this_machine_lacks_are_seen_as_missing():
+    """MPS is Apple's (never on Linux), a TPU needs torch_xla; unknown names are a caller's bug."""
+    import importlib.util
+    import sys
+
+    import torch
+
+    assert resources.has_accelerator("mps") is (sys.platform == "darwin" and torch.backends.mps.is_available())
+    assert resources.has_accelerator("tpu") is (importlib.util.find_spec("torch_xla") is not None)
+    with pytest.raises(ValueError, match="unknown accelerator"):
+        resources.has_accelerator("cuda")
