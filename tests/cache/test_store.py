@@ -42,20 +42,36 @@ def test_shard_bytes_are_np_save_bytes(tmp_path, shape, dtype):
                                                          "shard_00001.npy", "shard_00001.npy.sha256"]
 
 
-def test_a_shard_is_flushed_to_disk_as_it_is_written(tmp_path, monkeypatch):
-    """Every SYNC_BYTES go to disk while rows come (so a build's last fsync has little left), and the file is
-    unchanged by it."""
-    synced, real = [], os.fdatasync
-    monkeypatch.setattr(store.ShardFile, "SYNC_BYTES", 4096)
-    monkeypatch.setattr(store.os, "fdatasync", lambda fd: (synced.append(os.fstat(fd).st_size), real(fd)))
+def test_a_shard_starts_going_to_disk_as_it_is_written(tmp_path, monkeypatch):
+    """Every WRITEBACK_BYTES the kernel is asked to start writing the file out (so a build's last fsync has little
+    left), the bytes already written are in the file by then, and the shard is unchanged by it."""
+    sizes = []
+    monkeypatch.setattr(store.ShardFile, "WRITEBACK_BYTES", 4096)
+    monkeypatch.setattr(store, "start_writeback", lambda fd: sizes.append(os.fstat(fd).st_size))
     arr = np.arange(100 * 64, dtype=np.float32).reshape(100, 64)  # 25,600 bytes of rows
     shard = store.ShardFile(tmp_path / "shard_00000.npy", 100, 64, np.float32)
     for lo in range(0, 100, 10):
         shard.write(arr[lo : lo + 10])  # 2,560 bytes a write
-    # 128 header bytes, then a sync on the first write that takes the unsynced bytes to 4,096 or more
-    assert synced == [128 + 2 * 2560, 128 + 4 * 2560, 128 + 6 * 2560, 128 + 8 * 2560, 128 + 10 * 2560]
+    # 128 header bytes, then a writeback on the first write that takes the bytes not yet sent to 4,096 or more
+    assert sizes == [128 + 2 * 2560, 128 + 4 * 2560, 128 + 6 * 2560, 128 + 8 * 2560, 128 + 10 * 2560]
     shard.finish()
     np.testing.assert_array_equal(np.load(tmp_path / "shard_00000.npy"), arr)
+
+
+def test_starting_writeback_is_a_hint_that_returns(tmp_path):
+    """On Linux the C library's sync_file_range is found and accepted; on a file, a pipe (which it refuses) or
+    elsewhere, start_writeback returns without raising."""
+    if sys.platform.startswith("linux"):
+        assert store._SYNC_FILE_RANGE is not None
+    with open(tmp_path / "f", "wb") as f:
+        f.write(b"x" * 10_000)
+        f.flush()
+        store.start_writeback(f.fileno())
+    r, w = os.pipe()
+    try:
+        store.start_writeback(w)
+    finally:
+        os.close(r), os.close(w)
 
 
 def test_a_shard_file_refuses_rows_it_does_not_hold(tmp_path):
