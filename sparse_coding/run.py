@@ -40,7 +40,7 @@ def build_datamodule(cfg: DictConfig, plan: RunPlan) -> pl.LightningDataModule:
         from sparse_coding.cache.build import ensure_cache
 
         check_trainable(cfg)  # layer=all validates (a cache build) but is no run: refused before every layer is built
-        path = ensure_cache(cfg)
+        path = ensure_cache(cfg, model=plan.data.model)
     return CacheDataModule.from_config(cfg, plan.data, path)
 
 

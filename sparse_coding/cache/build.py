@@ -554,20 +554,22 @@ def cache_dir_for(cfg: Any, model_fingerprint: str, corpus_fingerprint: Optional
     )
 
 
-def ensure_cache(cfg: Any, *, shard_rows: int = DEFAULT_SHARD_ROWS, force: bool = False) -> Path:
+def ensure_cache(cfg: Any, *, model: Any = None, shard_rows: int = DEFAULT_SHARD_ROWS, force: bool = False) -> Path:
     """The cache folder for a run config, building whatever is missing (requested layers or embeddings).
 
-    The model, layer and corpus settings are checked first (the model's shape read once), so a caller that
-    did not validate the config gets one line, not a traceback. When the cache is complete, neither the model
-    nor the corpus text is loaded.
+    `model`: the validated plan's model (`RunPlan.data.model`), whose shape is then not read again. Without it the
+    model, layer and corpus settings are checked first (the model's shape read once), so a caller that did not
+    validate the config gets one line, not a traceback. When the cache is complete, neither the model nor the
+    corpus text is loaded.
     """
     from sparse_coding import corpus as corpus_mod
     from sparse_coding import models
     from sparse_coding.config.checks import check_model
     from sparse_coding.config.plan import resolve_model
 
-    model = resolve_model(cfg)  # the model's folder and shape (config.json read once)
-    check_model(cfg, model)
+    if model is None:
+        model = resolve_model(cfg)  # the model's folder and shape (config.json read once)
+        check_model(cfg, model)
     model_dir = models.prepare_model_dir(cfg.model)
     mfp = models.fingerprint_files(model_dir)
     token_emb = cfg.activation == "token_embeddings"

@@ -85,9 +85,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 return 0
             if cfg.model is None:
                 raise ConfigError("build needs a model: add model=NAME (e.g. model=minilm layer=all)")
-            validate(cfg)
+            plan = validate(cfg)
             t0 = time.time()
-            out = ensure_cache(cfg, shard_rows=args.shard_rows, force=args.force)
+            out = ensure_cache(cfg, model=plan.data.model, shard_rows=args.shard_rows, force=args.force)
             m = read_manifest(out)
             size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
             print(f"{out}\n  layers {', '.join(m['layers'])}; {m['n_rows']} rows × d={m['d']} {m['dtype']}; "

@@ -60,6 +60,22 @@ def test_each_value_is_parsed_once_with_a_model(counts, tmp_path):
     assert plan.data.source == "cache" and plan.data.width == datamodule.dim == 384 and plan.data.model.num_layers == 6
 
 
+def test_the_model_shape_is_read_once_by_a_run_on_the_models_cache(counts, tiny_gpt2, tmp_path):
+    """A model run on its own cache (the tiny GPT-2, hidden state 1), as every run of a sweep after the first:
+    validate reads the shape, `ensure_cache` and the data module take it from the plan. (The first run, which
+    builds the cache, reads it once more: loading the weights.)"""
+    cfg = compose_config(["model=gpt2", f"model.path={tiny_gpt2}", "layer=1", "corpus=kjv", "corpus.context_len=16",
+                          "corpus.max_tokens=300", "corpus.batch_size=4", f"cache_dir={tmp_path}", "data.batch_size=32",
+                          "dictionary.mult=1", "dictionary.lam=0.5", "logger=none"])
+    build_datamodule(cfg, validate(cfg))  # the first run: builds the cache
+    counts.clear()
+    plan = validate(cfg)
+    datamodule = build_datamodule(cfg, plan)
+    build_module(cfg, plan, datamodule)
+    assert counts == {"parse_mult": 1, "parse_lam": 1, "read_model_shape": 1}
+    assert datamodule.dim == plan.data.width == 32
+
+
 def test_the_plan_is_frozen():
     plan = validate(compose_config(["logger=none"]))
     with pytest.raises(dataclasses.FrozenInstanceError):
