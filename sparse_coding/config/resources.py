@@ -9,6 +9,7 @@ import glob
 import importlib.util
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,11 +41,13 @@ def visible_gpus() -> int:
 
 
 def has_accelerator(name: str) -> bool:
-    """Whether Apple's MPS ("mps") or a TPU through torch_xla ("tpu") can be used here. MPS needs torch imported;
-    only a run that asks for it pays that."""
+    """Whether Apple's MPS ("mps") or a TPU through torch_xla ("tpu") can be used here. MPS exists only on macOS,
+    where asking torch (imported for it) is the one way to know; elsewhere nothing is imported."""
     if name == "tpu":
         return importlib.util.find_spec("torch_xla") is not None
     if name == "mps":
+        if sys.platform != "darwin":
+            return False
         import torch
 
         return torch.backends.mps.is_available()

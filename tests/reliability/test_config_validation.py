@@ -325,7 +325,7 @@ def expected_valid(c: RunConfig, width_of: dict, model_path: str, text_file: str
     ok &= _in(k.optimizer, config_mod.OPTIMIZERS) and _in(k.init, config_mod.INITS)
     ok &= _int(c.solver.max_steps, 1) and _int(c.solver.eval_batch_size, 1)
     cv = c.convergence  # a budget: epochs, steps, or (when stopping at convergence) samples or minutes
-    ok &= _int(t.max_epochs, -1) and _int(t.max_steps, -1) and (
+    ok &= _int(t.max_epochs, -1) and _int(t.max_steps, -1) and t.max_epochs != 0 and t.max_steps != 0 and (
         t.max_epochs >= 1 or t.max_steps >= 1 or (cv.stop and (cv.max_samples > 0 or cv.max_minutes > 0)))
     ok &= _in(c.logger.name, config_mod.LOGGERS) and _in(c.activation, config_mod.ACTIVATIONS)
     if not uses_model:

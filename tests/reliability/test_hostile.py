@@ -38,22 +38,22 @@ TRAINER_VALUES = {
     "data.n_val": ["1", "2", "0"], "data.batch_size": ["1", "1000000000"], "solver.eval_batch_size": ["1", "1000000000"],
 }
 
-# The machine the verdicts below are for, whatever machine runs the test: 2 CPU cores, no GPU, no multi-node
-# launcher, 16 GiB of memory available.
+# The machine the verdicts below are for, whatever machine runs the test: 2 CPU cores, no GPU, no MPS or TPU, no
+# multi-node launcher, 16 GiB of memory available.
 CORES, MEMORY = 2, 16 << 30
 
 # The rules of docs/reliability.md ("Every trainer.* setting is checked without torch", memory, banks, held-out
 # samples), stated independently of sparse_coding.config: each of these values is refused whatever else is set.
 REFUSED = {
     "trainer.devices": {"0", "-1", "[0]", "[0,0]", "x", "null", "1.5"},  # a count >= 1, auto, or GPU indices
-    "trainer.accelerator": {"gpu", "cuda", "x"},  # gpu/cuda only with a visible GPU
+    "trainer.accelerator": {"gpu", "cuda", "mps", "tpu", "x"},  # each only where the machine has it
     "trainer.precision": {"16-mixed", "bf16-mixed", "16", "64", "x"},  # 32-bit only
     "trainer.strategy": {"fsdp", "deepspeed", "x"},  # every rank holds the whole Phi
     "trainer.num_nodes": {"0", "-1", "2", "x"},  # >= 1, and more than 1 only under a launcher
     "trainer.limit_train_batches": {"0", "0.0", "1.5", "-1", "nan", "inf"},  # > 0: a fraction or whole batches
     "trainer.check_val_every_n_epoch": {"1", "0"},
     "trainer.log_every_n_steps": {"0", "-5", "x"},
-    "trainer.max_epochs": {"-2"}, "trainer.max_steps": {"-7"},  # >= -1
+    "trainer.max_epochs": {"-2", "0"}, "trainer.max_steps": {"-7", "0"},  # >= 1, or -1: no limit
     "trainer.deterministic": {"warn"},  # a boolean
     "+trainer.accumulate_grad_batches": {"2"},  # set by the run (manual optimization)
     "+dictionary.foo": {"1"}, "+bogus": {"1"},  # no such setting
@@ -79,7 +79,7 @@ def expected_accepted(chosen: dict) -> bool:
 @given(st.dictionaries(st.sampled_from(sorted(TRAINER_VALUES)), st.integers(0, 10), min_size=1, max_size=4))
 def test_random_hostile_overrides_get_the_rules_verdict_in_one_line(monkeypatch, choice):
     for name, value in (("visible_gpus", 0), ("cpu_count", CORES), ("available_memory", MEMORY),
-                        ("multi_node_launcher", False)):
+                        ("multi_node_launcher", False), ("has_accelerator", False)):
         monkeypatch.setattr(resources, name, lambda *a, _value=value, **k: _value)
     chosen = {k: TRAINER_VALUES[k][i % len(TRAINER_VALUES[k])] for k, i in choice.items()}
     overrides = TINY + [f"{k}={v}" for k, v in chosen.items()]
