@@ -78,3 +78,17 @@ def test_sample_size_grid_table_and_figure(tmp_path):
     text = section_sample_size(rows)
     assert "| sparse_linear a=10 | fresh |" in text and "5 runs behind this table, 5 converged" in text
     assert plot_sample_size(rows, tmp_path)[0].is_file()
+
+
+def test_a_cache_series_says_how_its_values_move_with_size():
+    """A model's cache series names its smallest and largest sizes' held-out and in-sample values (in size order,
+    not row order); a synthetic series and a one-point series say nothing of it."""
+    rows = [{"experiment": "sample_size", "seed": 0, "model": "minilm", "layer": 3, "corpus": "wiki", "tokens": t,
+             "normalized_loss": held, "normalized_loss_se": 0.05, "in_sample_normalized_loss": ins,
+             "generalization_gap": held / ins - 1, "generalization_gap_se": 0.01, "sample_sufficient": False,
+             "converged": True, "run": f"r{t}"}
+            for t, held, ins in ((400_000, 6.79, 6.62), (50_000, 5.91, 4.97), (100_000, 6.26, 5.73))]
+    text = section_sample_size(rows)
+    assert ("from 50,000 to 400,000 tokens held-out moves 5.91 → 6.79 and in-sample 4.97 → 6.62" in text
+            and "reads further into the corpus" in text)
+    assert "reads further into the corpus" not in section_sample_size(rows[:1])
