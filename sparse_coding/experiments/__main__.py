@@ -103,7 +103,11 @@ def run_command(args: argparse.Namespace) -> int:
         if name == "solver_gap":
             rows = extras.solver_gap(scale, args.root, extra=args.set)
         elif name == "functional":
-            rows = extras.functional_check(scale, args.root, extra=args.set)
+            checked = (only["model"],) if "model" in only else extras.FUNCTIONAL_MODELS
+            if not set(checked) <= set(extras.FUNCTIONAL_MODELS):
+                raise SystemExit(f"--only model={only['model']}: the functional check runs on "
+                                 f"{', '.join(extras.FUNCTIONAL_MODELS)}")
+            rows = extras.functional_check(scale, args.root, models_to_check=checked, extra=args.set)
         elif args.collect_only:
             rows = runner.collect(name, scale, args.root, extra=args.set)
         else:

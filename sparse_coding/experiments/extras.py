@@ -5,9 +5,10 @@
   gradient in float64 with exact solves on each support, certified by its KKT violation <= 1e-3 lam;
   tested against scikit-learn's `Lasso(positive=True)`): the objective ratio and S1,
   normalized_loss, l0 and fvu under each code (docs/method.md §2.5).
-- `functional_check`: SmolLM2's next-token loss when one hidden state is replaced by its dictionary
+- `functional_check`: the model's behaviour when one hidden state is replaced by its dictionary
   reconstruction Phi alpha (+ the cache mean that centring removed), against the clean model and
-  zero-ablation of the same hidden state, on held-out wiki text.
+  zero- and mean-ablation of the same hidden state, on held-out text: SmolLM2's next-token loss, MiniLM's
+  sentence embedding (1 - cos to the clean one, and whether it still retrieves its own context).
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ from sparse_coding.solver import DEFAULT_TOL, solve
 GAP_SAMPLES = {"quick": 64, "paper": 256}
 GAP_LAYERS = {"minilm": (0, 3, 6), "smollm2": (0, 15, 30)}
 FUNCTIONAL_CONTEXTS = {"quick": 4, "paper": 64}
-# a subset of SmolLM2's hidden states (a forward pass is slow on a shared CPU); paper: every third, as trained
-FUNCTIONAL_LAYERS = {"quick": (0, 6, 12, 18, 24, 30), "paper": (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30)}
+FUNCTIONAL_MODELS = ("smollm2", "minilm")
+# a subset of SmolLM2's hidden states (a forward pass is slow on a shared CPU); paper: every third, as trained;
+# a model not named here: every hidden state
+FUNCTIONAL_LAYERS = {"quick": {"smollm2": (0, 6, 12, 18, 24, 30)},
+                     "paper": {"smollm2": (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30)}}
 
 
 def load_dictionaries(out: Path) -> tuple[dict, list[tuple[str, torch.Tensor, float, int]]]:
@@ -152,16 +156,27 @@ def _gap_of_run(out: Path, samples: int, log) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
-# Functional check (SmolLM2)
+# Functional check: the reconstruction spliced into the model (docs/method.md §10)
+
+
+def _layer_modules(model):
+    """(the module whose output is hidden_states[0], the blocks, the final norm or None) of a Llama-style decoder
+    (SmolLM2) or a BERT-style encoder (MiniLM)."""
+    if hasattr(model, "embed_tokens") and hasattr(model, "layers"):
+        return model.embed_tokens, model.layers, getattr(model, "norm", None)
+    if hasattr(model, "embeddings") and hasattr(model, "encoder"):
+        return model.embeddings, model.encoder.layer, None
+    raise ValueError(f"the functional check knows Llama- and BERT-style models, not {type(model).__name__}")
 
 
 def _hook_target(model, k: int, num_layers: int):
     """Candidate modules whose output is hidden_states[k] (checked against the model's own output)."""
+    embed, blocks, norm = _layer_modules(model)
     if k == 0:
-        return [model.embed_tokens]
-    if k < num_layers:
-        return [model.layers[k - 1]]
-    return [model.norm, model.layers[k - 1]]
+        return [embed]
+    if k < num_layers or norm is None:
+        return [blocks[k - 1]]
+    return [norm, blocks[k - 1]]
 
 
 def _output_tensor(out):
@@ -170,6 +185,11 @@ def _output_tensor(out):
 
 def _with_output(out, new):
     return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+def is_decoder(model) -> bool:
+    """A decoder's behaviour is its next-token prediction; an encoder's (MiniLM) its sentence embedding."""
+    return hasattr(model, "embed_tokens")
 
 
 def next_token_loss(model, ids: torch.Tensor) -> float:
@@ -181,8 +201,25 @@ def next_token_loss(model, ids: torch.Tensor) -> float:
                                                        ids[:, 1:].reshape(-1)))
 
 
+def sentence_embeddings(model, ids: torch.Tensor) -> torch.Tensor:
+    """all-MiniLM-L6-v2's sentence embedding: the mean of the last hidden state over the tokens, unit norm
+    (its sentence-transformers pipeline: Transformer, mean Pooling, Normalize)."""
+    with torch.inference_mode():
+        h = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.float()
+        return torch.nn.functional.normalize(h.mean(1), dim=1)
+
+
+def embedding_distance(model, ids: torch.Tensor, clean: torch.Tensor) -> tuple[float, float]:
+    """(mean 1 - cos between each context's embedding and its clean one, the share of contexts whose embedding
+    is nearer its own clean embedding than any other context's: retrieval top-1)."""
+    e = sentence_embeddings(model, ids)
+    sims = e @ clean.T
+    own = sims.diagonal()
+    return float((1 - own).mean()), float((sims.argmax(1) == torch.arange(len(e))).double().mean())
+
+
 def held_out_contexts(cfg, tokenizer, n_ctx: int) -> tuple[torch.Tensor, np.ndarray]:
-    """n_ctx wiki contexts that come after the ones in the activation cache (never trained on)."""
+    """n_ctx contexts of the corpus that come after the ones in the activation cache (never trained on)."""
     from sparse_coding import corpus as corpus_mod
 
     corpus = OmegaConf.to_container(cfg.corpus, resolve=True)
@@ -196,38 +233,56 @@ def held_out_contexts(cfg, tokenizer, n_ctx: int) -> tuple[torch.Tensor, np.ndar
     return torch.as_tensor(ids), more.keep
 
 
-def functional_check(scale: str, root: Path = DEFAULT_ROOT, log=print, model_name: str = "smollm2",
+def functional_check(scale: str, root: Path = DEFAULT_ROOT, log=print, models_to_check: tuple[str, ...] = FUNCTIONAL_MODELS,
                      layers: list[int] | None = None, extra: list[str] | None = None) -> list[dict]:
+    """Rows for every model of `models_to_check` whose layer curve has trained seed-0 dictionaries under `root`."""
+    rows = []
+    for model_name in models_to_check:
+        rows += functional_check_model(scale, root, log, model_name, layers, extra)
+    return rows
+
+
+def functional_check_model(scale: str, root: Path, log, model_name: str, layers: list[int] | None = None,
+                           extra: list[str] | None = None) -> list[dict]:
     from sparse_coding import models
     from sparse_coding.cache.build import ensure_cache
     from sparse_coding.cache.store import cache_file, layer_key, read_manifest, read_mean
 
-    num_layers = LAYER_MODELS.get(model_name)
-    layers = layers if layers is not None else FUNCTIONAL_LAYERS[scale] if model_name == "smollm2" else None
-    layers = list(range(num_layers + 1)) if layers is None else list(layers)
+    if layers is None:
+        layers = FUNCTIONAL_LAYERS[scale].get(model_name, range(LAYER_MODELS[model_name] + 1))
     # the layer curve's own points (its dictionary size and other overrides), seed 0, so the run directories match
     trained = {p.x["layer"]: p for p in points_of("layers", scale, extra)
                if p.x["model"] == model_name and p.seed == SEEDS[0]}
     if not trained:
         raise ValueError(f"the layer curve has no points for {model_name} at scale {scale}")
+    found = {k: run_dir(root, scale, trained[k]) for k in layers
+             if k in trained and (run_dir(root, scale, trained[k]) / "dictionary.json").is_file()}
+    for k in layers:
+        if k not in found:
+            log(f"[functional] {model_name} layer {k}: no trained seed-0 dictionary of the layer curve under {root}; skipped")
+    if not found:
+        return []  # the model is not even loaded
     cfg = compose(next(iter(trained.values())).all_overrides(scale))
     model, tokenizer, info = models.load_model(cfg.model)
     num_layers = info["num_layers"]
+    decoder = is_decoder(model)
     ids, keep = held_out_contexts(cfg, tokenizer, FUNCTIONAL_CONTEXTS[scale])
     keep_t = torch.as_tensor(keep)
     cache_path = ensure_cache(cfg)
     manifest = read_manifest(cache_path)
-    clean = next_token_loss(model, ids)
+    clean_embedding = None if decoder else sentence_embeddings(model, ids)
+
+    def behaviour() -> tuple[float, float | None]:
+        """(the measure: next-token loss, or sentence-embedding distance to the clean embedding; retrieval top-1)"""
+        return (next_token_loss(model, ids), None) if decoder else embedding_distance(model, ids, clean_embedding)
+
+    clean, _ = behaviour()
+    measure = "next-token loss (nats)" if decoder else "1 - cos(sentence embedding, clean)"
     with torch.inference_mode():
         hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
-    log(f"[functional] {model_name}: clean next-token loss {clean:.4f} on {ids.numel()} held-out tokens")
+    log(f"[functional] {model_name}: clean {measure} {clean:.4f} on {ids.numel()} held-out tokens")
     rows = []
-    for k in layers:
-        point = trained.get(k)
-        out = run_dir(root, scale, point) if point is not None else None
-        if out is None or not (out / "dictionary.json").is_file():
-            log(f"[functional] layer {k}: no trained dictionary at {out or '(not a point of the layer curve)'}; skipped")
-            continue
+    for k, out in found.items():
         config, dictionaries = load_dictionaries(out)
         _, phi, lam, mult = dictionaries[0]
         max_steps = int(config["solver"]["max_steps"])
@@ -267,27 +322,31 @@ def functional_check(scale: str, root: Path = DEFAULT_ROOT, log=print, model_nam
             h2[:, keep_t] = new_x.reshape(h.shape[0], -1, h.shape[-1]).to(h.dtype)
             return _with_output(o, h2)
 
-        losses = {}
+        measured = {}
         for how in ("reconstruction", "zero", "mean"):
             handle = target.register_forward_hook(lambda mod, inp, o, how=how: replace(mod, inp, o, how))
             try:
-                losses[how] = next_token_loss(model, ids)
+                measured[how] = behaviour()
             finally:
                 handle.remove()
+        losses = {how: m[0] for how, m in measured.items()}
         metrics = json.loads((out / "metrics.json").read_text())
         gap = losses["zero"] - clean
         row = {
             "experiment": "functional", "scale": scale, "model": model_name, "layer": k, "dict_mult": mult, "lam": lam,
-            "tokens": int(ids.numel()), "clean_loss": clean, "reconstruction_loss": losses["reconstruction"],
+            "measure": measure, "tokens": int(ids.numel()), "clean_loss": clean,
+            "reconstruction_loss": losses["reconstruction"],
             "zero_ablation_loss": losses["zero"], "loss_increase": losses["reconstruction"] - clean,
             "fraction_recovered": (losses["zero"] - losses["reconstruction"]) / gap if gap > 0 else math.nan,
             "mean_ablation_loss": losses["mean"],
             "fraction_recovered_vs_mean": ((losses["mean"] - losses["reconstruction"]) / (losses["mean"] - clean)
                                            if losses["mean"] > clean else math.nan),
+            "retrieval_top1": measured["reconstruction"][1], "retrieval_top1_mean_ablated": measured["mean"][1],
             "heldout_fvu": stats.get("fvu"), "heldout_l0": stats.get("l0"),
             "normalized_loss": metrics["normalized_loss"], "avg_coef_norm": metrics["avg_coef_norm"],
             "converged": metrics.get("converged"), "hook": type(target).__name__, "run": out.name,
         }
-        log(f"[functional] layer {k}: +{row['loss_increase']:.4f} nats, recovered {row['fraction_recovered']:.3f}")
+        log(f"[functional] {model_name} layer {k}: +{row['loss_increase']:.4f}, recovered {row['fraction_recovered']:.3f} "
+            f"(vs mean {row['fraction_recovered_vs_mean']:.3f})")
         rows.append(row)
     return rows

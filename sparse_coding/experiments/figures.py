@@ -203,29 +203,35 @@ def plot_solver_gap(rows, out: Path) -> list[Path]:
 
 
 def plot_functional(rows, out: Path) -> list[Path]:
-    rows = sorted(rows, key=lambda r: r["layer"])
-    xs = [r["layer"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
-    ax.plot(xs, [r["loss_increase"] for r in rows], marker="o", label="reconstruction - clean")
-    ax.plot(xs, [r["zero_ablation_loss"] - r["clean_loss"] for r in rows], marker="x", ls=":", label="zero-ablation - clean")
-    if rows[0].get("mean_ablation_loss") is not None:
-        ax.plot(xs, [r["mean_ablation_loss"] - r["clean_loss"] for r in rows], marker="+", ls="--",
-                label="mean-ablation - clean")
-    ax.set_yscale("symlog", linthresh=0.1)
-    ax.set_xlabel("hidden state replaced")
-    ax.set_ylabel("increase in next-token loss (nats)")
-    ax.legend(fontsize="x-small")
-    ax = axes[1]
-    ax.plot(xs, [r["fraction_recovered"] for r in rows], marker="o", color="C2", label="recovered (vs zero-ablation)")
-    if rows[0].get("fraction_recovered_vs_mean") is not None:
-        ax.plot(xs, [r["fraction_recovered_vs_mean"] for r in rows], marker="s", color="C3",
-                label="recovered (vs mean-ablation)")
-    ax.axhline(1.0, color="k", ls="--", lw=0.8)
-    ax.set_xlabel("hidden state replaced")
-    ax.set_ylabel("fraction recovered")
-    ax.legend(fontsize="x-small", loc="lower left")
-    fig.suptitle(f"Functional check: {rows[0]['model']}, Φα patched into the forward pass (one seed, one context set)")
+    """A row of two panels per model: the increase in its behaviour measure, and the share recovered."""
+    models = sorted({r["model"] for r in rows}, key=lambda m: (m != "smollm2", m))
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
+    for (ax, ax_r), model in zip(axes, models):
+        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["layer"])
+        xs = [r["layer"] for r in mine]
+        ax.plot(xs, [r["loss_increase"] for r in mine], marker="o", label="reconstruction - clean")
+        ax.plot(xs, [r["zero_ablation_loss"] - r["clean_loss"] for r in mine], marker="x", ls=":",
+                label="zero-ablation - clean")
+        if mine[0].get("mean_ablation_loss") is not None:
+            ax.plot(xs, [r["mean_ablation_loss"] - r["clean_loss"] for r in mine], marker="+", ls="--",
+                    label="mean-ablation - clean")
+        ax.set_yscale("symlog", linthresh=0.1 if model == "smollm2" else 1e-3)
+        ax.set_xlabel("hidden state replaced")
+        ax.set_ylabel(f"{model}: increase in " + ("next-token loss (nats)" if model == "smollm2"
+                                                   else "1 - cos(embedding, clean)"))
+        ax.legend(fontsize="x-small")
+        ax_r.plot(xs, [r["fraction_recovered"] for r in mine], marker="o", color="C2", label="recovered (vs zero-ablation)")
+        if mine[0].get("fraction_recovered_vs_mean") is not None:
+            ax_r.plot(xs, [r["fraction_recovered_vs_mean"] for r in mine], marker="s", color="C3",
+                      label="recovered (vs mean-ablation)")
+        if any(r.get("retrieval_top1") is not None for r in mine):
+            ax_r.plot(xs, [r.get("retrieval_top1") for r in mine], marker="^", color="C4", ls="--",
+                      label="retrieval top-1 (Φα)")
+        ax_r.axhline(1.0, color="k", ls="--", lw=0.8)
+        ax_r.set_xlabel("hidden state replaced")
+        ax_r.set_ylabel("fraction recovered")
+        ax_r.legend(fontsize="x-small", loc="lower left")
+    fig.suptitle("Functional check: Φα patched into the forward pass (one seed, one context set)")
     return [_save(fig, out / "functional.png")]
 
 

@@ -33,7 +33,7 @@ SECTIONS = [
     ("solver_gap", "6. Solver gap on the metric", tables.section_solver_gap),
     ("sensitivity", "7. Sensitivity to λ", tables.section_sensitivity),
     ("sample_size", "8. Sample size: held-out against in-sample (issue 19)", tables.section_sample_size),
-    ("functional", "Extra. Functional check (SmolLM2)", tables.section_functional),
+    ("functional", "Extra. Functional check", tables.section_functional),
 ]
 SCALE_NOTE = ("`--scale paper` is named after the paper: its d=256, n=16384, 8d (16d for MiniLM's layers) and the rest are the "
               "settings SPEC §5–6 reads as the paper's, which SPEC says cannot be checked against the paper on this "

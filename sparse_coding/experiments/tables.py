@@ -503,20 +503,37 @@ def section_solver_gap(rows: list[dict]) -> str:
             "converged` says whether that run converged.")
 
 
+FUNCTIONAL_TEXT = {
+    "smollm2": ("next-token loss (nats)", "held-out wiki tokens", "Zero-ablating SmolLM2's residual stream gives uniform "
+                "predictions (no biases), a weak baseline; the mean-ablation columns are the telling ones."),
+    "minilm": ("1 − cos(sentence embedding, clean)", "held-out wiki tokens", "MiniLM is a sentence encoder with no "
+               "language-model head: its behaviour is its sentence embedding (mean of the last hidden state, unit norm), "
+               "so the measure is each context's distance to its clean embedding (0 for the clean model), and retrieval "
+               "top-1 is the share of contexts whose embedding is still nearest to its own clean embedding among all "
+               "contexts'. [CLS] and [SEP] are not replaced (the cache holds no rows for them)."),
+}
+
+
 def section_functional(rows: list[dict]) -> str:
-    rows = sorted(rows, key=lambda r: r["layer"])
-    body = [[str(r["layer"]), fmt(r["clean_loss"], digits=4), fmt(r["reconstruction_loss"], digits=4),
-             fmt(r["loss_increase"]), fmt(r["zero_ablation_loss"], digits=4), fmt(r["fraction_recovered"]),
-             fmt(r.get("mean_ablation_loss"), digits=4), fmt(r.get("fraction_recovered_vs_mean")),
-             fmt(r["heldout_fvu"]), fmt(r["heldout_l0"]), fmt(r["lam"]), fmt(r["normalized_loss"]),
-             {True: "yes", False: "**no**"}.get(r.get("converged"), "n/r")] for r in rows]
-    out = table(["hidden state", "clean loss", "with Φα", "increase", "zero-ablated", "recovered (vs zero)",
-                 "mean-ablated", "recovered (vs mean)", "fvu (these tokens)", "l0", "λ", "normalized_loss",
-                 "dictionary converged"], body)
-    return (out + f"\n\n{rows[0]['model']}, {rows[0]['tokens']} held-out wiki tokens, the seed-0 dictionary of each "
-            "hidden state patched into the forward pass (Φα + the cache mean). Zero-ablating SmolLM2's residual stream "
-            "gives uniform predictions (no biases), a weak baseline; the mean-ablation columns are the telling ones."
-            + functional_summary(rows))
+    """One table per model, in the model's own behaviour measure (FUNCTIONAL_TEXT)."""
+    parts = []
+    for model in sorted({r["model"] for r in rows}, key=lambda m: (m != "smollm2", m)):
+        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["layer"])
+        measure, tokens, note = FUNCTIONAL_TEXT.get(model, (mine[0].get("measure") or "the model's loss", "held-out tokens", ""))
+        retrieval = any(_num(r.get("retrieval_top1")) for r in mine)
+        body = [[str(r["layer"]), fmt(r["clean_loss"], digits=4), fmt(r["reconstruction_loss"], digits=4),
+                 fmt(r["loss_increase"]), fmt(r["zero_ablation_loss"], digits=4), fmt(r["fraction_recovered"]),
+                 fmt(r.get("mean_ablation_loss"), digits=4), fmt(r.get("fraction_recovered_vs_mean"))]
+                + ([fmt(r.get("retrieval_top1")), fmt(r.get("retrieval_top1_mean_ablated"))] if retrieval else [])
+                + [fmt(r["heldout_fvu"]), fmt(r["heldout_l0"]), fmt(r["lam"]), fmt(r["normalized_loss"]),
+                   {True: "yes", False: "**no**"}.get(r.get("converged"), "n/r")] for r in mine]
+        header = (["hidden state", "clean", "with Φα", "increase", "zero-ablated", "recovered (vs zero)", "mean-ablated",
+                   "recovered (vs mean)"] + (["retrieval top-1 (Φα)", "retrieval top-1 (mean-ablated)"] if retrieval else [])
+                  + ["fvu (these tokens)", "l0", "λ", "normalized_loss", "dictionary converged"])
+        parts.append(f"**{model}** — measure: {measure}\n\n" + table(header, body)
+                     + f"\n\n{model}, {mine[0]['tokens']} {tokens}, the seed-0 dictionary of each hidden state patched into "
+                     f"the forward pass (Φα + the cache mean). {note}" + functional_summary(mine))
+    return "\n\n".join(parts)
 
 
 FUNCTIONAL_KEEPS = 0.9  # "keeps the model's behaviour": recovers at least this share of the mean-ablation loss
@@ -525,21 +542,24 @@ FUNCTIONAL_KEEPS = 0.9  # "keeps the model's behaviour": recovers at least this 
 def functional_summary(rows: list[dict]) -> str:
     """One generated sentence: which hidden states keep the model's behaviour, and which lose it while their
     reconstruction explains nearly all the variance (the variance is not what the model uses downstream)."""
-    rated = [r for r in rows if r.get("fraction_recovered_vs_mean") is not None]
-    keep = [r for r in rated if r["fraction_recovered_vs_mean"] >= FUNCTIONAL_KEEPS]
-    lose = [r for r in rated if r["fraction_recovered_vs_mean"] < FUNCTIONAL_KEEPS]
+    rated = [r for r in rows if _num(r.get("fraction_recovered_vs_mean"))]
     if not rated:
         return ""
+    keep = [r for r in rated if r["fraction_recovered_vs_mean"] >= FUNCTIONAL_KEEPS]
+    lose = [r for r in rated if r["fraction_recovered_vs_mean"] < FUNCTIONAL_KEEPS]
     out = f" Hidden states measured: {', '.join(str(r['layer']) for r in rated)}."
     if keep:
         out += (f" The reconstruction keeps at least {FUNCTIONAL_KEEPS:.0%} of the behaviour (vs mean-ablation) at "
                 f"{', '.join(str(r['layer']) for r in keep)}.")
+    unit = " nats" if "nats" in FUNCTIONAL_TEXT.get(rows[0]["model"], ("",))[0] else ""
     for r in lose:
         out += (f" At hidden state {r['layer']} it recovers only {fmt(r['fraction_recovered_vs_mean'])} (+{fmt(r['loss_increase'])}"
-                f" nats) although its fvu on these tokens is {fmt(r['heldout_fvu'])} and l0 {fmt(r['heldout_l0'])}: the "
-                "variance the dictionary explains there is not what the model uses downstream, so its normalized_loss "
-                f"({fmt(r['normalized_loss'])}) does not measure the features the model computes with (see the "
-                "massive-activation section and the layer curve under the remedy).")
+                f"{unit}) with fvu {fmt(r['heldout_fvu'])} and l0 {fmt(r['heldout_l0'])} on these tokens: "
+                + ("the variance the dictionary explains there is not what the model uses downstream, so its "
+                   f"normalized_loss ({fmt(r['normalized_loss'])}) does not measure the features the model computes with "
+                   "(see the massive-activation section and the layer curve under the remedy)."
+                   if _num(r.get("heldout_fvu")) and r["heldout_fvu"] < 0.05 else
+                   f"the residual the dictionary leaves (fvu {fmt(r['heldout_fvu'])}) carries behaviour the features miss."))
     return out
 
 

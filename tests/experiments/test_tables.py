@@ -92,3 +92,31 @@ def test_a_cache_series_says_how_its_values_move_with_size():
     assert ("from 50,000 to 400,000 tokens held-out moves 5.91 → 6.79 and in-sample 4.97 → 6.62" in text
             and "reads further into the corpus" in text)
     assert "reads further into the corpus" not in section_sample_size(rows[:1])
+
+
+def _functional_row(model, layer, clean, rec, zero, mean, fvu, retrieval=None):
+    return {"model": model, "layer": layer, "tokens": 8192, "clean_loss": clean, "reconstruction_loss": rec,
+            "loss_increase": rec - clean, "zero_ablation_loss": zero, "fraction_recovered": (zero - rec) / (zero - clean),
+            "mean_ablation_loss": mean, "fraction_recovered_vs_mean": (mean - rec) / (mean - clean),
+            "retrieval_top1": retrieval, "retrieval_top1_mean_ablated": None if retrieval is None else 0.1,
+            "heldout_fvu": fvu, "heldout_l0": 40.0, "lam": 1.0, "normalized_loss": 5.0, "converged": True}
+
+
+def test_functional_section_has_a_table_per_model_in_its_own_measure(tmp_path):
+    from sparse_coding.experiments.figures import plot_functional
+
+    rows = [_functional_row("minilm", 1, 0.0, 0.02, 0.9, 0.6, 0.08, retrieval=1.0),
+            _functional_row("minilm", 0, 0.0, 0.5, 0.9, 0.6, 0.2, retrieval=0.5),
+            _functional_row("smollm2", 12, 4.3, 8.7, 10.8, 9.6, 0.002),
+            _functional_row("smollm2", 3, 4.3, 4.6, 10.8, 9.8, 0.07)]
+    text = tables.section_functional(rows)
+    smol, mini = text.split("**minilm**")
+    assert smol.startswith("**smollm2** — measure: next-token loss (nats)") and "retrieval" not in smol
+    assert "measure: 1 − cos(sentence embedding, clean)" in mini and "retrieval top-1 (Φα)" in mini
+    # the hidden states in order, and each model's verdict in its own unit and reason
+    assert mini.index("| 0 |") < mini.index("| 1 |") and smol.index("| 3 |") < smol.index("| 12 |")
+    assert "At hidden state 12 it recovers only 0.17 (+4.4 nats)" in smol and "not what the model uses" in smol
+    assert "keeps at least 90% of the behaviour (vs mean-ablation) at 1." in mini
+    assert "At hidden state 0 it recovers only 0.167 (+0.5)" in mini and "carries behaviour the features miss" in mini
+    (path,) = plot_functional(rows, tmp_path)
+    assert path.is_file() and path.stat().st_size > 0

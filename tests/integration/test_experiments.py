@@ -22,7 +22,8 @@ def test_cli_runs_a_tiny_experiment(tmp_path):
 
 @pytest.mark.slow
 def test_layers_and_functional_check_on_real_models(tmp_path):
-    """minilm layers from a tiny cache, then the SmolLM2 functional check on two hidden states."""
+    """minilm layers from a tiny cache, then the functional check: SmolLM2 on two hidden states (next-token loss),
+    MiniLM on the one of them its curve trained (sentence embedding)."""
     extra = [f"cache_dir={tmp_path / 'cache'}", "corpus.max_tokens=512", "dictionary.mult=1", "trainer.max_epochs=1",
              "trainer.limit_train_batches=1", "solver.max_steps=32"]
     rows = runner.run_experiment("layers", "quick", tmp_path / "runs", extra=extra, limit=2, log=lambda s: None)
@@ -30,8 +31,15 @@ def test_layers_and_functional_check_on_real_models(tmp_path):
     for k in (0, 30):
         p = Point("layers", "layers", ["model=smollm2", f"layer={k}", *extra], 0, {"model": "smollm2", "layer": k})
         runner.run_point(p, "quick", tmp_path / "runs")
-    frows = extras.functional_check("quick", tmp_path / "runs", extra=extra, layers=[0, 30], log=lambda s: None)
-    assert [r["layer"] for r in frows] == [0, 30]
+    logged = []
+    frows = extras.functional_check("quick", tmp_path / "runs", extra=extra, layers=[0, 30], log=logged.append)
+    assert [(r["model"], r["layer"]) for r in frows] == [("smollm2", 0), ("smollm2", 30), ("minilm", 0)]
+    assert any("minilm layer 30" in s and "skipped" in s for s in logged)  # not a trained point: said, not a crash
     for r in frows:
-        assert r["zero_ablation_loss"] > r["clean_loss"] > 0
         assert r["reconstruction_loss"] > 0 and r["fraction_recovered"] == r["fraction_recovered"]
+        assert r["zero_ablation_loss"] > r["clean_loss"] and r["mean_ablation_loss"] > r["clean_loss"]
+    smol, mini = frows[0], frows[2]
+    assert smol["clean_loss"] > 0 and smol["retrieval_top1"] is None and "nats" in smol["measure"]
+    # the clean encoder's embedding is its own reference: distance 0; retrieval is a share of the 4 contexts
+    assert mini["clean_loss"] == pytest.approx(0, abs=1e-5) and mini["zero_ablation_loss"] <= 2
+    assert mini["retrieval_top1"] in (0, 0.25, 0.5, 0.75, 1) and mini["hook"] == "BertEmbeddings"
