@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from sparse_coding.experiments.grid import ALL_SENSITIVITY_FACTORS, REMEDY
+from sparse_coding.experiments.grid import ALL_SENSITIVITY_FACTORS, REMEDY, SAMPLE_SIZE_CORPORA_NOTE
 
 # Our own calibration (docs/method.md §5), an independent reference learner under exactly these definitions (MP + Adam,
 # 8d, converged, n=16384, held-out rows, d=256): (normalized_loss, S1). Not the paper's numbers.
@@ -708,6 +708,7 @@ def section_sample_size(rows: list[dict]) -> str:
         lines.append(text)
     return (out + "\n\nAt which size the held-out and in-sample measurements agree within "
             f"{GAP_TOL:.0%} (convergence.gap_tol):\n\n" + "\n".join(f"- {s}" for s in lines)
+            + ("\n\n" + SAMPLE_SIZE_CORPORA_NOTE if any("kjv" in x["series"] for x in g) else "")
             + "\n\nHeld-out rows were never fitted; in-sample rows are as many training rows as held-out ones, spread "
             "over the training set, measured with the same final Φ, λ and solver. A fitted dictionary memorises a "
             "small training set: held-out values sit above the population value, in-sample values below it. "
