@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="an extra Hydra override for every point (e.g. --set=trainer.max_epochs=1); changes run keys")
     r.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                    help="only the points whose KEY is VALUE (e.g. --only model=smollm2 --only seed-free keys of the "
-                        "tables: a, data, model, layer, source); the CSV then holds every finished point")
+                        "tables: a, data, model, layer, source); the CSV then holds every finished point. "
+                        "functional: model=NAME and layer=K[,K...]")
     r.add_argument("--limit", type=int, default=None, help="only the first N points of each experiment")
     r.add_argument("--collect-only", action="store_true",
                    help="train nothing: tabulate the points that have finished (a run cut short by its budget)")
@@ -107,7 +108,11 @@ def run_command(args: argparse.Namespace) -> int:
             if not set(checked) <= set(extras.FUNCTIONAL_MODELS):
                 raise SystemExit(f"--only model={only['model']}: the functional check runs on "
                                  f"{', '.join(extras.FUNCTIONAL_MODELS)}")
-            rows = extras.functional_check(scale, args.root, models_to_check=checked, extra=args.set)
+            try:  # the check's own layer list: --only layer=15,18 (the other rows of functional.csv are kept)
+                layers = [int(k) for k in only["layer"].split(",")] if "layer" in only else None
+            except ValueError:
+                raise SystemExit(f"--only layer={only['layer']}: give hidden states as integers, e.g. layer=15,18")
+            rows = extras.functional_check(scale, args.root, models_to_check=checked, layers=layers, extra=args.set)
         elif args.collect_only:
             rows = runner.collect(name, scale, args.root, extra=args.set)
         else:
