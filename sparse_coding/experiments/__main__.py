@@ -104,7 +104,10 @@ def run_command(args: argparse.Namespace) -> int:
         if name == "solver_gap":
             rows = extras.solver_gap(scale, args.root, extra=args.set)
         elif name == "functional":
-            checked = (only["model"],) if "model" in only else extras.FUNCTIONAL_MODELS
+            if set(only) - {"model", "layer"}:
+                raise SystemExit(f"--only {sorted(set(only) - {'model', 'layer'})[0]}=...: the functional check "
+                                 "selects by model=NAME and layer=K[,K...] only (it uses each layer's seed-0 dictionary)")
+            checked = tuple(only["model"].split(",")) if "model" in only else extras.FUNCTIONAL_MODELS
             if not set(checked) <= set(extras.FUNCTIONAL_MODELS):
                 raise SystemExit(f"--only model={only['model']}: the functional check runs on "
                                  f"{', '.join(extras.FUNCTIONAL_MODELS)}")

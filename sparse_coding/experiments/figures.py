@@ -212,24 +212,24 @@ def plot_functional(rows, out: Path) -> list[Path]:
         ax.plot(xs, [r["loss_increase"] for r in mine], marker="o", label="reconstruction - clean")
         ax.plot(xs, [r["zero_ablation_loss"] - r["clean_loss"] for r in mine], marker="x", ls=":",
                 label="zero-ablation - clean")
-        if mine[0].get("mean_ablation_loss") is not None:
-            ax.plot(xs, [r["mean_ablation_loss"] - r["clean_loss"] for r in mine], marker="+", ls="--",
-                    label="mean-ablation - clean")
+        if any(r.get("mean_ablation_loss") is not None for r in mine):  # rows older than the mean baseline: gaps
+            ax.plot(xs, [r["mean_ablation_loss"] - r["clean_loss"] if r.get("mean_ablation_loss") is not None
+                         else float("nan") for r in mine], marker="+", ls="--", label="mean-ablation - clean")
         ax.set_yscale("symlog", linthresh=0.1 if model == "smollm2" else 1e-3)
         ax.set_xlabel("hidden state replaced")
         ax.set_ylabel(f"{model}: increase in " + ("next-token loss (nats)" if model == "smollm2"
                                                    else "1 - cos(embedding, clean)"))
         ax.legend(fontsize="x-small")
         ax_r.plot(xs, [r["fraction_recovered"] for r in mine], marker="o", color="C2", label="recovered (vs zero-ablation)")
-        if mine[0].get("fraction_recovered_vs_mean") is not None:
-            ax_r.plot(xs, [r["fraction_recovered_vs_mean"] for r in mine], marker="s", color="C3",
+        if any(r.get("fraction_recovered_vs_mean") is not None for r in mine):
+            ax_r.plot(xs, [r.get("fraction_recovered_vs_mean") for r in mine], marker="s", color="C3",
                       label="recovered (vs mean-ablation)")
         if any(r.get("retrieval_top1") is not None for r in mine):
             ax_r.plot(xs, [r.get("retrieval_top1") for r in mine], marker="^", color="C4", ls="--",
                       label="retrieval top-1 (Φα)")
         ax_r.axhline(1.0, color="k", ls="--", lw=0.8)
         ax_r.set_xlabel("hidden state replaced")
-        ax_r.set_ylabel("fraction recovered")
+        ax_r.set_ylabel("fraction recovered / retrieval top-1" if model != "smollm2" else "fraction recovered")
         ax_r.legend(fontsize="x-small", loc="lower left")
     fig.suptitle("Functional check: Φα patched into the forward pass (one seed, one context set)")
     return [_save(fig, out / "functional.png")]

@@ -559,7 +559,7 @@ def functional_summary(rows: list[dict]) -> str:
                    f"normalized_loss ({fmt(r['normalized_loss'])}) does not measure the features the model computes with "
                    "(see the massive-activation section and the layer curve under the remedy)."
                    if _num(r.get("heldout_fvu")) and r["heldout_fvu"] < 0.05 else
-                   f"the residual the dictionary leaves (fvu {fmt(r['heldout_fvu'])}) carries behaviour the features miss."))
+                   "the residual the dictionary leaves carries behaviour the features miss."))
     return out
 
 
