@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                    help="only the points whose KEY is VALUE (e.g. --only model=smollm2 --only seed-free keys of the "
                         "tables: a, data, model, layer, source); the CSV then holds every finished point. "
-                        "functional: model=NAME and layer=K[,K...]")
+                        "functional: model=NAME, layer=K[,K...], preprocess=raw|remedy")
     r.add_argument("--limit", type=int, default=None, help="only the first N points of each experiment")
     r.add_argument("--collect-only", action="store_true",
                    help="train nothing: tabulate the points that have finished (a run cut short by its budget)")
@@ -104,9 +104,14 @@ def run_command(args: argparse.Namespace) -> int:
         if name == "solver_gap":
             rows = extras.solver_gap(scale, args.root, extra=args.set)
         elif name == "functional":
-            if set(only) - {"model", "layer"}:
-                raise SystemExit(f"--only {sorted(set(only) - {'model', 'layer'})[0]}=...: the functional check "
-                                 "selects by model=NAME and layer=K[,K...] only (it uses each layer's seed-0 dictionary)")
+            if set(only) - {"model", "layer", "preprocess"}:
+                raise SystemExit(f"--only {sorted(set(only) - {'model', 'layer', 'preprocess'})[0]}=...: the functional "
+                                 "check selects by model=NAME, layer=K[,K...] and preprocess=raw|remedy only (it uses "
+                                 "each layer's seed-0 dictionary)")
+            if only.get("preprocess", "raw") not in ("raw", "remedy"):
+                raise SystemExit(f"--only preprocess={only['preprocess']}: raw (the layers curve) or remedy "
+                                 "(layers_remedy)")
+            curve = "layers_remedy" if only.get("preprocess") == "remedy" else "layers"
             checked = tuple(only["model"].split(",")) if "model" in only else extras.FUNCTIONAL_MODELS
             if not set(checked) <= set(extras.FUNCTIONAL_MODELS):
                 raise SystemExit(f"--only model={only['model']}: the functional check runs on "
@@ -115,7 +120,8 @@ def run_command(args: argparse.Namespace) -> int:
                 layers = [int(k) for k in only["layer"].split(",")] if "layer" in only else None
             except ValueError:
                 raise SystemExit(f"--only layer={only['layer']}: give hidden states as integers, e.g. layer=15,18")
-            rows = extras.functional_check(scale, args.root, models_to_check=checked, layers=layers, extra=args.set)
+            rows = extras.functional_check(scale, args.root, models_to_check=checked, layers=layers, extra=args.set,
+                                           curve=curve)
         elif args.collect_only:
             rows = runner.collect(name, scale, args.root, extra=args.set)
         else:

@@ -234,32 +234,45 @@ def held_out_contexts(cfg, tokenizer, n_ctx: int) -> tuple[torch.Tensor, np.ndar
 
 
 def functional_check(scale: str, root: Path = DEFAULT_ROOT, log=print, models_to_check: tuple[str, ...] = FUNCTIONAL_MODELS,
-                     layers: list[int] | None = None, extra: list[str] | None = None) -> list[dict]:
-    """Rows for every model of `models_to_check` whose layer curve has trained seed-0 dictionaries under `root`."""
+                     layers: list[int] | None = None, extra: list[str] | None = None,
+                     curve: str = "layers") -> list[dict]:
+    """Rows for every model of `models_to_check` whose layer curve (`layers`, or `layers_remedy`) has trained seed-0
+    dictionaries under `root`."""
     rows = []
     for model_name in models_to_check:
-        rows += functional_check_model(scale, root, log, model_name, layers, extra)
+        rows += functional_check_model(scale, root, log, model_name, layers, extra, curve)
     return rows
 
 
+def replaced_rows(dictionary, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Which rows x (n, d) at model-input positions `positions` (n,) the dictionary describes: all of them, or under
+    the remedy (docs/method.md §7.6) those at position >= drop_positions whose norm is at most max_norm_ratio x the
+    median row norm of the run's cache layer. The others are left as the clean model computed them."""
+    keep = positions >= dictionary.drop_positions
+    if dictionary.max_norm_ratio > 0 and dictionary.median_row_norm is not None:
+        keep &= x.norm(dim=1) <= dictionary.max_norm_ratio * dictionary.median_row_norm
+    return keep
+
+
 def functional_check_model(scale: str, root: Path, log, model_name: str, layers: list[int] | None = None,
-                           extra: list[str] | None = None) -> list[dict]:
+                           extra: list[str] | None = None, curve: str = "layers") -> list[dict]:
     from sparse_coding import models
-    from sparse_coding.cache.build import ensure_cache
-    from sparse_coding.cache.store import cache_file, layer_key, read_manifest, read_mean
+    from sparse_coding.dictionary import SparseDictionary
 
     if layers is None:
         layers = FUNCTIONAL_LAYERS[scale].get(model_name, range(LAYER_MODELS[model_name] + 1))
     # the layer curve's own points (its dictionary size and other overrides), seed 0, so the run directories match
-    trained = {p.x["layer"]: p for p in points_of("layers", scale, extra)
+    trained = {p.x["layer"]: p for p in points_of(curve, scale, extra)
                if p.x["model"] == model_name and p.seed == SEEDS[0]}
     if not trained:
-        raise ValueError(f"the layer curve has no points for {model_name} at scale {scale}")
+        log(f"[functional] {model_name}: the {curve} curve has no points at scale {scale}; skipped")
+        return []
     found = {k: run_dir(root, scale, trained[k]) for k in layers
              if k in trained and (run_dir(root, scale, trained[k]) / "dictionary.json").is_file()}
     for k in layers:
         if k not in found:
-            log(f"[functional] {model_name} layer {k}: no trained seed-0 dictionary of the layer curve under {root}; skipped")
+            log(f"[functional] {model_name} layer {k}: no trained seed-0 dictionary of the {curve} curve under "
+                f"{root}; skipped")
     if not found:
         return []  # the model is not even loaded
     cfg = compose(next(iter(trained.values())).all_overrides(scale))
@@ -268,8 +281,8 @@ def functional_check_model(scale: str, root: Path, log, model_name: str, layers:
     decoder = is_decoder(model)
     ids, keep = held_out_contexts(cfg, tokenizer, FUNCTIONAL_CONTEXTS[scale])
     keep_t = torch.as_tensor(keep)
-    cache_path = ensure_cache(cfg)
-    manifest = read_manifest(cache_path)
+    # the model-input position of every cached row of a context, tiled over the contexts
+    positions = torch.as_tensor(np.flatnonzero(keep)).repeat(ids.shape[0])
     clean_embedding = None if decoder else sentence_embeddings(model, ids)
 
     def behaviour() -> tuple[float, float | None]:
@@ -283,13 +296,12 @@ def functional_check_model(scale: str, root: Path, log, model_name: str, layers:
     log(f"[functional] {model_name}: clean {measure} {clean:.4f} on {ids.numel()} held-out tokens")
     rows = []
     for k, out in found.items():
-        config, dictionaries = load_dictionaries(out)
-        _, phi, lam, mult = dictionaries[0]
-        max_steps = int(config["solver"]["max_steps"])
-        center = bool(config["data"]["center"])
-        # the mean the dictionary was trained around: the file the cache's manifest names, its shape checked
-        mean_file = cache_file(cache_path, manifest["stats"][layer_key(k)]["mean_file"]) if center else None
-        mean = torch.as_tensor(read_mean(mean_file, manifest["d"])).float() if center else None
+        # the run's own dictionary, λ, solver settings and preprocessing: the path every user of a run takes
+        dictionary = SparseDictionary.load(out)
+        if dictionary.normalize != "none":
+            log(f"[functional] {model_name} layer {k}: a dictionary of normalised rows (data.normalize="
+                f"{dictionary.normalize}) does not reconstruct activations; skipped")
+            continue
         # which module's output is hidden_states[k]: the first candidate that reproduces it
         target, captured = None, {}
         for cand in _hook_target(model, k, num_layers):
@@ -307,17 +319,22 @@ def functional_check_model(scale: str, root: Path, log, model_name: str, layers:
         def replace(mod, inp, o, how):
             h = _output_tensor(o)
             x = h[:, keep_t].reshape(-1, h.shape[-1]).float()
+            sel = replaced_rows(dictionary, x, positions)
+            xs = x[sel]
             if how == "zero":
-                new_x = torch.zeros_like(x)
-            elif how == "mean":  # the cache mean (or this batch's mean when the cache is not centred)
-                new_x = (mean if mean is not None else x.mean(0)).expand_as(x)
+                new_rows = torch.zeros_like(xs)
+            elif how == "mean":  # the run's centring mean (or these rows' mean when it did not centre)
+                mean = dictionary.mean if dictionary.mean is not None else xs.mean(0)
+                new_rows = mean.float().expand_as(xs)
             else:
-                xc = x - mean if mean is not None else x
-                alpha = solve(xc, phi, lam, max_steps).alpha
-                rec = alpha @ phi.T
-                stats["fvu"] = float((xc - rec).pow(2).sum() / (xc - xc.mean(0)).pow(2).sum())
+                alpha = dictionary.encode(xs)
+                new_rows = dictionary.decode(alpha).float()
+                xc = dictionary.preprocess(xs).float()
+                stats["fvu"] = float((xs - new_rows).pow(2).sum() / (xc - xc.mean(0)).pow(2).sum())
                 stats["l0"] = float((alpha > 0).sum(1).double().mean())
-                new_x = rec + mean if mean is not None else rec
+                stats["replaced"] = float(sel.double().mean())
+            new_x = x.clone()
+            new_x[sel] = new_rows
             h2 = h.clone()
             h2[:, keep_t] = new_x.reshape(h.shape[0], -1, h.shape[-1]).to(h.dtype)
             return _with_output(o, h2)
@@ -333,9 +350,11 @@ def functional_check_model(scale: str, root: Path, log, model_name: str, layers:
         metrics = json.loads((out / "metrics.json").read_text())
         gap = losses["zero"] - clean
         row = {
-            "experiment": "functional", "scale": scale, "model": model_name, "layer": k, "dict_mult": mult, "lam": lam,
-            "measure": measure, "tokens": int(ids.numel()), "clean_loss": clean,
-            "reconstruction_loss": losses["reconstruction"],
+            "experiment": "functional", "scale": scale, "model": model_name,
+            "preprocess": "remedy" if curve == "layers_remedy" else "raw", "layer": k,
+            "dict_mult": dictionary.dict_mult, "lam": dictionary.lam,
+            "measure": measure, "tokens": int(ids.numel()), "replaced_share": stats.get("replaced"),
+            "clean_loss": clean, "reconstruction_loss": losses["reconstruction"],
             "zero_ablation_loss": losses["zero"], "loss_increase": losses["reconstruction"] - clean,
             "fraction_recovered": (losses["zero"] - losses["reconstruction"]) / gap if gap > 0 else math.nan,
             "mean_ablation_loss": losses["mean"],
@@ -347,6 +366,6 @@ def functional_check_model(scale: str, root: Path, log, model_name: str, layers:
             "converged": metrics.get("converged"), "hook": type(target).__name__, "run": out.name,
         }
         log(f"[functional] {model_name} layer {k}: +{row['loss_increase']:.4f}, recovered {row['fraction_recovered']:.3f} "
-            f"(vs mean {row['fraction_recovered_vs_mean']:.3f})")
+            f"(vs mean {row['fraction_recovered_vs_mean']:.3f}), {row['replaced_share']:.1%} of positions replaced")
         rows.append(row)
     return rows

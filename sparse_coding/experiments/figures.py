@@ -204,10 +204,11 @@ def plot_solver_gap(rows, out: Path) -> list[Path]:
 
 def plot_functional(rows, out: Path) -> list[Path]:
     """A row of two panels per model: the increase in its behaviour measure, and the share recovered."""
-    models = sorted({r["model"] for r in rows}, key=lambda m: (m != "smollm2", m))
-    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
-    for (ax, ax_r), model in zip(axes, models):
-        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["layer"])
+    curves = sorted({(r["model"], r.get("preprocess") or "raw") for r in rows}, key=lambda k: (k[0] != "smollm2", k))
+    fig, axes = plt.subplots(len(curves), 2, figsize=(11, 4 * len(curves)), squeeze=False)
+    for (ax, ax_r), (model, prep) in zip(axes, curves):
+        mine = sorted((r for r in rows if (r["model"], r.get("preprocess") or "raw") == (model, prep)),
+                      key=lambda r: r["layer"])
         xs = [r["layer"] for r in mine]
         ax.plot(xs, [r["loss_increase"] for r in mine], marker="o", label="reconstruction - clean")
         ax.plot(xs, [r["zero_ablation_loss"] - r["clean_loss"] for r in mine], marker="x", ls=":",
@@ -217,7 +218,7 @@ def plot_functional(rows, out: Path) -> list[Path]:
                          else float("nan") for r in mine], marker="+", ls="--", label="mean-ablation - clean")
         ax.set_yscale("symlog", linthresh=0.1 if model == "smollm2" else 1e-3)
         ax.set_xlabel("hidden state replaced")
-        ax.set_ylabel(f"{model}: increase in " + ("next-token loss (nats)" if model == "smollm2"
+        ax.set_ylabel(f"{model} ({prep}): increase in " + ("next-token loss (nats)" if model == "smollm2"
                                                    else "1 - cos(embedding, clean)"))
         ax.legend(fontsize="x-small")
         ax_r.plot(xs, [r["fraction_recovered"] for r in mine], marker="o", color="C2", label="recovered (vs zero-ablation)")

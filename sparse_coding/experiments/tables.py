@@ -515,24 +515,33 @@ FUNCTIONAL_TEXT = {
 
 
 def section_functional(rows: list[dict]) -> str:
-    """One table per model, in the model's own behaviour measure (FUNCTIONAL_TEXT)."""
+    """One table per model and preprocessing, in the model's own behaviour measure (FUNCTIONAL_TEXT)."""
+    for r in rows:
+        r["preprocess"] = r.get("preprocess") or "raw"  # rows older than the remedy check are raw
     parts = []
-    for model in sorted({r["model"] for r in rows}, key=lambda m: (m != "smollm2", m)):
-        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["layer"])
+    for model, prep in sorted({(r["model"], r["preprocess"]) for r in rows}, key=lambda k: (k[0] != "smollm2", k)):
+        mine = sorted((r for r in rows if (r["model"], r["preprocess"]) == (model, prep)), key=lambda r: r["layer"])
         measure, tokens, note = FUNCTIONAL_TEXT.get(model, (mine[0].get("measure") or "the model's loss", "held-out tokens", ""))
         retrieval = any(_num(r.get("retrieval_top1")) for r in mine)
-        body = [[str(r["layer"]), fmt(r["clean_loss"], digits=4), fmt(r["reconstruction_loss"], digits=4),
-                 fmt(r["loss_increase"]), fmt(r["zero_ablation_loss"], digits=4), fmt(r["fraction_recovered"]),
-                 fmt(r.get("mean_ablation_loss"), digits=4), fmt(r.get("fraction_recovered_vs_mean"))]
+        partial = any(_num(r.get("replaced_share")) and r["replaced_share"] < 1 for r in mine)
+        body = [[str(r["layer"])] + ([fmt(r.get("replaced_share"))] if partial else [])
+                + [fmt(r["clean_loss"], digits=4), fmt(r["reconstruction_loss"], digits=4),
+                   fmt(r["loss_increase"]), fmt(r["zero_ablation_loss"], digits=4), fmt(r["fraction_recovered"]),
+                   fmt(r.get("mean_ablation_loss"), digits=4), fmt(r.get("fraction_recovered_vs_mean"))]
                 + ([fmt(r.get("retrieval_top1")), fmt(r.get("retrieval_top1_mean_ablated"))] if retrieval else [])
                 + [fmt(r["heldout_fvu"]), fmt(r["heldout_l0"]), fmt(r["lam"]), fmt(r["normalized_loss"]),
                    {True: "yes", False: "**no**"}.get(r.get("converged"), "n/r")] for r in mine]
-        header = (["hidden state", "clean", "with Φα", "increase", "zero-ablated", "recovered (vs zero)", "mean-ablated",
-                   "recovered (vs mean)"] + (["retrieval top-1 (Φα)", "retrieval top-1 (mean-ablated)"] if retrieval else [])
+        header = (["hidden state"] + (["positions replaced"] if partial else [])
+                  + ["clean", "with Φα", "increase", "zero-ablated", "recovered (vs zero)", "mean-ablated",
+                     "recovered (vs mean)"] + (["retrieval top-1 (Φα)", "retrieval top-1 (mean-ablated)"] if retrieval else [])
                   + ["fvu (these tokens)", "l0", "λ", "normalized_loss", "dictionary converged"])
-        parts.append(f"**{model}** — measure: {measure}\n\n" + table(header, body)
+        where = ("Φα + the cache mean" if prep == "raw" else
+                 "under the remedy: Φα + the kept rows' mean at the positions the remedy keeps (position ≥ 1, norm ≤ "
+                 "R× the cache layer's median); the attention-sink rows it leaves out stay as the clean model computed "
+                 "them, and the ablations replace the same positions")
+        parts.append(f"**{model} ({prep})** — measure: {measure}\n\n" + table(header, body)
                      + f"\n\n{model}, {mine[0]['tokens']} {tokens}, the seed-0 dictionary of each hidden state patched into "
-                     f"the forward pass (Φα + the cache mean). {note}" + functional_summary(mine))
+                     f"the forward pass ({where}). {note}" + functional_summary(mine))
     return "\n\n".join(parts)
 
 

@@ -8,8 +8,9 @@ from sparse_coding.experiments.__main__ import main
 @pytest.mark.parametrize("only, says", [
     ("layer=x", "--only layer=x: give hidden states as integers, e.g. layer=15,18"),
     ("model=gpt2", "--only model=gpt2: the functional check runs on smollm2, minilm"),
-    ("seed=1", "--only seed=...: the functional check selects by model=NAME and layer=K[,K...] only (it uses each "
-               "layer's seed-0 dictionary)"),
+    ("seed=1", "--only seed=...: the functional check selects by model=NAME, layer=K[,K...] and "
+               "preprocess=raw|remedy only (it uses each layer's seed-0 dictionary)"),
+    ("preprocess=token", "--only preprocess=token: raw (the layers curve) or remedy (layers_remedy)"),
 ])
 def test_functional_refuses_a_bad_only(tmp_path, only, says):
     with pytest.raises(SystemExit) as err:

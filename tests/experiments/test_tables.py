@@ -110,13 +110,21 @@ def test_functional_section_has_a_table_per_model_in_its_own_measure(tmp_path):
             _functional_row("smollm2", 12, 4.3, 8.7, 10.8, 9.6, 0.002),
             _functional_row("smollm2", 3, 4.3, 4.6, 10.8, 9.8, 0.07)]
     text = tables.section_functional(rows)
-    smol, mini = text.split("**minilm**")
-    assert smol.startswith("**smollm2** — measure: next-token loss (nats)") and "retrieval" not in smol
+    smol, mini = text.split("**minilm (raw)**")
+    assert smol.startswith("**smollm2 (raw)** — measure: next-token loss (nats)") and "retrieval" not in smol
     assert "measure: 1 − cos(sentence embedding, clean)" in mini and "retrieval top-1 (Φα)" in mini
     # the hidden states in order, and each model's verdict in its own unit and reason
     assert mini.index("| 0 |") < mini.index("| 1 |") and smol.index("| 3 |") < smol.index("| 12 |")
     assert "At hidden state 12 it recovers only 0.17 (+4.4 nats)" in smol and "not what the model uses" in smol
     assert "keeps at least 90% of the behaviour (vs mean-ablation) at 1." in mini
     assert "At hidden state 0 it recovers only 0.167 (+0.5)" in mini and "carries behaviour the features miss" in mini
-    (path,) = plot_functional(rows, tmp_path)
+    assert "positions replaced" not in text  # every position, without the remedy
+    # a remedy dictionary: its own table, with the share of positions it replaced (the rest stay clean)
+    remedy = dict(_functional_row("smollm2", 12, 4.3, 4.4, 10.8, 9.6, 0.1), preprocess="remedy", replaced_share=0.97)
+    text = tables.section_functional(rows + [remedy])
+    assert "**smollm2 (raw)**" in text and "**smollm2 (remedy)**" in text
+    block = text.split("**smollm2 (remedy)**")[1].split("**minilm")[0]
+    assert "| hidden state | positions replaced |" in block and "| 12 | 0.97 |" in block
+    assert "attention-sink rows it leaves out stay as the clean model computed them" in block
+    (path,) = plot_functional(rows + [remedy], tmp_path)
     assert path.is_file() and path.stat().st_size > 0

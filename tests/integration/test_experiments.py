@@ -43,3 +43,12 @@ def test_layers_and_functional_check_on_real_models(tmp_path):
     # the clean encoder's embedding is its own reference: distance 0; retrieval is a share of the 4 contexts
     assert mini["clean_loss"] == pytest.approx(0, abs=1e-5) and mini["zero_ablation_loss"] <= 2
     assert mini["retrieval_top1"] in (0, 0.25, 0.5, 0.75, 1) and mini["hook"] == "BertEmbeddings"
+    assert smol["replaced_share"] == mini["replaced_share"] == 1 and smol["preprocess"] == "raw"
+    # a remedy dictionary replaces only the rows it describes: position 0 (and any sink row) stays clean
+    (remedy,) = [p for p in runner.points_of("layers_remedy", "quick", extra)
+                 if p.x["model"] == "smollm2" and p.x["layer"] == 0 and p.seed == 0]
+    runner.run_point(remedy, "quick", tmp_path / "runs")
+    (rrow,) = extras.functional_check("quick", tmp_path / "runs", models_to_check=("smollm2",), extra=extra,
+                                      layers=[0], log=lambda s: None, curve="layers_remedy")
+    assert rrow["preprocess"] == "remedy" and rrow["run"] == remedy.key("quick")
+    assert 0.5 < rrow["replaced_share"] <= 1 - 1 / 128 and rrow["clean_loss"] == smol["clean_loss"]
