@@ -390,14 +390,18 @@ def _curve_verdict(pts: list[dict]) -> tuple[str, str]:
     return NOT_CONFIRMED, f"{ends}, {where}"
 
 
-def _in_sample_check(pts: list[dict], verdict: str) -> str:
+def _in_sample_check(pts: list[dict], verdict: str, runs: list[dict]) -> str:
     """Whether the curve's verdict survives memorisation: the same rule on the in-sample values (training rows) of
-    the seeds that recorded them, with the range of the points' generalization gaps; says so when a point has none."""
+    the seeds that recorded them, with the range of the points' generalization gaps and, when only some of the
+    curve's `runs` recorded them, how many; says so when a point has none."""
     if not all(_finite(r.get("in_sample_normalized_loss")) for r in pts):
         return "; in-sample values not recorded (runs older than issue 19)"
     again, _ = _curve_verdict([dict(r, normalized_loss=r["in_sample_normalized_loss"]) for r in pts])
     gaps = [r["generalization_gap"] for r in pts if _finite(r.get("generalization_gap"))]
     span = f"gaps {min(gaps):+.1%} to {max(gaps):+.1%}" if gaps else "gaps not recorded"
+    have = sum(_finite(r.get("in_sample_normalized_loss")) for r in runs)
+    if have < len(runs):
+        span += f"; in-sample from {have} of the {len(runs)} runs, the older ones did not record it"
     return f"; on in-sample values: {again}" + (" too" if again == verdict else "") + f" ({span})"
 
 
@@ -432,7 +436,7 @@ def claim_layers(rows: list[dict]) -> Claim:
             parts[name], why = INCONCLUSIVE, f"flagged hidden states: {', '.join(flagged)}"
         else:
             parts[name], why = _curve_verdict(pts)
-            why += _in_sample_check(pts, parts[name])
+            why += _in_sample_check(pts, parts[name], mine)
         why_of[name] = f"{parts[name]} ({why})"
         body.append([name, ", ".join(f"{r['layer']}: {r['normalized_loss']:.3g}" for r in pts),
                      converged, f"**{parts[name]}**: {why}"])

@@ -215,7 +215,8 @@ def embedding_distance(model, ids: torch.Tensor, clean: torch.Tensor) -> tuple[f
     e = sentence_embeddings(model, ids)
     sims = e @ clean.T
     own = sims.diagonal()
-    return float((1 - own).mean()), float((sims.argmax(1) == torch.arange(len(e))).double().mean())
+    # cos <= 1: a value above it is float rounding (the clean model against itself), not a negative distance
+    return float((1 - own).clamp_min(0).mean()), float((sims.argmax(1) == torch.arange(len(e))).double().mean())
 
 
 def held_out_contexts(cfg, tokenizer, n_ctx: int) -> tuple[torch.Tensor, np.ndarray]:

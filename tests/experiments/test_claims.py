@@ -67,6 +67,10 @@ def test_claims_verdicts():
     assert "on in-sample values: partly confirmed (gaps -25.0% to +100.0%)" in why
     same = [dict(r, in_sample_normalized_loss=r["normalized_loss"] * 0.9, generalization_gap=1 / 0.9 - 1) for r in layer_rows]
     assert "on in-sample values: confirmed too (gaps +11.1% to +11.1%)" in claims.claim_layers(same).why
+    # a second seed from before issue 19: the check reads the seeds that recorded in-sample values, and says how many
+    older = [{**r, "seed": 1} for r in layer_rows]
+    assert "confirmed too (gaps +11.1% to +11.1%; in-sample from 7 of the 14 runs, the older ones did not record it)" \
+        in claims.claim_layers(same + older).why
     assert claims.claim_layers([{**r, "normalized_loss": 3.0 + r["layer"]} for r in layer_rows]).verdict == \
         claims.NOT_CONFIRMED  # rising to the last layer
     late = [{**r, "normalized_loss": v} for r, v in zip(layer_rows, (3.0, 5.0, 6.0, 7.0, 8.0, 10.0, 4.0))]

@@ -41,7 +41,7 @@ def test_layers_and_functional_check_on_real_models(tmp_path):
     smol, mini = frows[0], frows[2]
     assert smol["clean_loss"] > 0 and smol["retrieval_top1"] is None and "nats" in smol["measure"]
     # the clean encoder's embedding is its own reference: distance 0; retrieval is a share of the 4 contexts
-    assert mini["clean_loss"] == pytest.approx(0, abs=1e-5) and mini["zero_ablation_loss"] <= 2
+    assert 0 <= mini["clean_loss"] <= 1e-6 and mini["zero_ablation_loss"] <= 2
     assert mini["retrieval_top1"] in (0, 0.25, 0.5, 0.75, 1) and mini["hook"] == "BertEmbeddings"
     assert smol["replaced_share"] == mini["replaced_share"] == 1 and smol["preprocess"] == "raw"
     # a remedy dictionary replaces only the rows it describes: position 0 (and any sink row) stays clean
