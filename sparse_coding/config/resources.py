@@ -58,6 +58,22 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> Optional[str]:
+    """The CPU's name with its family and model numbers ("AMD EPYC (family 23, model 1)"): virtual machines often
+    name only the vendor line, and run times differ several-fold between its generations. None where not readable."""
+    try:
+        first = cpuinfo.read_text().split("\n\n", 1)[0]
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    name = fields.get("model name")
+    if name is None:
+        return None
+    numbers = [f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model")) if key in fields]
+    return f"{name} ({', '.join(numbers)})" if numbers else name
+
+
 def multi_node_launcher(environ: Optional[dict] = None) -> bool:
     """Whether this process was started by something that runs the command on several nodes."""
     env = os.environ if environ is None else environ

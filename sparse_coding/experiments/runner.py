@@ -83,6 +83,7 @@ def run_point(point: Point, scale: str, root: Path = DEFAULT_ROOT) -> Path:
     if (out / "metrics.json").is_file():
         return out
     from sparse_coding.config.checks import validate
+    from sparse_coding.config.resources import cpu_model
     from sparse_coding.run import run
 
     resumed = (out / "checkpoints" / "last.ckpt").is_file()
@@ -97,7 +98,7 @@ def run_point(point: Point, scale: str, root: Path = DEFAULT_ROOT) -> Path:
         fit = json.loads((out / "metrics.json").read_text()).get("timing", {}).get("fit_seconds") or 0.0
         seconds = max(seconds, float(fit))
     info = {"overrides": overrides, "x": point.x, "seconds": seconds, "resumed": resumed, "load_start": load_start,
-            "load_end": os.getloadavg()[0], "cpus": os.cpu_count()}
+            "load_end": os.getloadavg()[0], "cpus": os.cpu_count(), "cpu": cpu_model()}
     (out / "point.json").write_text(json.dumps(info, indent=2))
     return out
 

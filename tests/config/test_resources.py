@@ -35,3 +35,15 @@ def test_accelerators_this_machine_lacks_are_seen_as_missing():
     assert resources.has_accelerator("tpu") is (importlib.util.find_spec("torch_xla") is not None)
     with pytest.raises(ValueError, match="unknown accelerator"):
         resources.has_accelerator("cuda")
+
+
+def test_cpu_model_names_the_generation_from_the_first_processor(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 1\n"
+                    "model name\t: AMD EPYC\n\nprocessor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: other\n")
+    assert resources.cpu_model(info) == "AMD EPYC (family 23, model 1)"
+    info.write_text("processor\t: 0\nmodel name\t: ARMv8 Processor\n")  # no family or model numbers
+    assert resources.cpu_model(info) == "ARMv8 Processor"
+    info.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # no model name at all
+    assert resources.cpu_model(info) is None
+    assert resources.cpu_model(tmp_path / "missing") is None
