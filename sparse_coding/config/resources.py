@@ -65,8 +65,7 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> Optional[str]:
         first = cpuinfo.read_text().split("\n\n", 1)[0]
     except OSError:
         return None
-    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
     name = fields.get("model name")
     if name is None:
         return None
