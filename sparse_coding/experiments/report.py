@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from pathlib import Path
 
 from sparse_coding.experiments import tables
@@ -35,6 +36,7 @@ SECTIONS = [
     ("sample_size", "8. Sample size: held-out against in-sample (issue 19)", tables.section_sample_size),
     ("functional", "Extra. Functional check", tables.section_functional),
 ]
+NOT_RECORDED = "not recorded"
 SCALE_NOTE = ("`--scale paper` is named after the paper: its d=256, n=16384, 8d (16d for MiniLM's layers) and the rest are the "
               "settings SPEC §5–6 reads as the paper's, which SPEC says cannot be checked against the paper on this "
               "machine, so they are this project's own choices; every run trains until "
@@ -62,6 +64,7 @@ def record_timing(results: Path, name: str, scale: str, seconds: float, n_rows: 
              "compute_seconds": point_seconds if point_seconds else max(seconds, timing.get(name, {}).get("compute_seconds", 0))}
     if loads:
         entry["mean_load"] = round(statistics.fmean(loads), 2)
+    entry["cpus"] = dict(Counter(r.get("cpu") or NOT_RECORDED for r in runs.values()))
     if load is not None:
         entry["load_at_invocation"] = [round(v, 2) for v in load]
     timing[name] = entry
@@ -115,14 +118,26 @@ def runtime_section(dirs: dict[str, Path]) -> str:
         for name, v in sorted(json.loads(path.read_text()).items()):
             pts = v.get("points") or v.get("rows")
             body.append([name, f"--scale {scale}", str(pts), f"{v['compute_seconds'] / 60:.1f}",
-                         f"{v['compute_seconds'] / max(1, pts) / 60:.2f}", fmt_load(v)])
+                         f"{v['compute_seconds'] / max(1, pts) / 60:.2f}", fmt_load(v), fmt_cpus(v)])
     if not body:
         return "_no run times recorded yet._"
-    return (tables.table(["experiment", "scale", "points", "minutes (measured)", "minutes per point", "load average"],
-                         body) + "\n\nMeasured, not extrapolated: the sum of each point's own wall time (an extra: "
+    return (tables.table(["experiment", "scale", "points", "minutes (measured)", "minutes per point", "load average",
+                          "CPU (points)"], body)
+            + "\n\nMeasured, not extrapolated: the sum of each point's own wall time (an extra: "
             "its wall time) on a 2-core machine; the load average (`os.getloadavg()`, 1 min) recorded at each point's "
             "start and end says how shared the machine was (quick-scale rows before this column existed: 'n/r'). "
+            "The CPU column counts the points trained on each processor: points of one experiment were trained on "
+            "different machines over several sessions, and an AMD EPYC family 23 model 1 (Zen 1) trained the same "
+            "points 2.7–3.3× slower than the machine of the earlier sessions, so a per-point mean over mixed CPUs is a "
+            "rough guide ('not recorded': points trained before runs recorded their CPU). "
             "Run times, not sparsity measurements.")
+
+
+def fmt_cpus(v: dict) -> str:
+    cpus = v.get("cpus")
+    if not cpus:
+        return NOT_RECORDED
+    return "; ".join(f"{cpu} ×{n}" for cpu, n in sorted(cpus.items(), key=lambda kv: (kv[0] == NOT_RECORDED, kv[0])))
 
 
 def fmt_load(v: dict) -> str:

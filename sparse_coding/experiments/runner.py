@@ -137,6 +137,7 @@ def rows_of(point: Point, scale: str, out: Path) -> list[dict]:
         row["seconds"] = info.get("seconds")
         row["load_start"] = info.get("load_start")
         row["load_end"] = info.get("load_end")
+        row["cpu"] = info.get("cpu")
         row["run"] = out.name
         rows.append(row)
     return rows

@@ -52,6 +52,15 @@ def test_not_done_lists_unfinished_grids_and_unrun_extras(tmp_path):
     assert f"| sparsity | {left + 1} | 1 | 1.0 | {left / 60:.1f} |" in text
 
 
+def test_run_times_count_the_points_of_each_cpu(tmp_path):
+    (tmp_path / "layers.csv").write_text("experiment,run,seconds,load_start,load_end,cpu\n"
+                                         "layers,r0,60.0,1.0,1.0,Zen 1\nlayers,r1,120.0,2.0,2.0,Zen 1\n"
+                                         "layers,r2,30.0,1.0,1.0,\n")
+    report.record_timing(tmp_path, "layers", "paper", 300.0, 3)
+    text = report.runtime_section({"paper": tmp_path})
+    assert "| layers | --scale paper | 3 | 3.5 | 1.17 | 1.33 | Zen 1 ×2; not recorded ×1 |" in text
+
+
 def _claim_blocks(text: str) -> dict[int, str]:
     blocks = text.split("### Claim ")[1:]
     return {int(b.split("\n", 1)[0]): b for b in blocks}

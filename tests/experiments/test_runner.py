@@ -88,18 +88,21 @@ def test_rows_of_reads_convergence_fields_and_old_runs(tmp_path):
                {"normalized_loss": 2.0, "normalized_loss_se": 0.1, "avg_coef_norm": 1.5, "avg_coef_norm_se": 0.05,
                 "lam_converged": True, "capped_fraction": 0.0, "dead_fraction": 0.25, "dict_mult": m} for m in (2, 4)]}
     (tmp_path / "metrics.json").write_text(json.dumps(new))
-    (tmp_path / "point.json").write_text(json.dumps({"seconds": 3.0, "load_start": 1.0, "load_end": 2.0}))
+    (tmp_path / "point.json").write_text(json.dumps({"seconds": 3.0, "load_start": 1.0, "load_end": 2.0,
+                                                     "cpu": "AMD EPYC (family 23, model 1)"}))
     rows = runner.rows_of(point, "paper", tmp_path)
     assert [r["dict_mult"] for r in rows] == [2, 4]
     r = rows[0]
     assert r["converged"] is True and r["samples_seen"] == 4096 and r["optimizer_steps"] == 32
     assert r["fit_seconds"] == 1.5 and r["normalized_loss_se"] == 0.1 and r["dead_fraction"] == 0.25
     assert r["seconds"] == 3.0 and r["load_start"] == 1.0 and r["load_end"] == 2.0
+    assert r["cpu"] == "AMD EPYC (family 23, model 1)"
     # a run made before the convergence fields existed still tabulates, with empty cells
     (tmp_path / "metrics.json").write_text(json.dumps({"dim": 8, "normalized_loss": 2.0, "data": {}}))
     (tmp_path / "point.json").unlink()
     old = runner.rows_of(point, "quick", tmp_path)[0]
     assert old["converged"] is None and old["normalized_loss_se"] is None and old["load_start"] is None
+    assert old["cpu"] is None
     path = runner.write_csv(rows + [old], tmp_path / "t.csv")
     back = runner.read_csv(path)
     assert back[0]["converged"] is True and back[2]["converged"] is None
