@@ -525,7 +525,7 @@ def section_functional(rows: list[dict]) -> str:
         retrieval = any(_num(r.get("retrieval_top1")) for r in mine)
         partial = any(_num(r.get("replaced_share")) and r["replaced_share"] < 1 for r in mine)
         body = [[str(r["layer"])] + ([fmt(r.get("replaced_share"))] if partial else [])
-                + [fmt(r["clean_loss"], digits=4), fmt(r["reconstruction_loss"], digits=4),
+                + [fmt(clean_floor(r["clean_loss"]), digits=4), fmt(r["reconstruction_loss"], digits=4),
                    fmt(r["loss_increase"]), fmt(r["zero_ablation_loss"], digits=4), fmt(r["fraction_recovered"]),
                    fmt(r.get("mean_ablation_loss"), digits=4), fmt(r.get("fraction_recovered_vs_mean"))]
                 + ([fmt(r.get("retrieval_top1")), fmt(r.get("retrieval_top1_mean_ablated"))] if retrieval else [])
@@ -543,6 +543,12 @@ def section_functional(rows: list[dict]) -> str:
                      + f"\n\n{model}, {mine[0]['tokens']} {tokens}, the seed-0 dictionary of each hidden state patched into "
                      f"the forward pass ({where}). {note}" + functional_summary(mine))
     return "\n\n".join(parts)
+
+
+def clean_floor(value):
+    """A loss or distance of the clean model is never below 0; rows written before the functional check clamped
+    1 − cos(clean, clean) carry float rounding (-1.1e-08), shown as the 0 the code now records."""
+    return max(0.0, value) if _num(value) else value
 
 
 FUNCTIONAL_KEEPS = 0.9  # "keeps the model's behaviour": recovers at least this share of the mean-ablation loss

@@ -105,7 +105,7 @@ def _functional_row(model, layer, clean, rec, zero, mean, fvu, retrieval=None):
 def test_functional_section_has_a_table_per_model_in_its_own_measure(tmp_path):
     from sparse_coding.experiments.figures import plot_functional
 
-    rows = [_functional_row("minilm", 1, 0.0, 0.02, 0.9, 0.6, 0.08, retrieval=1.0),
+    rows = [_functional_row("minilm", 1, -1.1e-08, 0.02, 0.9, 0.6, 0.08, retrieval=1.0),  # rounding of an older row
             _functional_row("minilm", 0, 0.0, 0.5, 0.9, 0.6, 0.2, retrieval=0.5),
             _functional_row("smollm2", 12, 4.3, 8.7, 10.8, 9.6, 0.002),
             _functional_row("smollm2", 3, 4.3, 4.6, 10.8, 9.8, 0.07)]
@@ -115,6 +115,7 @@ def test_functional_section_has_a_table_per_model_in_its_own_measure(tmp_path):
     assert "measure: 1 − cos(sentence embedding, clean)" in mini and "retrieval top-1 (Φα)" in mini
     # the hidden states in order, and each model's verdict in its own unit and reason
     assert mini.index("| 0 |") < mini.index("| 1 |") and smol.index("| 3 |") < smol.index("| 12 |")
+    assert "e-08" not in mini and "| 1 | 0 | 0.02 |" in mini  # the clean distance is shown as the 0 it is
     assert "At hidden state 12 it recovers only 0.17 (+4.4 nats)" in smol and "not what the model uses" in smol
     assert "keeps at least 90% of the behaviour (vs mean-ablation) at 1." in mini
     assert "At hidden state 0 it recovers only 0.167 (+0.5)" in mini and "carries behaviour the features miss" in mini
