@@ -236,12 +236,12 @@ def held_out_contexts(cfg, tokenizer, n_ctx: int) -> tuple[torch.Tensor, np.ndar
 
 def functional_check(scale: str, root: Path = DEFAULT_ROOT, log=print, models_to_check: tuple[str, ...] = FUNCTIONAL_MODELS,
                      layers: list[int] | None = None, extra: list[str] | None = None,
-                     curve: str = "layers") -> list[dict]:
+                     curve: str = "layers", contexts: int | None = None) -> list[dict]:
     """Rows for every model of `models_to_check` whose layer curve (`layers`, or `layers_remedy`) has trained seed-0
-    dictionaries under `root`."""
+    dictionaries under `root`, measured on `contexts` held-out contexts (default: the scale's FUNCTIONAL_CONTEXTS)."""
     rows = []
     for model_name in models_to_check:
-        rows += functional_check_model(scale, root, log, model_name, layers, extra, curve)
+        rows += functional_check_model(scale, root, log, model_name, layers, extra, curve, contexts)
     return rows
 
 
@@ -256,7 +256,8 @@ def replaced_rows(dictionary, x: torch.Tensor, positions: torch.Tensor) -> torch
 
 
 def functional_check_model(scale: str, root: Path, log, model_name: str, layers: list[int] | None = None,
-                           extra: list[str] | None = None, curve: str = "layers") -> list[dict]:
+                           extra: list[str] | None = None, curve: str = "layers",
+                           contexts: int | None = None) -> list[dict]:
     from sparse_coding import models
     from sparse_coding.dictionary import SparseDictionary
 
@@ -280,7 +281,7 @@ def functional_check_model(scale: str, root: Path, log, model_name: str, layers:
     model, tokenizer, info = models.load_model(cfg.model)
     num_layers = info["num_layers"]
     decoder = is_decoder(model)
-    ids, keep = held_out_contexts(cfg, tokenizer, FUNCTIONAL_CONTEXTS[scale])
+    ids, keep = held_out_contexts(cfg, tokenizer, contexts or FUNCTIONAL_CONTEXTS[scale])
     keep_t = torch.as_tensor(keep)
     # the model-input position of every cached row of a context, tiled over the contexts
     positions = torch.as_tensor(np.flatnonzero(keep)).repeat(ids.shape[0])
