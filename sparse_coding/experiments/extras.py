@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from sparse_coding.experiments.grid import LAYER_MODELS, SEEDS, Point
 from sparse_coding.experiments.runner import DEFAULT_ROOT, compose, points_of, run_dir
 from sparse_coding.atomic import atomic_write_bytes
+from sparse_coding.config.resources import cpu_model
 from sparse_coding.exact_lasso import exact_lasso
 from sparse_coding.solver import DEFAULT_TOL, solve
 
@@ -147,7 +148,7 @@ def _gap_of_run(out: Path, samples: int, log) -> list[dict]:
         r = lasso_gap(x, phi.float(), lam, int(config["solver"]["max_steps"]),
                       float(config["solver"].get("tol", DEFAULT_TOL)))
         rows.append({"dict_mult": mult, "lam": lam, "samples": x.shape[0], **r,
-                     "seconds": time.perf_counter() - t0})
+                     "seconds": time.perf_counter() - t0, "cpu": cpu_model()})
         log(f"[solver_gap] {out.name} mult={mult}: greedy/exact = {r['gap_ratio']:.4f}, normalized_loss "
             f"{r['greedy_normalized_loss']:.3g} / {r['lasso_normalized_loss']:.3g}, KKT/lam "
             f"{r['kkt_violation_over_lam']:.1e}, {rows[-1]['seconds']:.0f} s")
@@ -281,7 +282,11 @@ def functional_check_model(scale: str, root: Path, log, model_name: str, layers:
     model, tokenizer, info = models.load_model(cfg.model)
     num_layers = info["num_layers"]
     decoder = is_decoder(model)
-    ids, keep = held_out_contexts(cfg, tokenizer, contexts or FUNCTIONAL_CONTEXTS[scale])
+    n_ctx = FUNCTIONAL_CONTEXTS[scale] if contexts is None else contexts
+    if n_ctx < 2:
+        raise ValueError(f"the functional check needs at least 2 held-out contexts (got {n_ctx}): retrieval top-1 "
+                         "compares each context's embedding with the others'")
+    ids, keep = held_out_contexts(cfg, tokenizer, n_ctx)
     keep_t = torch.as_tensor(keep)
     # the model-input position of every cached row of a context, tiled over the contexts
     positions = torch.as_tensor(np.flatnonzero(keep)).repeat(ids.shape[0])
@@ -366,6 +371,7 @@ def functional_check_model(scale: str, root: Path, log, model_name: str, layers:
             "heldout_fvu": stats.get("fvu"), "heldout_l0": stats.get("l0"),
             "normalized_loss": metrics["normalized_loss"], "avg_coef_norm": metrics["avg_coef_norm"],
             "converged": metrics.get("converged"), "hook": type(target).__name__, "run": out.name,
+            "cpu": cpu_model(),
         }
         log(f"[functional] {model_name} layer {k}: +{row['loss_increase']:.4f}, recovered {row['fraction_recovered']:.3f} "
             f"(vs mean {row['fraction_recovered_vs_mean']:.3f}), {row['replaced_share']:.1%} of positions replaced")

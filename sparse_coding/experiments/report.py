@@ -52,7 +52,8 @@ PAPER_ORDER = ("sparsity", "controls", "dict_size", "embeddings", "layers", "lay
 def record_timing(results: Path, name: str, scale: str, seconds: float, n_rows: int,
                   load: tuple[float, float] | None = None) -> None:
     """Per experiment: the sum of its points' own wall times (or an extra's wall time), the points'
-    mean load average, and the load at the start and end of this invocation."""
+    mean load average, how many points each CPU trained (`cpu_points`), and the load at the start and end of this
+    invocation."""
     path = results / "timing.json"
     timing = json.loads(path.read_text()) if path.is_file() else {}
     rows = read_csv(results / f"{name}.csv") if (results / f"{name}.csv").is_file() else []
@@ -64,7 +65,7 @@ def record_timing(results: Path, name: str, scale: str, seconds: float, n_rows: 
              "compute_seconds": point_seconds if point_seconds else max(seconds, timing.get(name, {}).get("compute_seconds", 0))}
     if loads:
         entry["mean_load"] = round(statistics.fmean(loads), 2)
-    entry["cpus"] = dict(Counter(r.get("cpu") or NOT_RECORDED for r in runs.values()))
+    entry["cpu_points"] = dict(Counter(str(r["cpu"]) if r.get("cpu") else NOT_RECORDED for r in runs.values()))
     if load is not None:
         entry["load_at_invocation"] = [round(v, 2) for v in load]
     timing[name] = entry
@@ -109,7 +110,8 @@ def settings_section() -> str:
 
 
 def runtime_section(dirs: dict[str, Path]) -> str:
-    """Measured wall time per experiment (sum of its points' own wall times) with the machine's load."""
+    """Measured wall time per experiment (sum of its points' own wall times) with the machine's load and the CPUs
+    that trained its points."""
     body = []
     for scale, d in dirs.items():
         path = d / "timing.json"
@@ -127,14 +129,14 @@ def runtime_section(dirs: dict[str, Path]) -> str:
             "its wall time) on a 2-core machine; the load average (`os.getloadavg()`, 1 min) recorded at each point's "
             "start and end says how shared the machine was (quick-scale rows before this column existed: 'n/r'). "
             "The CPU column counts the points trained on each processor: points of one experiment were trained on "
-            "different machines over several sessions, and an AMD EPYC family 23 model 1 (Zen 1) trained the same "
-            "points 2.7–3.3× slower than the machine of the earlier sessions, so a per-point mean over mixed CPUs is a "
-            "rough guide ('not recorded': points trained before runs recorded their CPU). "
+            "different machines over several sessions, several-fold apart in speed (docs/scaling.md, \"Same seed, "
+            "another machine\"), so a per-point mean over mixed CPUs is a rough guide ('not recorded': points trained "
+            "before runs recorded their CPU). "
             "Run times, not sparsity measurements.")
 
 
 def fmt_cpus(v: dict) -> str:
-    cpus = v.get("cpus")
+    cpus = v.get("cpu_points")
     if not cpus:
         return NOT_RECORDED
     return "; ".join(f"{cpu} ×{n}" for cpu, n in sorted(cpus.items(), key=lambda kv: (kv[0] == NOT_RECORDED, kv[0])))

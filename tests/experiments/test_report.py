@@ -59,6 +59,10 @@ def test_run_times_count_the_points_of_each_cpu(tmp_path):
     report.record_timing(tmp_path, "layers", "paper", 300.0, 3)
     text = report.runtime_section({"paper": tmp_path})
     assert "| layers | --scale paper | 3 | 3.5 | 1.17 | 1.33 | Zen 1 ×2; not recorded ×1 |" in text
+    # an entry written before CPUs were counted
+    (tmp_path / "timing.json").write_text('{"sparsity": {"scale": "paper", "points": 2, "rows": 2, "compute_seconds": 60}}')
+    text = report.runtime_section({"paper": tmp_path})
+    assert "| sparsity | --scale paper | 2 | 1.0 | 0.50 | n/r | not recorded |" in text
 
 
 def _claim_blocks(text: str) -> dict[int, str]:

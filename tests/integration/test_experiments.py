@@ -32,7 +32,7 @@ def test_layers_and_functional_check_on_real_models(tmp_path):
         p = Point("layers", "layers", ["model=smollm2", f"layer={k}", *extra], 0, {"model": "smollm2", "layer": k})
         runner.run_point(p, "quick", tmp_path / "runs")
     logged = []
-    # two held-out contexts: every path of the check at half the forward passes of the quick scale's four
+    # two held-out contexts: every path of the check, each forward pass on half the tokens of the quick scale's four
     frows = extras.functional_check("quick", tmp_path / "runs", extra=extra, layers=[0, 30], log=logged.append,
                                     contexts=2)
     assert [(r["model"], r["layer"]) for r in frows] == [("smollm2", 0), ("smollm2", 30), ("minilm", 0)]
