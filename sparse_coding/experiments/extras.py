@@ -142,13 +142,14 @@ def _gap_of_run(out: Path, samples: int, log) -> list[dict]:
         pass  # absent, unreadable or another dictionary's: compute afresh
     config, dictionaries = load_dictionaries(out)
     x = held_out_rows(config, samples)
+    cpu = cpu_model()
     rows = []
     for label, phi, lam, mult in dictionaries:
         t0 = time.perf_counter()
         r = lasso_gap(x, phi.float(), lam, int(config["solver"]["max_steps"]),
                       float(config["solver"].get("tol", DEFAULT_TOL)))
         rows.append({"dict_mult": mult, "lam": lam, "samples": x.shape[0], **r,
-                     "seconds": time.perf_counter() - t0, "cpu": cpu_model()})
+                     "seconds": time.perf_counter() - t0, "cpu": cpu})
         log(f"[solver_gap] {out.name} mult={mult}: greedy/exact = {r['gap_ratio']:.4f}, normalized_loss "
             f"{r['greedy_normalized_loss']:.3g} / {r['lasso_normalized_loss']:.3g}, KKT/lam "
             f"{r['kkt_violation_over_lam']:.1e}, {rows[-1]['seconds']:.0f} s")
@@ -301,6 +302,7 @@ def functional_check_model(scale: str, root: Path, log, model_name: str, layers:
     with torch.inference_mode():
         hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
     log(f"[functional] {model_name}: clean {measure} {clean:.4f} on {ids.numel()} held-out tokens")
+    cpu = cpu_model()
     rows = []
     for k, out in found.items():
         # the run's own dictionary, λ, solver settings and preprocessing: the path every user of a run takes
@@ -371,7 +373,7 @@ def functional_check_model(scale: str, root: Path, log, model_name: str, layers:
             "heldout_fvu": stats.get("fvu"), "heldout_l0": stats.get("l0"),
             "normalized_loss": metrics["normalized_loss"], "avg_coef_norm": metrics["avg_coef_norm"],
             "converged": metrics.get("converged"), "hook": type(target).__name__, "run": out.name,
-            "cpu": cpu_model(),
+            "cpu": cpu,
         }
         log(f"[functional] {model_name} layer {k}: +{row['loss_increase']:.4f}, recovered {row['fraction_recovered']:.3f} "
             f"(vs mean {row['fraction_recovered_vs_mean']:.3f}), {row['replaced_share']:.1%} of positions replaced")
